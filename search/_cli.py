@@ -1,0 +1,156 @@
+"""The ``slimtune`` command line.
+
+Exit codes: 0 done, 1 an unexpected error, 2 bad input (nothing written), 130 interrupted
+(the running trial is marked FAIL with reason ``interrupted``; ``slimtune resume`` goes on).
+
+Example::
+
+    slimtune search --preset lenet300-mnist --trials 40
+    slimtune resume --study lenet300-mnist
+    slimtune pareto --study lenet300-mnist --format json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from slimtune.spaces import DEFAULT_STORAGE, SpecError
+from slimtune.studies import FORMATS, mask_url, open_storage, preset_names, render
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; allowed: a positive integer")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: an integer in [0, 2147483647]")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: a positive number of seconds")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimtune", description="Per-layer compression search: pruning, "
+                                     "quantization and distillation, with a shared Optuna study database.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def run_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--trials", type=_positive_int, help="finished (complete or pruned) trials the study should hold")
+        p.add_argument("--timeout", type=_positive_float, help="stop starting new trials after this many seconds")
+        p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: all cores)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    search = sub.add_parser("search", help="launch a search (or continue the same study)")
+    search.add_argument("spec", nargs="?", help="a study spec in TOML")
+    search.add_argument("--preset", help=f"a shipped study: {', '.join(preset_names())}")
+    search.add_argument("--study", help="study name (default: the spec's)")
+    search.add_argument("--storage", help=f"SQLAlchemy URL (default: the spec's, else {DEFAULT_STORAGE})")
+    search.add_argument("--seed", type=_seed, help="override the spec's seed")
+    search.add_argument("--force", action="store_true", help="continue a study even if its stored spec differs")
+    run_options(search)
+
+    resume = sub.add_parser("resume", help="continue a study from its stored spec")
+    resume.add_argument("--study", required=True)
+    resume.add_argument("--storage", default=DEFAULT_STORAGE)
+    run_options(resume)
+
+    studies = sub.add_parser("studies", help="list the studies in a storage")
+    studies.add_argument("--storage", default=DEFAULT_STORAGE)
+    studies.add_argument("--format", choices=FORMATS, default="table")
+
+    pareto = sub.add_parser("pareto", help="the Pareto-optimal trials of a study, sorted by size")
+    pareto.add_argument("--study", required=True)
+    pareto.add_argument("--storage", default=DEFAULT_STORAGE)
+    pareto.add_argument("--format", choices=FORMATS, default="table")
+    return parser
+
+
+def _load_study(name: str, storage_url: str):  # type: ignore[no-untyped-def]
+    import optuna
+
+    storage = open_storage(storage_url, create=False)
+    names = optuna.get_all_study_names(storage)
+    if name not in names:
+        raise SpecError("--study", name, ", ".join(sorted(names)) or f"(no studies in {mask_url(storage_url)})",
+                        f"does not exist in {mask_url(storage_url)}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from ._runner import load_stored_spec, resolve_spec, run_study
+
+    if args.command == "resume":
+        spec = load_stored_spec(args.study, args.storage).with_overrides(trials=args.trials)
+        force = False
+    else:
+        spec = resolve_spec(args.spec, args.preset, name=args.study, storage=args.storage, trials=args.trials,
+                            seed=args.seed)
+        force = args.force
+    summary = run_study(spec, force=force, timeout=args.timeout, threads=args.threads, progress=not args.quiet)
+    print(f"study {summary.study_name} in {summary.storage}: {summary.finished}/{summary.target} finished trials "
+          f"({summary.ran} run now, {summary.seconds:.0f} s)", file=sys.stderr)
+    if summary.stopped_by:
+        print(f"{summary.stopped_by}: the running trial is marked FAIL (reason 'interrupted'); continue with\n"
+              f"  slimtune resume --study {summary.study_name} --storage {summary.storage}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if summary.finished >= summary.target:
+        from slimtune.studies import PARETO_COLUMNS, pareto_frame
+
+        print(render(pareto_frame(_load_study(spec.name, spec.storage)), "table", PARETO_COLUMNS), end="")
+    return 0
+
+
+def _cmd_studies(args: argparse.Namespace) -> int:
+    from slimtune.studies import studies_frame
+
+    print(render(studies_frame(open_storage(args.storage, create=False)), args.format), end="")
+    return 0
+
+
+def _cmd_pareto(args: argparse.Namespace) -> int:
+    from slimtune.studies import PARETO_COLUMNS, pareto_frame
+
+    print(render(pareto_frame(_load_study(args.study, args.storage)), args.format, PARETO_COLUMNS), end="")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``slimtune`` console script."""
+    args = build_parser().parse_args(argv)
+    handlers = {"search": _cmd_search, "resume": _cmd_search, "studies": _cmd_studies, "pareto": _cmd_pareto}
+    try:
+        return handlers[args.command](args)
+    except SpecError as exc:
+        print(f"slimtune: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("slimtune: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The Optuna objective: sample a plan, run the trial, record everything, return the objectives.
+
+Returns ``(val_accuracy, size_bytes)``. Per-trial user attrs hold the plan, the achieved
+per-layer sparsity and bits, test accuracy, compression ratio, timings and the stop reason. A
+trial below the accuracy floor after an epoch is PRUNED (reason recorded); a trial that raises
+is FAIL with ``fail_reason`` recorded, and the study goes on. The packed artifact of a
+completed trial is stored in the study database (``trial/<n>/artifact``).
+
+Example::
+
+    objective = CompressionObjective(context, storage, stop)
+    study.optimize(objective, n_trials=5, catch=(TrialFailed,))
+"""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+import torch
+
+from slimtune.spaces import sample_plan
+from slimtune.studies import keys, put_blob
+from slimtune.trainers import TrialContext, run_trial
+
+from ._signals import GracefulStop, Interrupted
+
+
+class TrialFailed(Exception):
+    """A trial failed for a recorded reason; the search continues with the next trial."""
+
+
+class CompressionObjective:
+    """Callable objective bound to one study's shared trial context."""
+
+    def __init__(self, context: TrialContext, storage: optuna.storages.BaseStorage, stop: GracefulStop) -> None:
+        self.context = context
+        self.storage = storage
+        self.stop = stop
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        started = time.perf_counter()
+        spec = self.context.spec
+        plan = sample_plan(trial, spec.space, self.context.layer_names)
+        trial.set_user_attr(keys.TRIAL_PLAN, plan.to_dict())
+        sample_seconds = time.perf_counter() - started
+        try:
+            with self.stop.trial_body():
+                result = run_trial(self.context, plan, seed=spec.seed + trial.number)
+        except Interrupted:
+            trial.set_user_attr(keys.TRIAL_FAIL_REASON, "interrupted")
+            raise
+        except Exception as exc:  # the trial's own failure: record it, keep the study going
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ''}"
+            trial.set_user_attr(keys.TRIAL_FAIL_REASON, reason)
+            raise TrialFailed(reason) from exc
+
+        stored = time.perf_counter()
+        trial.set_user_attr(keys.TRIAL_LAYERS, result.layers)
+        trial.set_user_attr(keys.TRIAL_VAL_HISTORY, result.val_history)
+        trial.set_user_attr(keys.TRIAL_MEAN_BITS, result.mean_bits)
+        trial.set_user_attr(keys.TRIAL_SPARSITY, result.sparsity)
+        if result.pruned_reason is not None:
+            trial.set_user_attr(keys.TRIAL_STOP_REASON, result.pruned_reason)
+            trial.set_user_attr(keys.TRIAL_SECONDS, {"sample": sample_seconds, **result.seconds})
+            raise optuna.TrialPruned(result.pruned_reason)
+        put_blob(self.storage, trial.study.study_name, keys.artifact_blob_key(trial.number), result.artifact)
+        trial.set_user_attr(keys.TRIAL_TEST_ACCURACY, result.test_accuracy)
+        trial.set_user_attr(keys.TRIAL_RATIO, result.compression_ratio)
+        trial.set_user_attr(keys.TRIAL_STOP_REASON, "completed")
+        seconds = {"sample": sample_seconds, **result.seconds, "storage": time.perf_counter() - stored,
+                   "total": time.perf_counter() - started}
+        trial.set_user_attr(keys.TRIAL_SECONDS, seconds)
+        trial.set_user_attr("teacher_outputs", result.teacher_source)
+        trial.set_user_attr("torch_threads", torch.get_num_threads())
+        return result.val_accuracy, float(result.size_bytes)

@@ -1,0 +1,119 @@
+"""From a trial to a compression plan: explicit, per layer, plain serializable data.
+
+Parameter names in the study: ``<layer>.<knob>`` for a per-layer knob (``fc1.prune_ratio``),
+``<knob>`` for a tied per-layer knob or a global one (``weight_bits``, ``kd_alpha``). Fixed
+knobs are not sampled; the plan still states their value for every layer.
+
+Example:
+    >>> import optuna
+    >>> from slimtune.spaces import parse_spec
+    >>> spec = parse_spec({"study": {"name": "d"}, "model": {"preset": "cnn-digits"},
+    ...                    "data": {"preset": "digits"}})
+    >>> trial = optuna.create_study(directions=["maximize", "minimize"]).ask()
+    >>> plan = sample_plan(trial, spec.space, ["conv1", "fc"])
+    >>> sorted(plan.layers) == ["conv1", "fc"] and CompressionPlan.from_dict(plan.to_dict()) == plan
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+import optuna
+
+from ._errors import SpecError
+from ._knobs import GLOBAL_KNOBS, PER_LAYER_KNOBS, Knob
+from ._spec import SpaceSpec
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What happens to one compressible layer."""
+
+    prune_ratio: float
+    weight_bits: int
+    kd_temperature: float
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    """Per-layer plans (in model order) plus the global distillation and optimizer knobs."""
+
+    layers: dict[str, LayerPlan]
+    kd_alpha: float
+    feature_kd_weight: float
+    lr: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": {name: asdict(p) for name, p in self.layers.items()},
+            "kd_alpha": self.kd_alpha,
+            "feature_kd_weight": self.feature_kd_weight,
+            "lr": self.lr,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionPlan:
+        layers = {name: LayerPlan(float(p["prune_ratio"]), int(p["weight_bits"]), float(p["kd_temperature"]))
+                  for name, p in data["layers"].items()}
+        return cls(layers, float(data["kd_alpha"]), float(data["feature_kd_weight"]), float(data["lr"]))
+
+
+def select_layers(candidates: list[str], space: SpaceSpec) -> list[str]:
+    """The compressible layers among ``candidates`` (in their order), by the space's patterns.
+
+    Every pattern in ``layers``, ``exclude`` and ``[space.layer.*]`` must match at least one
+    candidate, so that a typo is an error rather than a silently smaller search.
+    """
+    for key, patterns in (("space.layers", space.layers), ("space.exclude", space.exclude),
+                          ("space.layer", tuple(space.overrides))):
+        for pattern in patterns:
+            if not any(fnmatchcase(name, pattern) for name in candidates):
+                raise SpecError(key, pattern, f"a pattern matching some of the model's Linear/Conv2d layers {candidates}",
+                                "matches no layer")
+    chosen = [n for n in candidates
+              if any(fnmatchcase(n, p) for p in space.layers) and not any(fnmatchcase(n, p) for p in space.exclude)]
+    if not chosen:
+        raise SpecError("space.layers", list(space.layers), f"patterns leaving at least one of {candidates} after exclude",
+                        "selects no layer")
+    return chosen
+
+
+def _suggest(trial: optuna.Trial, param: str, knob: Knob) -> float | int:
+    if knob.fixed is not None:
+        return knob.fixed
+    if knob.choices is not None:
+        return trial.suggest_categorical(param, list(knob.choices))
+    assert knob.low is not None and knob.high is not None
+    return trial.suggest_float(param, knob.low, knob.high, log=knob.log)
+
+
+def sample_plan(trial: optuna.Trial, space: SpaceSpec, layer_names: list[str]) -> CompressionPlan:
+    """Sample a plan for ``layer_names`` (already selected with :func:`select_layers`)."""
+    values: dict[str, dict[str, float | int]] = {name: {} for name in layer_names}
+    for knob_name in PER_LAYER_KNOBS:
+        knob = space.knobs[knob_name]
+        tied = _suggest(trial, knob_name, knob) if knob.tie and any(
+            knob_name not in _fixed_for(name, space) for name in layer_names) else None
+        for name in layer_names:
+            fixed = _fixed_for(name, space)
+            if knob_name in fixed:
+                values[name][knob_name] = fixed[knob_name]
+            elif tied is not None:
+                values[name][knob_name] = tied
+            else:
+                values[name][knob_name] = _suggest(trial, f"{name}.{knob_name}", knob)
+    layers = {name: LayerPlan(float(v["prune_ratio"]), int(v["weight_bits"]), float(v["kd_temperature"]))
+              for name, v in values.items()}
+    glob = {k: float(_suggest(trial, k, space.knobs[k])) for k in GLOBAL_KNOBS}
+    return CompressionPlan(layers, glob["kd_alpha"], glob["feature_kd_weight"], glob["lr"])
+
+
+def _fixed_for(layer: str, space: SpaceSpec) -> dict[str, float | int]:
+    out: dict[str, float | int] = {}
+    for pattern, fixed in space.overrides.items():
+        if fnmatchcase(layer, pattern):
+            out.update(fixed)
+    return out

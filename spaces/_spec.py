@@ -1,0 +1,282 @@
+"""The study spec: one validated description of a compression search.
+
+A spec comes from a TOML file or a named preset and is checked completely before anything is
+written. It is stored in the study (user attrs), so ``slimtune resume`` needs only the study name
+and the storage URL. Its :meth:`StudySpec.fingerprint` covers everything that changes what a
+trial means (model, data, teacher, space, fine-tune, seed, sampler, floor) and leaves out what
+does not (study name, storage URL, trial count).
+
+Example:
+    >>> spec = parse_spec({"study": {"name": "demo"}, "model": {"preset": "cnn-digits"},
+    ...                    "data": {"preset": "digits"}})
+    >>> spec.storage, spec.sampler, spec.space.knobs["weight_bits"].choices
+    ('sqlite:///slimtune.db', 'tpe', (2, 3, 4, 5, 6, 8, 32))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._errors import SpecError
+from ._knobs import GLOBAL_KNOBS, PER_LAYER_KNOBS, Knob, parse_knob
+
+DEFAULT_STORAGE = "sqlite:///slimtune.db"
+SAMPLERS = ("tpe", "nsga2", "random")
+MODEL_PRESETS = ("lenet300", "lenet5", "cnn-digits")
+DATA_PRESETS = ("mnist", "digits")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_REF_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which network to compress: a preset name, or ``package.module:factory`` plus kwargs."""
+
+    preset: str | None = None
+    factory: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which data: a preset name, or ``package.module:DataModuleClass`` plus kwargs."""
+
+    preset: str | None = None
+    module: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How to train: ``epochs``, ``lr`` (teacher only: the student's lr is a knob) and batch size."""
+
+    epochs: int
+    batch_size: int
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class SpaceSpec:
+    """Which layers are compressible and how every knob is searched.
+
+    ``layers``/``exclude`` are shell-style name patterns (``fnmatch``) over the names of the
+    model's ``Linear`` and ``Conv2d`` modules. ``overrides`` fixes knobs for the layers that a
+    pattern matches, e.g. ``{"fc3": {"weight_bits": 8}}``.
+    """
+
+    layers: tuple[str, ...]
+    exclude: tuple[str, ...]
+    knobs: dict[str, Knob]
+    overrides: dict[str, dict[str, float | int]]
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A complete, validated study definition."""
+
+    name: str
+    storage: str
+    trials: int
+    seed: int
+    sampler: str
+    max_accuracy_drop: float
+    model: ModelSpec
+    data: DataSpec
+    teacher: TrainSpec
+    finetune: TrainSpec
+    space: SpaceSpec
+    cache_mb: int
+    raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The normalized spec (defaults filled in) as plain data; ``parse_spec`` reads it back."""
+        return json.loads(json.dumps(self.raw))
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that changes what a trial means."""
+        body = {k: v for k, v in self.raw.items() if k != "study"}
+        body["study"] = {k: v for k, v in self.raw["study"].items() if k not in ("name", "storage", "trials")}
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def with_overrides(self, **changes: Any) -> StudySpec:
+        """A copy with study-level values replaced (``name``, ``storage``, ``trials``, ``seed``)."""
+        raw = self.to_dict()
+        for key, value in changes.items():
+            if value is not None:
+                raw["study"][key] = value
+        return parse_spec(raw)
+
+
+def load_spec_file(path: str | Path) -> StudySpec:
+    """Read and validate a TOML spec file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError("spec", str(path), "a path to an existing TOML file", "does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError("spec", str(path), f"valid TOML ({exc})", "cannot be parsed") from None
+    return parse_spec(data)
+
+
+def _table(raw: dict[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise SpecError(key, value, f"a table with keys {sorted(allowed)}")
+    for k in value:
+        if k not in allowed:
+            raise SpecError(f"{key}.{k}", value[k], f"keys {sorted(allowed)}", "is not a known key")
+    return value
+
+
+def _int(key: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SpecError(key, value, f"an integer in [{low}, {high}]")
+    return value
+
+
+def _float(key: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    ok = ok and (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        raise SpecError(key, value, f"a number in {'(' if low_open else '['}{low}, {high}]")
+    return float(value)
+
+
+def _patterns(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise SpecError(key, value, "a list of layer-name patterns such as [\"fc*\", \"conv1\"]")
+    return tuple(value)
+
+
+def _ref(key: str, value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _REF_RE.match(value):
+        raise SpecError(key, value, f"'package.module:{what}'")
+    return value
+
+
+def _kwargs(key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SpecError(key, value, "a table of keyword arguments")
+    return dict(value)
+
+
+def parse_spec(data: dict[str, Any]) -> StudySpec:
+    """Validate a spec given as plain data (parsed TOML) and fill in defaults."""
+    if not isinstance(data, dict):
+        raise SpecError("spec", data, "a table")
+    top = {"study", "model", "data", "teacher", "finetune", "space"}
+    for k in data:
+        if k not in top:
+            raise SpecError(k, data[k], f"sections {sorted(top)}", "is not a known section")
+
+    study = _table(data, "study", {"name", "storage", "trials", "seed", "sampler", "max_accuracy_drop"})
+    name = study.get("name")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise SpecError("study.name", name, "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    storage = study.get("storage", DEFAULT_STORAGE)
+    if not isinstance(storage, str) or "://" not in storage:
+        raise SpecError("study.storage", storage, "a SQLAlchemy URL such as sqlite:///slimtune.db or postgresql+psycopg://user@host/db")
+    trials = _int("study.trials", study.get("trials", 20), 1, 1_000_000)
+    seed = _int("study.seed", study.get("seed", 0), 0, 2**31 - 1)
+    sampler = study.get("sampler", "tpe")
+    if sampler not in SAMPLERS:
+        raise SpecError("study.sampler", sampler, ", ".join(SAMPLERS))
+    drop = _float("study.max_accuracy_drop", study.get("max_accuracy_drop", 0.05), 0.0, 1.0)
+
+    model_raw = _table(data, "model", {"preset", "factory", "kwargs", "checkpoint"})
+    if ("preset" in model_raw) == ("factory" in model_raw):
+        raise SpecError("model", model_raw, "exactly one of 'preset' or 'factory'")
+    if "preset" in model_raw and model_raw["preset"] not in MODEL_PRESETS:
+        raise SpecError("model.preset", model_raw["preset"], ", ".join(MODEL_PRESETS))
+    checkpoint = model_raw.get("checkpoint")
+    if checkpoint is not None and not isinstance(checkpoint, str):
+        raise SpecError("model.checkpoint", checkpoint, "a path to a state_dict saved with torch.save")
+    model = ModelSpec(
+        preset=model_raw.get("preset"),
+        factory=_ref("model.factory", model_raw["factory"], "factory") if "factory" in model_raw else None,
+        kwargs=_kwargs("model.kwargs", model_raw.get("kwargs", {})),
+        checkpoint=checkpoint,
+    )
+
+    data_raw = _table(data, "data", {"preset", "module", "kwargs"})
+    if ("preset" in data_raw) == ("module" in data_raw):
+        raise SpecError("data", data_raw, "exactly one of 'preset' or 'module'")
+    if "preset" in data_raw and data_raw["preset"] not in DATA_PRESETS:
+        raise SpecError("data.preset", data_raw["preset"], ", ".join(DATA_PRESETS))
+    data_spec = DataSpec(
+        preset=data_raw.get("preset"),
+        module=_ref("data.module", data_raw["module"], "DataModuleClass") if "module" in data_raw else None,
+        kwargs=_kwargs("data.kwargs", data_raw.get("kwargs", {})),
+    )
+
+    teacher_raw = _table(data, "teacher", {"epochs", "lr", "batch_size"})
+    teacher = TrainSpec(
+        epochs=_int("teacher.epochs", teacher_raw.get("epochs", 10), 1, 10_000),
+        batch_size=_int("teacher.batch_size", teacher_raw.get("batch_size", 128), 1, 1_000_000),
+        lr=_float("teacher.lr", teacher_raw.get("lr", 1e-3), 0.0, 1.0, low_open=True),
+    )
+    finetune_raw = _table(data, "finetune", {"epochs", "batch_size", "cache_mb"})
+    finetune = TrainSpec(
+        epochs=_int("finetune.epochs", finetune_raw.get("epochs", 2), 1, 10_000),
+        batch_size=_int("finetune.batch_size", finetune_raw.get("batch_size", 128), 1, 1_000_000),
+    )
+    cache_mb = _int("finetune.cache_mb", finetune_raw.get("cache_mb", 1024), 0, 1_000_000)
+
+    knob_names = set(PER_LAYER_KNOBS) | set(GLOBAL_KNOBS)
+    space_raw = _table(data, "space", {"layers", "exclude", "layer"} | knob_names)
+    knobs: dict[str, Knob] = {}
+    for knob_name, rule in PER_LAYER_KNOBS.items():
+        knobs[knob_name] = parse_knob(f"space.{knob_name}", space_raw.get(knob_name), rule)
+    for knob_name, rule in GLOBAL_KNOBS.items():
+        knobs[knob_name] = parse_knob(f"space.{knob_name}", space_raw.get(knob_name), rule, per_layer=False)
+    overrides_raw = space_raw.get("layer", {})
+    if not isinstance(overrides_raw, dict):
+        raise SpecError("space.layer", overrides_raw, "tables like [space.layer.\"fc3\"] weight_bits = 8")
+    overrides: dict[str, dict[str, float | int]] = {}
+    for pattern, fixed in overrides_raw.items():
+        key = f"space.layer.{pattern}"
+        if not isinstance(fixed, dict):
+            raise SpecError(key, fixed, f"a table of fixed values for {sorted(PER_LAYER_KNOBS)}")
+        checked: dict[str, float | int] = {}
+        for knob_name, value in fixed.items():
+            if knob_name not in PER_LAYER_KNOBS:
+                raise SpecError(f"{key}.{knob_name}", value, f"keys {sorted(PER_LAYER_KNOBS)}", "is not a known key")
+            checked[knob_name] = PER_LAYER_KNOBS[knob_name].check_value(f"{key}.{knob_name}", value)
+        overrides[pattern] = checked
+    space = SpaceSpec(
+        layers=_patterns("space.layers", space_raw.get("layers", ["*"])),
+        exclude=_patterns("space.exclude", space_raw.get("exclude", [])) if space_raw.get("exclude") else (),
+        knobs=knobs,
+        overrides=overrides,
+    )
+
+    normalized: dict[str, Any] = {
+        "study": {"name": name, "storage": storage, "trials": trials, "seed": seed, "sampler": sampler,
+                  "max_accuracy_drop": drop},
+        "model": {k: v for k, v in {"preset": model.preset, "factory": model.factory, "kwargs": model.kwargs,
+                                    "checkpoint": model.checkpoint}.items() if v is not None},
+        "data": {k: v for k, v in {"preset": data_spec.preset, "module": data_spec.module,
+                                   "kwargs": data_spec.kwargs}.items() if v is not None},
+        "teacher": {"epochs": teacher.epochs, "lr": teacher.lr, "batch_size": teacher.batch_size},
+        "finetune": {"epochs": finetune.epochs, "batch_size": finetune.batch_size, "cache_mb": cache_mb},
+        "space": {"layers": list(space.layers), "exclude": list(space.exclude),
+                  **{k: v.to_dict() for k, v in knobs.items()},
+                  "layer": {p: dict(v) for p, v in overrides.items()}},
+    }
+    try:
+        json.dumps(normalized)
+    except (TypeError, ValueError):
+        raise SpecError("model.kwargs / data.kwargs", "(a value)", "plain TOML values (strings, numbers, lists, tables)") from None
+    return StudySpec(name, storage, trials, seed, sampler, drop, model, data_spec, teacher, finetune, space,
+                     cache_mb, raw=normalized)

@@ -1,0 +1,24 @@
+"""Study databases: storage URLs, blobs, the study catalog, Pareto fronts, presets, rendering.
+
+No torch here: listing studies and reading Pareto fronts work with only the database.
+
+Example:
+    >>> from slimtune.studies import mask_url, preset_names
+    >>> mask_url("postgresql://u:pw@h/db"), "cnn-digits" in preset_names()
+    ('postgresql://u:***@h/db', True)
+"""
+
+from __future__ import annotations
+
+from . import _keys as keys
+from ._blobs import delete_blobs, get_blob, put_blob
+from ._format import FORMATS, render
+from ._frames import PARETO_COLUMNS, best_ratio_within, finished_count, pareto_frame, studies_frame, trials_frame
+from ._presets import load_preset, preset_names
+from ._storage import StorageError, mask_url, open_storage, sqlite_path
+
+__all__ = [
+    "FORMATS", "PARETO_COLUMNS", "StorageError", "best_ratio_within", "delete_blobs", "finished_count", "get_blob", "keys",
+    "load_preset", "mask_url", "open_storage", "pareto_frame", "preset_names", "put_blob", "render",
+    "sqlite_path", "studies_frame", "trials_frame",
+]

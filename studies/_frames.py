@@ -1,0 +1,111 @@
+"""Study data as pandas DataFrames: every trial, the Pareto front, and the study catalog.
+
+One column per per-layer knob (``<layer>.prune_ratio``, ``<layer>.weight_bits``,
+``<layer>.kd_temperature``) and per achieved value (``<layer>.sparsity``).
+
+Example:
+    >>> import optuna
+    >>> study = optuna.create_study(directions=["maximize", "minimize"])
+    >>> list(trials_frame(study).columns[:4])
+    ['trial', 'state', 'val_accuracy', 'test_accuracy']
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from . import _keys as keys
+
+BASE_COLUMNS = ["trial", "state", "val_accuracy", "test_accuracy", "size_bytes", "compression_ratio", "mean_bits",
+                "sparsity", "kd_alpha", "feature_kd_weight", "lr", "finetune_seconds", "reason"]
+PARETO_COLUMNS = ["trial", "val_accuracy", "test_accuracy", "size_bytes", "compression_ratio", "mean_bits", "sparsity"]
+
+
+def _row(trial: FrozenTrial) -> dict[str, Any]:
+    attrs = trial.user_attrs
+    values = trial.values or [None, None]
+    plan = attrs.get(keys.TRIAL_PLAN, {})
+    row: dict[str, Any] = {
+        "trial": trial.number,
+        "state": trial.state.name,
+        "val_accuracy": values[0],
+        "test_accuracy": attrs.get(keys.TRIAL_TEST_ACCURACY),
+        "size_bytes": int(values[1]) if values[1] is not None else None,
+        "compression_ratio": attrs.get(keys.TRIAL_RATIO),
+        "mean_bits": attrs.get(keys.TRIAL_MEAN_BITS),
+        "sparsity": attrs.get(keys.TRIAL_SPARSITY),
+        "kd_alpha": plan.get("kd_alpha"),
+        "feature_kd_weight": plan.get("feature_kd_weight"),
+        "lr": plan.get("lr"),
+        "finetune_seconds": attrs.get(keys.TRIAL_SECONDS, {}).get("finetune"),
+        "reason": attrs.get(keys.TRIAL_FAIL_REASON) or attrs.get(keys.TRIAL_STOP_REASON),
+    }
+    for layer, knobs in plan.get("layers", {}).items():
+        for knob, value in knobs.items():
+            row[f"{layer}.{knob}"] = value
+    for layer, stats in attrs.get(keys.TRIAL_LAYERS, {}).items():
+        row[f"{layer}.sparsity"] = stats.get("sparsity")
+    return row
+
+
+def _frame(trials: list[FrozenTrial], columns: list[str]) -> pd.DataFrame:
+    rows = [_row(t) for t in trials]
+    extra: list[str] = []  # per-layer columns in model order (first seen), knobs in plan order
+    for row in rows:
+        extra.extend(k for k in row if k not in BASE_COLUMNS and k not in extra)
+    layers = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in extra))
+    extra.sort(key=lambda k: layers.index(k.rsplit(".", 1)[0]))
+    return pd.DataFrame(rows, columns=columns + extra)
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """Every trial of a slimtune study, one row each, ordered by trial number."""
+    return _frame(study.get_trials(deepcopy=False), list(BASE_COLUMNS))
+
+
+def pareto_frame(study: optuna.Study) -> pd.DataFrame:
+    """The Pareto-optimal trials (val accuracy up, size down), sorted by size."""
+    best = sorted(study.best_trials, key=lambda t: (t.values[1], -t.values[0], t.number))
+    frame = _frame(best, PARETO_COLUMNS + ["kd_alpha", "feature_kd_weight"])
+    return frame.reset_index(drop=True)
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials that count towards a study's target: COMPLETE or PRUNED."""
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def best_ratio_within(study: optuna.Study, max_drop: float, split: str = "val") -> float | None:
+    """Largest compression ratio among complete trials whose ``split`` accuracy (``val`` or
+    ``test``) is within ``max_drop`` of the teacher's; ``None`` if none is."""
+    teacher = study.user_attrs.get(keys.TEACHER)
+    if not teacher:
+        return None
+    floor = teacher[f"{split}_accuracy"] - max_drop - 1e-12
+    ratios = [t.user_attrs.get(keys.TRIAL_RATIO) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if (t.values[0] if split == "val" else t.user_attrs.get(keys.TRIAL_TEST_ACCURACY, -1)) >= floor]
+    ratios = [r for r in ratios if r is not None]
+    return max(ratios) if ratios else None
+
+
+def studies_frame(storage: optuna.storages.BaseStorage) -> pd.DataFrame:
+    """One row per slimtune study in ``storage``: trials, teacher accuracy, best ratio within 1 point."""
+    rows = []
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        teacher = study.user_attrs.get(keys.TEACHER, {})
+        spec = study.user_attrs.get(keys.SPEC, {})
+        rows.append({
+            "study": summary.study_name,
+            "finished": finished_count(study),
+            "target": spec.get("study", {}).get("trials"),
+            "teacher_val": teacher.get("val_accuracy"),
+            "teacher_test": teacher.get("test_accuracy"),
+            "best_ratio_within_1pt": best_ratio_within(study, 0.01),
+        })
+    return pd.DataFrame(rows, columns=["study", "finished", "target", "teacher_val", "teacher_test",
+                                       "best_ratio_within_1pt"])

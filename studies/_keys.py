@@ -1,0 +1,37 @@
+"""Names under which slimtune keeps its data in an Optuna study (one place, used everywhere).
+
+Study user attrs: ``SPEC`` (the normalized spec), ``FINGERPRINT``, ``TEACHER`` (teacher
+accuracies and sizes). Trial user attrs: the ``TRIAL_*`` names. Blobs: ``TEACHER_BLOB`` and
+:func:`artifact_blob_key`.
+
+Example:
+    >>> artifact_blob_key(7)
+    'trial/7/artifact'
+"""
+
+from __future__ import annotations
+
+SPEC = "slimtune:spec"
+FINGERPRINT = "slimtune:fingerprint"
+TEACHER = "slimtune:teacher"
+VERSION = "slimtune:version"
+METRIC_NAMES = ["val_accuracy", "size_bytes"]
+DIRECTIONS = ["maximize", "minimize"]
+
+TRIAL_PLAN = "plan"
+TRIAL_LAYERS = "layers"
+TRIAL_TEST_ACCURACY = "test_accuracy"
+TRIAL_RATIO = "compression_ratio"
+TRIAL_MEAN_BITS = "mean_bits"
+TRIAL_SPARSITY = "sparsity"
+TRIAL_SECONDS = "seconds"
+TRIAL_VAL_HISTORY = "val_history"
+TRIAL_STOP_REASON = "stop_reason"
+TRIAL_FAIL_REASON = "fail_reason"
+
+TEACHER_BLOB = "teacher"
+
+
+def artifact_blob_key(trial_number: int) -> str:
+    """Blob key of a trial's packed artifact."""
+    return f"trial/{trial_number}/artifact"

@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny digits study spec, and a teacher trained on it once per session."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+from slimtune.spaces import StudySpec, parse_spec
+
+DIGITS_SPEC: dict[str, Any] = {
+    "study": {"name": "digits-test", "trials": 3, "seed": 0, "max_accuracy_drop": 0.5},
+    "model": {"preset": "cnn-digits"},
+    "data": {"preset": "digits"},
+    "teacher": {"epochs": 8, "batch_size": 32, "lr": 2e-3},
+    "finetune": {"epochs": 1, "batch_size": 64},
+    "space": {
+        "prune_ratio": {"low": 0.2, "high": 0.8},
+        "weight_bits": {"choices": [2, 4, 8, 32]},
+        "kd_temperature": {"low": 1.0, "high": 4.0},
+        "lr": {"fixed": 2e-3},
+    },
+}
+
+SPEC_TOML = """
+[study]
+name = "digits-test"
+trials = 3
+seed = 0
+max_accuracy_drop = 0.5
+
+[model]
+preset = "cnn-digits"
+
+[data]
+preset = "digits"
+
+[teacher]
+epochs = 8
+batch_size = 32
+lr = 2e-3
+
+[finetune]
+epochs = 1
+batch_size = 64
+
+[space]
+prune_ratio = { low = 0.2, high = 0.8 }
+weight_bits = { choices = [2, 4, 8, 32] }
+kd_temperature = { low = 1.0, high = 4.0 }
+lr = { fixed = 2e-3 }
+"""
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(1)
+
+
+def digits_spec_dict(**study: Any) -> dict[str, Any]:
+    data = copy.deepcopy(DIGITS_SPEC)
+    data["study"].update(study)
+    return data
+
+
+@pytest.fixture
+def digits_spec() -> StudySpec:
+    return parse_spec(digits_spec_dict())
+
+
+@pytest.fixture(scope="session")
+def digits_teacher() -> tuple[Any, Any]:
+    """(teacher, datamodule) for the tiny digits spec, trained once per test session."""
+    from slimtune.trainers import build_datamodule, build_model, train_teacher
+
+    spec = parse_spec(digits_spec_dict())
+    dm = build_datamodule(spec.data)
+    teacher = train_teacher(build_model(spec.model), dm, spec.teacher, seed=0)
+    return teacher, dm

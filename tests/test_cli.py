@@ -1,0 +1,148 @@
+"""End to end through the CLI: search into a temporary SQLite file, resume, read the front."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from slimtune.search import main
+from slimtune.studies import get_blob, keys, open_storage
+from slimtune.trainers import build_model, unpack_model
+from slimtune.spaces import ModelSpec
+
+from .conftest import SPEC_TOML
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path) -> Path:
+    path = tmp_path / "study.toml"
+    path.write_text(SPEC_TOML)
+    return path
+
+
+def _url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'studies.db'}"
+
+
+def test_search_resume_and_pareto(spec_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = _url(tmp_path)
+    assert main(["search", str(spec_file), "--storage", url, "--quiet"]) == 0
+    study = optuna.load_study(study_name="digits-test", storage=url)
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 3
+    assert study.metric_names == ["val_accuracy", "size_bytes"]
+    teacher = study.user_attrs[keys.TEACHER]
+    assert 0.5 < teacher["val_accuracy"] <= 1 and 0.5 < teacher["test_accuracy"] <= 1
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert complete, "at least one trial should complete on digits with a 50-point floor"
+    storage = open_storage(url)
+    for trial in complete:
+        artifact = get_blob(storage, "digits-test", keys.artifact_blob_key(trial.number))
+        assert artifact is not None and len(artifact) == trial.values[1]
+        assert trial.user_attrs[keys.TRIAL_RATIO] == pytest.approx(teacher["dense_bytes"] / trial.values[1])
+        assert set(trial.user_attrs[keys.TRIAL_PLAN]["layers"]) == {"conv1", "conv2", "fc1", "fc2"}
+        state, meta = unpack_model(artifact)
+        model = build_model(ModelSpec(**meta["model"]))
+        model.load_state_dict(state)
+    teacher_blob = get_blob(storage, "digits-test", keys.TEACHER_BLOB)
+    assert teacher_blob is not None
+    capsys.readouterr()
+
+    # resume adds trials to the same study, reusing the stored teacher (no retraining)
+    assert main(["resume", "--study", "digits-test", "--storage", url, "--trials", "5", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "training the teacher" not in err
+    study = optuna.load_study(study_name="digits-test", storage=url)
+    assert len([t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 5
+    assert study.user_attrs[keys.TEACHER] == teacher
+    assert get_blob(storage, "digits-test", keys.TEACHER_BLOB) == teacher_blob
+    resumed = [t.params for t in study.trials[3:]]
+    assert all(p not in [t.params for t in study.trials[:3]] for p in resumed)
+
+    assert main(["pareto", "--study", "digits-test", "--storage", url, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    front = study.best_trials
+    assert sorted(r["trial"] for r in rows) == sorted(t.number for t in front)
+    assert [r["size_bytes"] for r in rows] == sorted(r["size_bytes"] for r in rows)
+    assert {"val_accuracy", "test_accuracy", "compression_ratio", "mean_bits", "sparsity", "fc1.weight_bits"} <= set(rows[0])
+
+    assert main(["pareto", "--study", "digits-test", "--storage", url]) == 0
+    table = capsys.readouterr().out
+    assert "compression_ratio" in table and "fc1.weight_bits" not in table
+
+    assert main(["studies", "--storage", url, "--format", "csv"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].startswith("study,finished,target")
+    assert listing[1].startswith("digits-test,5,5")
+
+
+def test_same_search_again_continues_and_does_not_retrain(spec_file: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    url = _url(tmp_path)
+    assert main(["search", str(spec_file), "--storage", url, "--trials", "1", "--quiet"]) == 0
+    assert main(["search", str(spec_file), "--storage", url, "--trials", "2", "--quiet"]) == 0
+    assert capsys.readouterr().err.count("training the teacher") == 1
+    study = optuna.load_study(study_name="digits-test", storage=url)
+    assert len(study.trials) == 2
+
+
+def test_bad_spec_exits_2_naming_the_key_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(SPEC_TOML.replace("weight_bits = { choices = [2, 4, 8, 32] }",
+                                      "weight_bits = { choices = [1, 4] }"))
+    db = tmp_path / "studies.db"
+    assert main(["search", str(path), "--storage", f"sqlite:///{db}"]) == 2
+    err = capsys.readouterr().err
+    assert "space.weight_bits.choices: 1 is not allowed" in err and "allowed: integers 2..16" in err
+    assert not db.exists()
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "message"),
+    [
+        ('layers', 'layers = ["conv*", "nothere"]\nprune_ratio', "space.layers: 'nothere' matches no layer"),
+        ('preset = "cnn-digits"', 'factory = "no_such_pkg.models:make"', "model.factory: 'no_such_pkg.models:make' cannot be imported"),
+        ('[data]\npreset = "digits"', '[data]\nmodule = "slimtune.trainers:DigitsDataModule"\nkwargs = { split_seed = "x" }', "data.module"),
+    ],
+)
+def test_runtime_bad_input_exits_2_before_any_write(tmp_path: Path, capsys: pytest.CaptureFixture[str], replace: str,
+                                                     by: str, message: str) -> None:
+    text = SPEC_TOML.replace("prune_ratio", by, 1) if replace == "layers" else SPEC_TOML.replace(replace, by)
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    db = tmp_path / "studies.db"
+    assert main(["search", str(path), "--storage", f"sqlite:///{db}"]) == 2
+    assert message in capsys.readouterr().err
+    assert not db.exists()
+
+
+def test_changed_spec_is_refused_unless_forced(spec_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = _url(tmp_path)
+    assert main(["search", str(spec_file), "--storage", url, "--trials", "1", "--quiet"]) == 0
+    changed = tmp_path / "changed.toml"
+    changed.write_text(SPEC_TOML.replace("kd_temperature = { low = 1.0, high = 4.0 }", "kd_temperature = { fixed = 2.0 }"))
+    capsys.readouterr()
+    assert main(["search", str(changed), "--storage", url, "--trials", "2", "--quiet"]) == 2
+    assert "differs from the study's stored spec" in capsys.readouterr().err
+    assert len(optuna.load_study(study_name="digits-test", storage=url).trials) == 1
+    assert main(["search", str(changed), "--storage", url, "--trials", "2", "--quiet", "--force"]) == 0
+
+
+def test_resume_of_unknown_study_lists_the_known_ones(spec_file: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    url = _url(tmp_path)
+    assert main(["search", str(spec_file), "--storage", url, "--trials", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["resume", "--study", "digits-tset", "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert "'digits-tset' does not exist" in err and "allowed: digits-test" in err
+
+
+def test_preset_and_spec_file_together_is_an_error(spec_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["search", str(spec_file), "--preset", "cnn-digits"]) == 2
+    assert main(["search", "--preset", "nope"]) == 2
+    assert "is not a known preset; allowed: cnn-digits, lenet300-mnist, lenet5-mnist" in capsys.readouterr().err

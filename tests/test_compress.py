@@ -1,0 +1,81 @@
+"""Compression operators: exact pruning, quantization levels, straight-through gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from slimtune.spaces import CompressionPlan, LayerPlan
+from slimtune.trainers import FakeQuant, apply_plan, bake, magnitude_mask, quantize
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.5, 0.731, 0.99])
+def test_pruning_removes_exactly_the_planned_share(ratio: float) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(37, 23)
+    plan = CompressionPlan({"0": LayerPlan(ratio, 32, 1.0)}, 1.0, 0.0, 1e-3)
+    model = apply_plan(nn.Sequential(layer), plan)
+    zeros = int((model[0].weight == 0).sum())
+    assert zeros == round(ratio * layer.weight.numel())
+
+
+def test_pruning_keeps_the_largest_magnitudes() -> None:
+    weight = torch.tensor([[0.1, -3.0, 0.2, 4.0]])
+    assert magnitude_mask(weight, 0.5).tolist() == [[0.0, 1.0, 0.0, 1.0]]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_quantized_levels_fit_in_bits(bits: int) -> None:
+    torch.manual_seed(bits)
+    conv = nn.Conv2d(3, 8, 3)
+    codes, scale = quantize(conv.weight, bits)
+    qmax = 2 ** (bits - 1) - 1
+    assert codes.abs().max() <= qmax
+    model = apply_plan(nn.Sequential(conv), CompressionPlan({"0": LayerPlan(0.0, bits, 1.0)}, 1.0, 0.0, 1e-3))
+    for channel in range(8):
+        levels = torch.unique(model[0].weight[channel])
+        assert len(levels) <= 2**bits - 1
+    assert torch.equal(torch.round(scale.to(torch.float16).to(torch.float32) * 1e6), torch.round(scale * 1e6))
+
+
+def test_gradients_flow_through_fake_quant() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(10, 4)
+    parametrize.register_parametrization(layer, "weight", FakeQuant(3))
+    layer(torch.randn(5, 10)).pow(2).sum().backward()
+    grad = layer.parametrizations.weight.original.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_pruned_weights_get_no_gradient_and_stay_zero() -> None:
+    torch.manual_seed(0)
+    model = apply_plan(nn.Sequential(nn.Linear(10, 4)), CompressionPlan({"0": LayerPlan(0.5, 4, 1.0)}, 1.0, 0.0, 1e-3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(8, 10)).sum().backward()
+        optimizer.step()
+    assert int((model[0].weight == 0).sum()) >= 20
+
+
+def test_fully_pruned_channel_is_zero_not_nan() -> None:
+    layer = nn.Linear(6, 3)
+    with torch.no_grad():
+        layer.weight[1] = 0
+    model = apply_plan(nn.Sequential(layer), CompressionPlan({"0": LayerPlan(0.0, 4, 1.0)}, 1.0, 0.0, 1e-3))
+    weight = model[0].weight
+    assert torch.isfinite(weight).all()
+    assert torch.equal(weight[1], torch.zeros(6))
+    model = apply_plan(nn.Sequential(nn.Linear(6, 3)), CompressionPlan({"0": LayerPlan(0.99, 2, 1.0)}, 1.0, 0.0, 1e-3))
+    assert torch.isfinite(model(torch.randn(2, 6))).all()
+
+
+def test_bake_leaves_plain_module_with_same_weights() -> None:
+    torch.manual_seed(0)
+    model = apply_plan(nn.Sequential(nn.Linear(10, 4)), CompressionPlan({"0": LayerPlan(0.3, 4, 1.0)}, 1.0, 0.0, 1e-3))
+    before = model[0].weight.detach().clone()
+    bake(model)
+    assert not parametrize.is_parametrized(model[0])
+    assert torch.equal(model[0].weight, before)

@@ -1,0 +1,29 @@
+"""Everything that touches tensors: models, data, compression, distillation, fine-tune, packing.
+
+Example:
+    >>> from slimtune.trainers import build_model, compressible_layers
+    >>> from slimtune.spaces import ModelSpec
+    >>> compressible_layers(build_model(ModelSpec(preset="lenet5")))
+    ['conv1', 'conv2', 'fc1', 'fc2']
+"""
+
+from __future__ import annotations
+
+from ._compress import FakeQuant, PruneMask, apply_plan, bake, channel_scales, dequantize, magnitude_mask, quantize
+from ._data import DigitsDataModule, MnistDataModule, TensorDataModule, batch_loader, build_datamodule, materialize
+from ._distill import feature_kd_loss, logit_kd_loss
+from ._lightning import AccuracyFloor, ClassifierModule, DistillationModule, quiet_trainer, silence_lightning
+from ._models import DigitsCNN, LeNet5, LeNet300, build_model, compressible_layers, dense_parameter_bytes, import_ref
+from ._pack import layer_stats, pack_model, unpack_model
+from ._teacher import TeacherCache, evaluate, load_state_bytes, state_to_bytes, train_loader_for, train_teacher
+from ._trial import TrialContext, TrialResult, run_trial
+
+__all__ = [
+    "AccuracyFloor", "ClassifierModule", "DigitsCNN", "DigitsDataModule", "DistillationModule", "FakeQuant",
+    "LeNet300", "LeNet5", "MnistDataModule", "PruneMask", "TeacherCache", "TensorDataModule", "TrialContext",
+    "TrialResult", "apply_plan", "bake", "batch_loader", "build_datamodule", "build_model", "channel_scales",
+    "compressible_layers", "dense_parameter_bytes", "dequantize", "evaluate", "feature_kd_loss", "import_ref",
+    "layer_stats", "load_state_bytes", "logit_kd_loss", "magnitude_mask", "pack_model", "quantize",
+    "quiet_trainer", "run_trial", "silence_lightning", "state_to_bytes", "train_loader_for", "train_teacher",
+    "unpack_model",
+]

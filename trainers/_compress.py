@@ -1,0 +1,133 @@
+"""Compression operators as ``torch.nn.utils.parametrize`` parametrizations.
+
+- :class:`PruneMask`: unstructured magnitude pruning, a fixed 0/1 mask with exactly
+  ``round(ratio * numel)`` zeros (the smallest magnitudes; ties broken by position).
+- :class:`FakeQuant`: uniform symmetric per-output-channel quantization of weights to ``bits``
+  (codes in ``[-(2**(bits-1)-1), 2**(bits-1)-1]``), with a straight-through gradient. Scales are
+  rounded to float16 so the packed artifact stores them exactly; a channel whose weights are all
+  zero gets scale 1 and codes 0 (no division by zero, no NaN).
+
+The module stays a normal module; :func:`bake` removes the parametrizations, leaving the
+compressed weights as plain parameters.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from slimtune.spaces import CompressionPlan, LayerPlan
+    >>> layer = nn.Sequential(nn.Linear(8, 4))
+    >>> plan = CompressionPlan({"0": LayerPlan(0.5, 4, 2.0)}, kd_alpha=0.9, feature_kd_weight=0.0, lr=1e-3)
+    >>> _ = apply_plan(layer, plan)
+    >>> int((layer[0].weight == 0).sum()) >= 16
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from slimtune.spaces import CompressionPlan
+
+FP16_MAX = 65504.0
+
+
+def magnitude_mask(weight: torch.Tensor, ratio: float) -> torch.Tensor:
+    """A 0/1 mask (weight's dtype) zeroing exactly ``round(ratio * numel)`` smallest-magnitude weights."""
+    numel = weight.numel()
+    k = int(round(ratio * numel))
+    mask = torch.ones(numel, dtype=weight.dtype, device=weight.device)
+    if k > 0:
+        order = torch.argsort(weight.detach().abs().flatten(), stable=True)
+        mask[order[:k]] = 0
+    return mask.view_as(weight)
+
+
+def channel_scales(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-output-channel scales (float16 values held in float32), shape ``(out_channels,)``."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = weight.detach().abs().flatten(1).amax(dim=1)
+    scale = torch.clamp(amax / qmax, max=FP16_MAX).to(torch.float16).to(torch.float32)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (int32, same shape) and per-channel scales of ``weight`` at ``bits``."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = channel_scales(weight, bits)
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    codes = torch.clamp(torch.round(weight.detach() / scale.view(shape)), -qmax, qmax)
+    return codes.to(torch.int32), scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``codes * scale`` per output channel, in float32; the one formula used everywhere."""
+    shape = (-1,) + (1,) * (codes.dim() - 1)
+    return codes.to(torch.float32) * scale.view(shape)
+
+
+class _StraightThroughQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, bits: int) -> torch.Tensor:  # type: ignore[override]
+        codes, scale = quantize(weight, bits)
+        return dequantize(codes, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+class PruneMask(nn.Module):
+    """Parametrization multiplying the weight by a fixed mask (a buffer, kept in ``state_dict``)."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+class FakeQuant(nn.Module):
+    """Parametrization quantizing the weight to ``bits`` in the forward pass, identity gradient."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        if not 2 <= bits <= 16:
+            raise ValueError(f"bits must be in 2..16 for fake quantization, got {bits}")
+        self.bits = bits
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return _StraightThroughQuant.apply(weight, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+def apply_plan(model: nn.Module, plan: CompressionPlan) -> nn.Module:
+    """Register mask and fake-quant parametrizations on every layer of ``plan``, in place."""
+    for name, layer_plan in plan.layers.items():
+        module = model.get_submodule(name)
+        if layer_plan.prune_ratio > 0:
+            parametrize.register_parametrization(module, "weight", PruneMask(magnitude_mask(module.weight, layer_plan.prune_ratio)))
+        if layer_plan.weight_bits < 32:
+            parametrize.register_parametrization(module, "weight", FakeQuant(layer_plan.weight_bits))
+    return model
+
+
+def weight_bits_of(module: nn.Module) -> int:
+    """The quantization bits of a module's weight (32 if it is not fake-quantized)."""
+    if parametrize.is_parametrized(module, "weight"):
+        for p in module.parametrizations["weight"]:
+            if isinstance(p, FakeQuant):
+                return p.bits
+    return 32
+
+
+def bake(model: nn.Module) -> nn.Module:
+    """Remove all parametrizations in place, keeping the compressed weights as plain parameters."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    return model

@@ -1,0 +1,192 @@
+"""Lightning pieces: what a step is (modules) and how a run goes (a quiet trainer, callbacks).
+
+- :class:`ClassifierModule` trains a teacher with cross-entropy.
+- :class:`DistillationModule` fine-tunes a compressed student with
+  ``alpha * KD(logits, T_out) + (1 - alpha) * CE + w_feat * mean_l KD(features_l, T_l)``;
+  teacher outputs come from a cache (batches ``(index, x, y)``) or a live teacher (``(x, y)``).
+- :class:`AccuracyFloor` stops a run whose validation accuracy after an epoch is below a floor.
+
+Example:
+    >>> trainer = quiet_trainer(max_epochs=1, seed=0)
+    >>> trainer.logger is None and not trainer.checkpoint_callbacks
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._distill import feature_kd_loss, logit_kd_loss
+
+
+def silence_lightning() -> None:
+    """Keep Lightning's per-run banners and hints out of the search's output."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*The number of training batches.*")
+    warnings.filterwarnings("ignore", message=r".*GPU available.*")
+    warnings.filterwarnings("ignore", message=r".*set_metric_names is experimental.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def quiet_trainer(max_epochs: int, seed: int, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
+    """A seeded CPU trainer with no logger, checkpoints, progress bar or model summary."""
+    silence_lightning()
+    pl.seed_everything(seed, verbose=False)
+    return pl.Trainer(
+        max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=callbacks or [], deterministic=False,
+    )
+
+
+class _AccuracyMixin:
+    """Validation accuracy accumulated over an epoch; ``val_history`` holds one value per epoch."""
+
+    val_history: list[float]
+
+    def _reset_counts(self) -> None:
+        self._correct = 0
+        self._total = 0
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_counts()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch[-2], batch[-1]
+        logits = self(x)  # type: ignore[operator]
+        self._correct += int((logits.argmax(1) == y).sum())
+        self._total += int(y.numel())
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_history.append(self._correct / max(self._total, 1))
+
+
+class ClassifierModule(_AccuracyMixin, pl.LightningModule):
+    """Plain supervised training (the teacher)."""
+
+    def __init__(self, model: nn.Module, lr: float) -> None:
+        super().__init__()
+        self.model = model
+        self.lr = lr
+        self.val_history = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(self.trainer.max_epochs or 1, 1))
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+class FeatureTap:
+    """Forward hooks keeping the outputs of named submodules during one forward pass."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            self.outputs[name] = output
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class DistillationModule(_AccuracyMixin, pl.LightningModule):
+    """Knowledge-distillation fine-tune of a compressed student.
+
+    ``feature_temperatures`` maps hidden layer names to their feature-KD temperature (empty
+    turns feature KD off). ``cache`` supplies teacher outputs by sample index; otherwise
+    ``teacher`` is run on every batch.
+    """
+
+    def __init__(self, student: nn.Module, *, lr: float, kd_alpha: float, logit_temperature: float,
+                 feature_kd_weight: float, feature_temperatures: dict[str, float],
+                 teacher: nn.Module | None = None, cache: Any = None) -> None:
+        super().__init__()
+        if teacher is None and cache is None:
+            raise ValueError("DistillationModule needs a teacher or a cache of teacher outputs")
+        self.student = student
+        # The teacher is not a registered submodule: it is never trained, never switched to
+        # train mode, and its parameters stay out of the optimizer.
+        object.__setattr__(self, "teacher", teacher.eval() if teacher is not None else None)
+        self.cache = cache
+        self.lr = lr
+        self.kd_alpha = kd_alpha
+        self.logit_temperature = logit_temperature
+        self.feature_kd_weight = feature_kd_weight
+        self.feature_temperatures = feature_temperatures if feature_kd_weight > 0 else {}
+        self.val_history = []
+        self._student_tap = FeatureTap(student, list(self.feature_temperatures))
+        self._teacher_tap = FeatureTap(teacher, list(self.feature_temperatures)) if teacher is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+    def _teacher_outputs(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.cache is not None and len(batch) == 3:
+            return self.cache.lookup(batch[0], list(self.feature_temperatures))
+        assert self.teacher is not None and self._teacher_tap is not None
+        with torch.no_grad():
+            logits = self.teacher(batch[-2])
+        return logits, dict(self._teacher_tap.outputs)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch[-2], batch[-1]
+        teacher_logits, teacher_features = self._teacher_outputs(batch)
+        logits = self.student(x)
+        loss = self.kd_alpha * logit_kd_loss(logits, teacher_logits, self.logit_temperature)
+        if self.kd_alpha < 1:
+            loss = loss + (1 - self.kd_alpha) * F.cross_entropy(logits, y)
+        if self.feature_temperatures:
+            feature_loss = sum(feature_kd_loss(self._student_tap.outputs[n], teacher_features[n], t)
+                               for n, t in self.feature_temperatures.items())
+            loss = loss + self.feature_kd_weight * feature_loss / len(self.feature_temperatures)
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(f"non-finite loss ({float(loss.detach())}) at epoch {self.current_epoch}, step {batch_idx}")
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.student.parameters(), lr=self.lr)
+
+    def teardown(self, stage: str) -> None:
+        self._student_tap.remove()
+        if self._teacher_tap is not None:
+            self._teacher_tap.remove()
+
+
+class AccuracyFloor(pl.Callback):
+    """Stop training when validation accuracy after an epoch falls below ``floor``.
+
+    ``reason`` is set when it fires (Optuna cannot prune multi-objective studies, so this rule
+    is slimtune's own: the trial is then marked PRUNED with this reason).
+    """
+
+    def __init__(self, floor: float) -> None:
+        self.floor = floor
+        self.reason: str | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        history = getattr(pl_module, "val_history", [])
+        if history and history[-1] < self.floor:
+            self.reason = (f"val accuracy {history[-1]:.4f} after epoch {len(history)} is below the floor "
+                           f"{self.floor:.4f} (teacher minus max_accuracy_drop)")
+            trainer.should_stop = True

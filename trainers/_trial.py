@@ -1,0 +1,147 @@
+"""One trial's tensor work: compress a copy of the teacher by a plan, distill, pack, evaluate.
+
+:class:`TrialContext` holds what every trial of a study shares in one process (teacher, data,
+teacher-output cache); :func:`run_trial` turns a plan into a :class:`TrialResult`.
+
+Example (digits, a tiny budget)::
+
+    ctx = TrialContext.create(spec, teacher)   # spec: a StudySpec, teacher: trained nn.Module
+    result = run_trial(ctx, plan, seed=0)
+    result.size_bytes == len(result.artifact)  # True: size is the artifact's byte length
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from slimtune.spaces import CompressionPlan, StudySpec, select_layers
+
+from ._compress import apply_plan
+from ._data import build_datamodule, materialize
+from ._lightning import AccuracyFloor, DistillationModule, quiet_trainer
+from ._models import build_model, compressible_layers, dense_parameter_bytes
+from ._pack import layer_stats, pack_model, unpack_model
+from ._teacher import TeacherCache, evaluate, train_loader_for
+
+
+@dataclass
+class TrialResult:
+    """What a trial measured. ``pruned_reason`` is set when the accuracy floor stopped it."""
+
+    val_accuracy: float = float("nan")
+    test_accuracy: float = float("nan")
+    size_bytes: int = 0
+    compression_ratio: float = float("nan")
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)
+    val_history: list[float] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    pruned_reason: str | None = None
+    artifact: bytes = b""
+    teacher_source: str = ""
+
+    @property
+    def mean_bits(self) -> float:
+        """Weight-count-weighted mean bit width over the compressible layers."""
+        total = sum(s["weights"] for s in self.layers.values())
+        return sum(s["bits"] * s["weights"] for s in self.layers.values()) / max(total, 1)
+
+    @property
+    def sparsity(self) -> float:
+        """Share of zero weights over all compressible layers."""
+        total = sum(s["weights"] for s in self.layers.values())
+        return sum(s["sparsity"] * s["weights"] for s in self.layers.values()) / max(total, 1)
+
+
+@dataclass
+class TrialContext:
+    """Everything a study's trials share within one process."""
+
+    spec: StudySpec
+    teacher: nn.Module
+    datamodule: pl.LightningDataModule
+    layer_names: list[str]
+    output_layer: str
+    floor: float
+    dense_bytes: int
+    cache: TeacherCache | None
+
+    @classmethod
+    def create(cls, spec: StudySpec, teacher: nn.Module, floor: float = 0.0,
+               datamodule: pl.LightningDataModule | None = None) -> TrialContext:
+        """Build the shared state; teacher outputs are cached when the data is deterministic."""
+        dm = datamodule or build_datamodule(spec.data)
+        every_layer = compressible_layers(teacher)
+        layer_names = select_layers(every_layer, spec.space)
+        output_layer = every_layer[-1] if every_layer[-1] in layer_names else layer_names[-1]
+        cache = None
+        if getattr(dm, "deterministic_train", False):
+            x, y = materialize(dm.train_dataloader().dataset)
+            hidden = [n for n in layer_names if n != output_layer]
+            cache = TeacherCache.build(teacher, x, y, hidden, spec.cache_mb)
+        return cls(spec, teacher.eval(), dm, layer_names, output_layer, floor, dense_parameter_bytes(teacher), cache)
+
+    def artifact_meta(self) -> dict[str, Any]:
+        """What a loader needs besides weights: the model reference from the spec."""
+        return {"model": self.spec.to_dict()["model"]}
+
+
+def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bool = True) -> TrialResult:
+    """Compress, fine-tune with distillation, pack and evaluate one plan.
+
+    Raises ``FloatingPointError`` on a non-finite loss; returns with ``pruned_reason`` set when
+    validation accuracy fell below ``ctx.floor`` after an epoch.
+    """
+    result = TrialResult()
+    started = time.perf_counter()
+    student = apply_plan(copy.deepcopy(ctx.teacher).train().requires_grad_(True), plan)
+    result.seconds["compress"] = time.perf_counter() - started
+
+    hidden = [n for n in plan.layers if n != ctx.output_layer]
+    feature_temperatures = {n: plan.layers[n].kd_temperature for n in hidden}
+    cached = use_cache and ctx.cache is not None and (
+        plan.feature_kd_weight == 0 or ctx.cache.has_features(hidden))
+    ft = ctx.spec.finetune
+    module = DistillationModule(
+        student, lr=plan.lr, kd_alpha=plan.kd_alpha, logit_temperature=plan.layers[ctx.output_layer].kd_temperature,
+        feature_kd_weight=plan.feature_kd_weight, feature_temperatures=feature_temperatures,
+        teacher=None if cached else ctx.teacher, cache=ctx.cache if cached else None)
+    floor = AccuracyFloor(ctx.floor)
+    trainer = quiet_trainer(ft.epochs, seed, callbacks=[floor])
+    if cached:
+        assert ctx.cache is not None
+        train_batches = ctx.cache.loader(ft.batch_size, seed)
+    else:
+        train_batches = train_loader_for(ctx.datamodule, ft.batch_size, seed)
+    result.teacher_source = "cache" if cached else "live"
+    started = time.perf_counter()
+    trainer.fit(module, train_dataloaders=train_batches, val_dataloaders=ctx.datamodule.val_dataloader())
+    result.seconds["finetune"] = time.perf_counter() - started
+    result.val_history = list(module.val_history)
+    student.eval()
+    result.layers = layer_stats(student, list(plan.layers))
+    if floor.reason is not None:
+        result.pruned_reason = floor.reason
+        return result
+
+    started = time.perf_counter()
+    result.artifact = pack_model(student, meta=ctx.artifact_meta())
+    result.size_bytes = len(result.artifact)
+    result.compression_ratio = ctx.dense_bytes / result.size_bytes
+    result.seconds["pack"] = time.perf_counter() - started
+
+    # Accuracy is measured on the model read back from the artifact: what a user would load.
+    started = time.perf_counter()
+    state, _ = unpack_model(result.artifact)
+    restored = build_model(ctx.spec.model, load_checkpoint=False)
+    restored.load_state_dict(state)
+    result.val_accuracy = evaluate(restored, ctx.datamodule.val_dataloader())
+    result.test_accuracy = evaluate(restored, ctx.datamodule.test_dataloader())
+    result.seconds["evaluate"] = time.perf_counter() - started
+    return result
