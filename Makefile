@@ -22,7 +22,6 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/slimtune search --preset lenet300-mnist --trials $(TRIALS)
-	$(BIN)/slimtune pareto --study lenet300-mnist
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -2,8 +2,8 @@
 
 Example:
     >>> err = SpecError("space.weight_bits.choices", 33, "integers 2..16, or 32 (unquantized)")
-    >>> str(err)
-    "space.weight_bits.choices: 33 is not allowed; allowed: integers 2..16, or 32 (unquantized)"
+    >>> print(err)
+    space.weight_bits.choices: 33 is not allowed; allowed: integers 2..16, or 32 (unquantized)
 """
 
 from __future__ import annotations

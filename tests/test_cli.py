@@ -146,3 +146,36 @@ def test_preset_and_spec_file_together_is_an_error(spec_file: Path, capsys: pyte
     assert main(["search", str(spec_file), "--preset", "cnn-digits"]) == 2
     assert main(["search", "--preset", "nope"]) == 2
     assert "is not a known preset; allowed: cnn-digits, lenet300-mnist, lenet5-mnist" in capsys.readouterr().err
+
+
+def test_user_model_factory_data_module_and_checkpoint(tmp_path: Path, digits_teacher,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from slimtune.trainers import evaluate
+
+    teacher, dm = digits_teacher
+    checkpoint = tmp_path / "teacher.pt"
+    torch.save(teacher.state_dict(), checkpoint)
+    text = (SPEC_TOML.replace('[model]\npreset = "cnn-digits"',
+                              f'[model]\nfactory = "slimtune.trainers:DigitsCNN"\ncheckpoint = "{checkpoint}"')
+            .replace('[data]\npreset = "digits"', '[data]\nmodule = "slimtune.trainers:DigitsDataModule"\n'
+                                                  'kwargs = { batch_size = 64 }'))
+    spec = tmp_path / "own.toml"
+    spec.write_text(text)
+    url = _url(tmp_path)
+    assert main(["search", str(spec), "--storage", url, "--trials", "1", "--quiet"]) == 0
+    assert "training the teacher" not in capsys.readouterr().err
+    info = optuna.load_study(study_name="digits-test", storage=url).user_attrs[keys.TEACHER]
+    assert info["source"] == f"checkpoint {checkpoint}"
+    assert info["val_accuracy"] == evaluate(teacher, dm.val_dataloader())
+
+
+def test_unloadable_checkpoint_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    spec = tmp_path / "s.toml"
+    spec.write_text(SPEC_TOML.replace('preset = "cnn-digits"', f'preset = "cnn-digits"\ncheckpoint = "{bad}"'))
+    assert main(["search", str(spec), "--storage", _url(tmp_path)]) == 2
+    assert "model.checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "studies.db").exists()

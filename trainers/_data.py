@@ -9,7 +9,7 @@ Example:
     >>> from slimtune.spaces import DataSpec
     >>> dm = build_datamodule(DataSpec(preset="digits"))
     >>> [len(dm.train_dataloader().dataset), len(dm.val_dataloader().dataset), len(dm.test_dataloader().dataset)]
-    [1077, 360, 360]
+    [1078, 359, 360]
 """
 
 from __future__ import annotations
