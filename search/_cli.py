@@ -13,11 +13,14 @@ Example::
 from __future__ import annotations
 
 import argparse
+import importlib
+import pkgutil
 import sys
+from types import ModuleType
 from typing import Sequence
 
 from slimtune.spaces import DEFAULT_STORAGE, SpecError
-from slimtune.studies import FORMATS, mask_url, open_storage, preset_names, render
+from slimtune.studies import FORMATS, load_existing_study, open_storage, preset_names, render
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -86,18 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     pareto.add_argument("--study", required=True)
     pareto.add_argument("--storage", default=DEFAULT_STORAGE)
     pareto.add_argument("--format", choices=FORMATS, default="table")
+
+    search.set_defaults(handler=_cmd_search)
+    resume.set_defaults(handler=_cmd_search)
+    studies.set_defaults(handler=_cmd_studies)
+    pareto.set_defaults(handler=_cmd_pareto)
+    for module in _command_modules():
+        module.add_parser(sub)
     return parser
 
 
-def _load_study(name: str, storage_url: str):  # type: ignore[no-untyped-def]
-    import optuna
-
-    storage = open_storage(storage_url, create=False)
-    names = optuna.get_all_study_names(storage)
-    if name not in names:
-        raise SpecError("--study", name, ", ".join(sorted(names)) or f"(no studies in {mask_url(storage_url)})",
-                        f"does not exist in {mask_url(storage_url)}")
-    return optuna.load_study(study_name=name, storage=storage)
+def _command_modules() -> list[ModuleType]:
+    """The modules ``slimtune.search._cmd_*``: each adds one subcommand with ``add_parser(subparsers)``
+    (setting ``handler``) and imports its heavy dependencies only inside the handler."""
+    package = importlib.import_module("slimtune.search")
+    names = sorted(m.name for m in pkgutil.iter_modules(package.__path__) if m.name.startswith("_cmd_"))
+    return [importlib.import_module(f"slimtune.search.{name}") for name in names]
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -120,7 +127,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if summary.finished >= summary.target:
         from slimtune.studies import PARETO_COLUMNS, pareto_frame
 
-        print(render(pareto_frame(_load_study(spec.name, spec.storage)), "table", PARETO_COLUMNS), end="")
+        print(render(pareto_frame(load_existing_study(spec.name, spec.storage)), "table", PARETO_COLUMNS), end="")
     return 0
 
 
@@ -134,16 +141,15 @@ def _cmd_studies(args: argparse.Namespace) -> int:
 def _cmd_pareto(args: argparse.Namespace) -> int:
     from slimtune.studies import PARETO_COLUMNS, pareto_frame
 
-    print(render(pareto_frame(_load_study(args.study, args.storage)), args.format, PARETO_COLUMNS), end="")
+    print(render(pareto_frame(load_existing_study(args.study, args.storage)), args.format, PARETO_COLUMNS), end="")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``slimtune`` console script."""
     args = build_parser().parse_args(argv)
-    handlers = {"search": _cmd_search, "resume": _cmd_search, "studies": _cmd_studies, "pareto": _cmd_pareto}
     try:
-        return handlers[args.command](args)
+        return args.handler(args)
     except SpecError as exc:
         print(f"slimtune: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

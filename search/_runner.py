@@ -24,7 +24,8 @@ from optuna.trial import TrialState
 
 from slimtune.spaces import SpecError, StudySpec, load_spec_file, parse_spec, select_layers
 from slimtune.studies import (
-    best_ratio_within, finished_count, get_blob, keys, load_preset, mask_url, open_storage, put_blob,
+    best_ratio_within, finished_count, get_blob, keys, load_existing_study, load_preset, mask_url, open_storage,
+    put_blob,
 )
 from slimtune.trainers import (
     TrialContext, build_datamodule, build_model, compressible_layers, dense_parameter_bytes, evaluate,
@@ -200,12 +201,7 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
 
 def load_stored_spec(study_name: str, storage_url: str) -> StudySpec:
     """The spec stored in an existing study; the storage URL given here replaces the stored one."""
-    storage = open_storage(storage_url, create=False)
-    names = optuna.get_all_study_names(storage)
-    if study_name not in names:
-        raise SpecError("--study", study_name, ", ".join(sorted(names)) or f"(no studies in {mask_url(storage_url)})",
-                        f"does not exist in {mask_url(storage_url)}")
-    attrs = optuna.load_study(study_name=study_name, storage=storage).user_attrs
+    attrs = load_existing_study(study_name, storage_url).user_attrs
     if keys.SPEC not in attrs:
         raise SpecError("--study", study_name, "a study created by slimtune", "has no slimtune spec")
     return parse_spec(attrs[keys.SPEC]).with_overrides(storage=storage_url)

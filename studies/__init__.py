@@ -15,10 +15,10 @@ from ._blobs import delete_blobs, get_blob, put_blob
 from ._format import FORMATS, render
 from ._frames import PARETO_COLUMNS, best_ratio_within, finished_count, pareto_frame, studies_frame, trials_frame
 from ._presets import load_preset, preset_names
-from ._storage import StorageError, mask_url, open_storage, sqlite_path
+from ._storage import StorageError, load_existing_study, mask_url, open_storage, sqlite_path
 
 __all__ = [
     "FORMATS", "PARETO_COLUMNS", "StorageError", "best_ratio_within", "delete_blobs", "finished_count", "get_blob", "keys",
-    "load_preset", "mask_url", "open_storage", "pareto_frame", "preset_names", "put_blob", "render",
+    "load_existing_study", "load_preset", "mask_url", "open_storage", "pareto_frame", "preset_names", "put_blob", "render",
     "sqlite_path", "studies_frame", "trials_frame",
 ]

@@ -69,3 +69,13 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
         if password:
             detail = detail.replace(str(password), "***")
         raise StorageError(url, f"cannot be opened ({type(exc).__name__}: {detail[:300]})") from None
+
+
+def load_existing_study(name: str, url: str) -> optuna.Study:
+    """An existing study at ``url``; a missing database or study is an error listing what exists."""
+    storage = open_storage(url, create=False)
+    names = optuna.get_all_study_names(storage)
+    if name not in names:
+        raise SpecError("--study", name, ", ".join(sorted(names)) or f"(no studies in {mask_url(url)})",
+                        f"does not exist in {mask_url(url)}")
+    return optuna.load_study(study_name=name, storage=storage)

@@ -88,8 +88,9 @@ class TrialContext:
         return cls(spec, teacher.eval(), dm, layer_names, output_layer, floor, dense_parameter_bytes(teacher), cache)
 
     def artifact_meta(self) -> dict[str, Any]:
-        """What a loader needs besides weights: the model reference from the spec."""
-        return {"model": self.spec.to_dict()["model"]}
+        """What a loader needs besides weights: the model and data references from the spec."""
+        spec = self.spec.to_dict()
+        return {"model": spec["model"], "data": spec["data"]}
 
 
 def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bool = True) -> TrialResult:
