@@ -1,4 +1,7 @@
-"""The search: objective, study runner (launch / resume) and the ``slimtune`` CLI.
+"""The search: objective, study runner (launch / resume / workers) and the ``slimtune`` CLI.
+
+The names below are imported on first use, so that ``slimtune studies`` and ``slimtune pareto``
+start without loading torch.
 
 Example::
 
@@ -8,10 +11,21 @@ Example::
 
 from __future__ import annotations
 
-from ._cli import main
-from ._objective import CompressionObjective, TrialFailed
-from ._runner import SearchSummary, load_stored_spec, make_sampler, resolve_spec, run_study
-from ._signals import GracefulStop, Interrupted
+import importlib
+from typing import Any
 
-__all__ = ["CompressionObjective", "GracefulStop", "Interrupted", "SearchSummary", "TrialFailed", "load_stored_spec",
-           "main", "make_sampler", "resolve_spec", "run_study"]
+_EXPORTS = {
+    "main": "._cli",
+    "CompressionObjective": "._objective", "TrialFailed": "._objective",
+    "SearchSummary": "._runner", "load_stored_spec": "._runner", "make_sampler": "._runner",
+    "resolve_spec": "._runner", "run_study": "._runner", "run_workers": "._runner",
+    "GracefulStop": "._signals", "Interrupted": "._signals",
+    "run_until_target": "._loop",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

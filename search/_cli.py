@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from types import ModuleType
@@ -24,6 +25,7 @@ from slimtune.studies import FORMATS, load_existing_study, open_storage, preset_
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+STORAGE_ENV = "SLIMTUNE_STORAGE"
 
 
 def _positive_int(text: str) -> int:
@@ -74,12 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--storage", help=f"SQLAlchemy URL (default: the spec's, else {DEFAULT_STORAGE})")
     search.add_argument("--seed", type=_seed, help="override the spec's seed")
     search.add_argument("--force", action="store_true", help="continue a study even if its stored spec differs")
+    search.add_argument("--workers", type=_positive_int, default=1,
+                        help="local worker processes sharing the study (each gets its share of the threads)")
     run_options(search)
 
     resume = sub.add_parser("resume", help="continue a study from its stored spec")
     resume.add_argument("--study", required=True)
     resume.add_argument("--storage", default=DEFAULT_STORAGE)
     run_options(resume)
+
+    worker = sub.add_parser("worker", help="join an existing study as one more worker (any machine that reaches "
+                            "the database)")
+    worker.add_argument("--study", required=True)
+    worker.add_argument("--storage", default=os.environ.get(STORAGE_ENV, DEFAULT_STORAGE),
+                        help=f"SQLAlchemy URL (default: ${STORAGE_ENV}, else {DEFAULT_STORAGE})")
+    run_options(worker)
 
     studies = sub.add_parser("studies", help="list the studies in a storage")
     studies.add_argument("--storage", default=DEFAULT_STORAGE)
@@ -92,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     search.set_defaults(handler=_cmd_search)
     resume.set_defaults(handler=_cmd_search)
+    worker.set_defaults(handler=_cmd_search)
     studies.set_defaults(handler=_cmd_studies)
     pareto.set_defaults(handler=_cmd_pareto)
     for module in _command_modules():
@@ -108,21 +120,25 @@ def _command_modules() -> list[ModuleType]:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from ._runner import load_stored_spec, resolve_spec, run_study
+    from ._runner import load_stored_spec, resolve_spec, run_study, run_workers
 
-    if args.command == "resume":
+    options = {"timeout": args.timeout, "threads": args.threads, "progress": not args.quiet}
+    if args.command in ("resume", "worker"):
         spec = load_stored_spec(args.study, args.storage).with_overrides(trials=args.trials)
-        force = False
+        summary = run_study(spec, **options)
     else:
         spec = resolve_spec(args.spec, args.preset, name=args.study, storage=args.storage, trials=args.trials,
                             seed=args.seed)
-        force = args.force
-    summary = run_study(spec, force=force, timeout=args.timeout, threads=args.threads, progress=not args.quiet)
+        if args.workers > 1:
+            summary = run_workers(spec, args.workers, force=args.force, **options)
+        else:
+            summary = run_study(spec, force=args.force, **options)
     print(f"study {summary.study_name} in {summary.storage}: {summary.finished}/{summary.target} finished trials "
           f"({summary.ran} run now, {summary.seconds:.0f} s)", file=sys.stderr)
     if summary.stopped_by:
-        print(f"{summary.stopped_by}: the running trial is marked FAIL (reason 'interrupted'); continue with\n"
-              f"  slimtune resume --study {summary.study_name} --storage {summary.storage}", file=sys.stderr)
+        print(f"search stopped ({summary.stopped_by}); a trial that was running is marked FAIL with reason "
+              f"'interrupted'. Continue with:\n  slimtune resume --study {summary.study_name} --storage {summary.storage}",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     if summary.finished >= summary.target:
         from slimtune.studies import PARETO_COLUMNS, pareto_frame

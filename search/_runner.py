@@ -12,7 +12,11 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -20,23 +24,26 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.trial import TrialState
 
 from slimtune.spaces import SpecError, StudySpec, load_spec_file, parse_spec, select_layers
 from slimtune.studies import (
-    best_ratio_within, finished_count, get_blob, keys, load_existing_study, load_preset, mask_url, open_storage,
-    put_blob,
+    best_ratio_within, claim_blob, drop_blob, finished_count, get_blob, keys, load_existing_study, load_preset,
+    mask_url, open_storage, put_blob,
 )
 from slimtune.trainers import (
-    TrialContext, build_datamodule, build_model, compressible_layers, dense_parameter_bytes, evaluate,
+    TrialContext, build_datamodule, build_model, compressible_layers, datamodule_info, dense_parameter_bytes, evaluate,
     load_state_bytes, silence_lightning, state_to_bytes, train_teacher,
 )
 
-from ._objective import CompressionObjective, TrialFailed
+from ._cli import EXIT_INTERRUPTED, STORAGE_ENV
+from ._loop import run_until_target
+from ._objective import CompressionObjective
 from ._signals import GracefulStop, Interrupted
 
 MAX_FAILURES_IN_A_ROW = 5
 VERSION = "0.1.0"
+STUDY_SETUP_WAIT_S = 30.0
+TEACHER_LOCK_STALE_S = 1800.0
 
 
 @dataclass
@@ -60,10 +67,11 @@ def resolve_spec(spec_path: str | None = None, preset: str | None = None, **over
     return spec.with_overrides(**overrides)
 
 
-def make_sampler(spec: StudySpec, already: int) -> optuna.samplers.BaseSampler:
-    """The spec's sampler, seeded with the spec seed and the trial count so far (so a resumed
-    study does not replay the random start-up trials it already ran)."""
-    seed = (spec.seed * 1_000_003 + already) % (2**31)
+def make_sampler(spec: StudySpec, trial_number: int) -> optuna.samplers.BaseSampler:
+    """The spec's sampler for the trial about to be numbered ``trial_number``, seeded with the
+    spec seed and that number: a search is reproducible, a resumed study does not replay its
+    random start-up trials, and workers that start together do not sample the same plans."""
+    seed = (spec.seed * 1_000_003 + trial_number) % (2**31)
     if spec.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler == "nsga2":
@@ -74,42 +82,82 @@ def make_sampler(spec: StudySpec, already: int) -> optuna.samplers.BaseSampler:
 
 def _check_runtime(spec: StudySpec) -> tuple[torch.nn.Module, Any]:
     """Build the model and data and match the layer patterns: every SpecError before any write."""
-    model = build_model(spec.model)
     dm = build_datamodule(spec.data)
+    torch.manual_seed(spec.seed)  # the teacher's initial weights follow the spec's seed
+    model = build_model(spec.model, data_info=datamodule_info(dm))
     select_layers(compressible_layers(model), spec.space)
     return model, dm
 
 
+def stored_spec(spec: StudySpec) -> dict[str, Any]:
+    """The spec as kept in the study: without the storage URL (each worker brings its own, and
+    it may hold a password)."""
+    data = spec.to_dict()
+    del data["study"]["storage"]
+    return data
+
+
 def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, force: bool) -> optuna.Study:
-    names = optuna.get_all_study_names(storage)
-    if spec.name in names:
+    """Create the study, or load it and check that it was made from this spec."""
+    try:
+        study = optuna.create_study(study_name=spec.name, storage=storage, directions=keys.DIRECTIONS)
+    except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=spec.name, storage=storage)
-        stored = study.user_attrs.get(keys.FINGERPRINT)
-        if stored is None:
-            raise SpecError("study.name", spec.name, "a slimtune study or a new name",
-                            "names an existing study that slimtune did not create")
-        if stored != spec.fingerprint() and not force:
-            raise SpecError("spec", spec.name, "the spec the study was created with (or --force to continue anyway, "
-                            "or a new study name)",
-                            f"differs from the study's stored spec (fingerprint {spec.fingerprint()} != {stored})")
-        if stored != spec.fingerprint() or study.user_attrs.get(keys.SPEC) != spec.to_dict():
-            study.set_user_attr(keys.SPEC, spec.to_dict())  # e.g. a new target trial count
-            study.set_user_attr(keys.FINGERPRINT, spec.fingerprint())
+    else:
+        study.set_metric_names(keys.METRIC_NAMES)
+        study.set_user_attr(keys.SPEC, stored_spec(spec))
+        study.set_user_attr(keys.VERSION, VERSION)
+        study.set_user_attr(keys.FINGERPRINT, spec.fingerprint())
         return study
-    study = optuna.create_study(study_name=spec.name, storage=storage, directions=keys.DIRECTIONS)
-    study.set_metric_names(keys.METRIC_NAMES)
-    study.set_user_attr(keys.SPEC, spec.to_dict())
-    study.set_user_attr(keys.FINGERPRINT, spec.fingerprint())
-    study.set_user_attr(keys.VERSION, VERSION)
+    deadline = time.monotonic() + STUDY_SETUP_WAIT_S  # a worker that created it a moment ago
+    while keys.FINGERPRINT not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stored = study.user_attrs.get(keys.FINGERPRINT)
+    if stored is None:
+        raise SpecError("study.name", spec.name, "a slimtune study or a new name",
+                        "names an existing study that slimtune did not create")
+    if stored != spec.fingerprint() and not force:
+        raise SpecError("spec", spec.name, "the spec the study was created with (or --force to continue anyway, "
+                        "or a new study name)",
+                        f"differs from the study's stored spec (fingerprint {spec.fingerprint()} != {stored})")
+    if study.user_attrs.get(keys.SPEC) != stored_spec(spec):  # e.g. a new target trial count
+        study.set_user_attr(keys.SPEC, stored_spec(spec))
+        study.set_user_attr(keys.FINGERPRINT, spec.fingerprint())
     return study
 
 
 def _teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spec: StudySpec, model: torch.nn.Module,
              dm: Any, stop: GracefulStop, log: Any) -> torch.nn.Module:
-    """The study's teacher: from the database if stored, else trained (or the checkpoint) and stored."""
-    blob = get_blob(storage, spec.name, keys.TEACHER_BLOB)
-    if blob is not None:
-        return load_state_bytes(model, blob)
+    """The study's teacher: from the database if stored, else trained (or the checkpoint) and stored.
+
+    Exactly one worker trains it (it claims the ``teacher.lock`` blob); the others wait for the
+    weights. A lock older than ``TEACHER_LOCK_STALE_S`` (its worker died) is taken over.
+    """
+    waiting_said = False
+    while True:
+        blob = get_blob(storage, spec.name, keys.TEACHER_BLOB)
+        if blob is not None:
+            return load_state_bytes(model, blob)
+        claim = json.dumps({"time": time.time(), "host": socket.gethostname(), "pid": os.getpid()}).encode()
+        if claim_blob(storage, spec.name, keys.TEACHER_LOCK, claim):
+            try:
+                return _make_teacher(study, storage, spec, model, dm, stop, log)
+            finally:
+                drop_blob(storage, spec.name, keys.TEACHER_LOCK)
+        lock = get_blob(storage, spec.name, keys.TEACHER_LOCK)
+        if lock is not None and time.time() - json.loads(lock)["time"] > TEACHER_LOCK_STALE_S:
+            drop_blob(storage, spec.name, keys.TEACHER_LOCK)
+            continue
+        if not waiting_said:
+            log("waiting for the teacher that another worker is training ...")
+            waiting_said = True
+        if stop.requested:
+            raise Interrupted(f"interrupted by {stop.signal_name}")
+        time.sleep(1.0)
+
+
+def _make_teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spec: StudySpec,
+                  model: torch.nn.Module, dm: Any, stop: GracefulStop, log: Any) -> torch.nn.Module:
     started = time.perf_counter()
     if spec.model.checkpoint:
         source = f"checkpoint {spec.model.checkpoint}"
@@ -126,40 +174,52 @@ def _teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spec: St
         "seconds": time.perf_counter() - started,
         "source": source,
     }
+    study.set_user_attr(keys.TEACHER, info)  # before the weights: whoever sees them sees this too
     put_blob(storage, spec.name, keys.TEACHER_BLOB, state_to_bytes(model))
-    study.set_user_attr(keys.TEACHER, info)
     log(f"teacher: val {100 * info['val_accuracy']:.2f}%, test {100 * info['test_accuracy']:.2f}%, "
         f"{info['dense_bytes']:,} bytes fp32 ({info['seconds']:.1f} s)")
     return model.eval()
 
 
-def _progress(study: optuna.Study, target: int, initial: int, enabled: bool) -> Any:
+def _progress(study: optuna.Study, target: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
-    bar = tqdm(total=target, initial=initial, desc=study.study_name, unit="trial", disable=not enabled,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=target, initial=finished_count(study), desc=study.study_name, unit="trial",
+               disable=not enabled, file=sys.stderr, dynamic_ncols=True)
 
-    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            bar.update(1)
+    def refresh(study: optuna.Study, trial: optuna.trial.FrozenTrial | None = None) -> None:
+        bar.n = min(finished_count(study), target)
         best = best_ratio_within(study, 0.01)
         bar.set_postfix_str(f"best within 1pt: {best:.1f}x" if best else "best within 1pt: -")
 
-    return bar, callback
+    return bar, refresh
 
 
-def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None, threads: int | None = None,
-              progress: bool = True, log: Any = None) -> SearchSummary:
-    """Run ``spec``'s study until it holds ``spec.trials`` finished trials (or ``timeout`` s pass)."""
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+def _open(spec: StudySpec, create: bool = True) -> optuna.storages.RDBStorage:
+    return open_storage(spec.storage, create=create, heartbeat_interval=spec.heartbeat_interval,
+                        heartbeat_grace=spec.heartbeat_grace)
+
+
+def _prepare(spec: StudySpec, force: bool, threads: int | None) -> tuple[Any, Any, Any]:
+    """Everything that can fail on bad input, before any write; then the storage."""
     silence_lightning()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(threads or os.cpu_count() or 1)
     model, dm = _check_runtime(spec)
-    storage = open_storage(spec.storage)
+    return model, dm, _open(spec)
+
+
+def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None, threads: int | None = None,
+              progress: bool = True, log: Any = None) -> SearchSummary:
+    """Run trials in this process until ``spec``'s study holds ``spec.trials`` finished trials,
+    counting those of every worker (or ``timeout`` s pass, or a signal arrives)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    model, dm, storage = _prepare(spec, force, threads)
     started = time.perf_counter()
+    deadline = None if timeout is None else time.monotonic() + timeout
     ran = 0
     study: optuna.Study | None = None
+    stopped: str | None = None
     with GracefulStop() as stop:
         try:
             study = _open_study(spec, storage, force)
@@ -167,36 +227,67 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
             floor = study.user_attrs[keys.TEACHER]["val_accuracy"] - spec.max_accuracy_drop
             context = TrialContext.create(spec, teacher, floor=floor, datamodule=dm)
             objective = CompressionObjective(context, storage, stop)
-            finished = finished_count(study)
-            bar, on_trial = _progress(study, spec.trials, finished, progress)
-            failures_in_a_row = 0
-
-            def count_failures(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-                nonlocal failures_in_a_row, ran
-                ran += 1
-                failures_in_a_row = failures_in_a_row + 1 if trial.state == TrialState.FAIL else 0
-                if stop.requested or failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-                    study.stop()
-
+            bar, refresh = _progress(study, spec.trials, progress)
             with bar:
-                while finished < spec.trials and not stop.requested:
-                    left = None if timeout is None else timeout - (time.perf_counter() - started)
-                    if left is not None and left <= 0:
-                        break
-                    study.sampler = make_sampler(spec, len(study.get_trials(deepcopy=False)))
-                    study.optimize(objective, n_trials=spec.trials - finished, timeout=left, catch=(TrialFailed,),
-                                   callbacks=[on_trial, count_failures], gc_after_trial=False)
-                    finished = finished_count(study)
-                    if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-                        last = study.get_trials(deepcopy=False)[-1].user_attrs.get(keys.TRIAL_FAIL_REASON)
-                        raise RuntimeError(f"{MAX_FAILURES_IN_A_ROW} trials in a row failed; the last: {last}")
+                ran = run_until_target(study, storage, objective, spec.trials, stop, spec.storage, deadline,
+                                       callbacks=[refresh], max_failures_in_a_row=MAX_FAILURES_IN_A_ROW,
+                                       sampler_for=lambda number: make_sampler(spec, number))
         except Interrupted as exc:
-            finished = finished_count(study) if study is not None else 0
-            return SearchSummary(spec.name, mask_url(spec.storage), finished, spec.trials, ran,
-                                 time.perf_counter() - started, stopped_by=str(exc))
-        stopped = f"interrupted by {stop.signal_name}" if stop.requested else None
+            stopped = str(exc)
+        if stopped is None and stop.requested:
+            stopped = f"interrupted by {stop.signal_name}"
+    finished = finished_count(study) if study is not None else 0
     return SearchSummary(spec.name, mask_url(spec.storage), finished, spec.trials, ran,
                          time.perf_counter() - started, stopped_by=stopped)
+
+
+def run_workers(spec: StudySpec, workers: int, force: bool = False, timeout: float | None = None,
+                threads: int | None = None, progress: bool = True, log: Any = None) -> SearchSummary:
+    """Prepare the study and its teacher here, then run ``workers`` local worker processes
+    (``slimtune worker``), each with its share of the CPU threads, until the target is met."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    model, dm, storage = _prepare(spec, force, threads)
+    started = time.perf_counter()
+    with GracefulStop() as stop:
+        try:
+            study = _open_study(spec, storage, force)
+            _teacher(study, storage, spec, model, dm, stop, log)
+        except Interrupted as exc:
+            return SearchSummary(spec.name, mask_url(spec.storage), finished_count(study), spec.trials, 0,
+                                 time.perf_counter() - started, stopped_by=str(exc))
+    share = max(1, (threads or os.cpu_count() or 1) // workers)
+    command = [sys.executable, "-m", "slimtune.search._cli", "worker", "--study", spec.name, "--threads", str(share),
+               "--quiet"] + (["--timeout", str(timeout)] if timeout else [])
+    env = {**os.environ, STORAGE_ENV: spec.storage}  # not on the command line: it may hold a password
+    before = len(study.get_trials(deepcopy=False))
+    # Own sessions: a terminal's Ctrl-C reaches only this process, which forwards it once.
+    procs = [subprocess.Popen(command, env=env, start_new_session=True) for _ in range(workers)]
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        bar, refresh = _progress(study, spec.trials, progress)
+        with bar:
+            while any(proc.poll() is None for proc in procs):
+                refresh(study)
+                time.sleep(1.0)
+            refresh(study)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    codes = [proc.returncode for proc in procs]
+    stopped = f"interrupted by {signal.Signals(received[0]).name}" if received else None
+    if not stopped and any(code not in (0, EXIT_INTERRUPTED) for code in codes):
+        log(f"worker exit codes: {codes}")
+    return SearchSummary(spec.name, mask_url(spec.storage), finished_count(study), spec.trials,
+                         len(study.get_trials(deepcopy=False)) - before, time.perf_counter() - started,
+                         stopped_by=stopped)
 
 
 def load_stored_spec(study_name: str, storage_url: str) -> StudySpec:

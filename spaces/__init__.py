@@ -17,8 +17,10 @@ from ._plan import CompressionPlan, LayerPlan, sample_plan, select_layers
 from ._spec import (
     DATA_PRESETS,
     DEFAULT_STORAGE,
+    MISSING_POLICIES,
     MODEL_PRESETS,
     SAMPLERS,
+    SPLIT_VALUES,
     DataSpec,
     ModelSpec,
     SpaceSpec,
@@ -32,4 +34,5 @@ __all__ = [
     "BITS_ALLOWED", "DATA_PRESETS", "DEFAULT_STORAGE", "GLOBAL_KNOBS", "MODEL_PRESETS", "PER_LAYER_KNOBS",
     "SAMPLERS", "VALID_BITS", "CompressionPlan", "DataSpec", "Knob", "LayerPlan", "ModelSpec", "SpaceSpec",
     "SpecError", "StudySpec", "TrainSpec", "load_spec_file", "parse_spec", "sample_plan", "select_layers",
+    "MISSING_POLICIES", "SPLIT_VALUES",
 ]

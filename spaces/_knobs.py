@@ -68,6 +68,10 @@ PER_LAYER_KNOBS: dict[str, KnobRule] = {
         "float", {"low": 1.0, "high": 8.0}, 0.0, 100.0, minimum_inclusive=False,
         allowed_text="a temperature in (0, 100]",
     ),
+    "rank_ratio": KnobRule(
+        "float", {"fixed": 1.0}, 0.0, 1.0, minimum_inclusive=False,
+        allowed_text="a fraction in (0, 1]: the share of a layer's rank kept by a truncated SVD (1 = not factorized)",
+    ),
 }
 
 GLOBAL_KNOBS: dict[str, KnobRule] = {
@@ -83,7 +87,16 @@ GLOBAL_KNOBS: dict[str, KnobRule] = {
         "float", {"fixed": 1e-3}, 0.0, 1.0, minimum_inclusive=False,
         allowed_text="a learning rate in (0, 1]",
     ),
+    "l1_weight": KnobRule(
+        "float", {"fixed": 0.0}, 0.0, 1000.0,
+        allowed_text="a weight in [0, 1000] of the L1 sparsity pressure on the compressed weights (0 turns it off)",
+    ),
 }
+
+# Knobs added after the first release whose default turns them off. A spec that leaves them at
+# that default fingerprints exactly as it did before they existed (see StudySpec.fingerprint),
+# and, being fixed, they add no parameter to a study.
+NEUTRAL_KNOBS: dict[str, dict[str, Any]] = {"rank_ratio": {"fixed": 1.0}, "l1_weight": {"fixed": 0.0}}
 
 
 @dataclass(frozen=True)

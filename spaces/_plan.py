@@ -30,11 +30,16 @@ from ._spec import SpaceSpec
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """What happens to one compressible layer."""
+    """What happens to one compressible layer.
+
+    ``rank_ratio`` < 1 replaces the layer by the two factors of a truncated SVD keeping
+    ``max(1, round(rank_ratio * min(out, in * kh * kw)))`` singular values; 1 leaves it whole.
+    """
 
     prune_ratio: float
     weight_bits: int
     kd_temperature: float
+    rank_ratio: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class CompressionPlan:
     kd_alpha: float
     feature_kd_weight: float
     lr: float
+    l1_weight: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -52,13 +58,17 @@ class CompressionPlan:
             "kd_alpha": self.kd_alpha,
             "feature_kd_weight": self.feature_kd_weight,
             "lr": self.lr,
+            "l1_weight": self.l1_weight,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionPlan:
-        layers = {name: LayerPlan(float(p["prune_ratio"]), int(p["weight_bits"]), float(p["kd_temperature"]))
+        """Read :meth:`to_dict` back; plans stored before ``rank_ratio``/``l1_weight`` existed get 1 and 0."""
+        layers = {name: LayerPlan(float(p["prune_ratio"]), int(p["weight_bits"]), float(p["kd_temperature"]),
+                                  float(p.get("rank_ratio", 1.0)))
                   for name, p in data["layers"].items()}
-        return cls(layers, float(data["kd_alpha"]), float(data["feature_kd_weight"]), float(data["lr"]))
+        return cls(layers, float(data["kd_alpha"]), float(data["feature_kd_weight"]), float(data["lr"]),
+                   float(data.get("l1_weight", 0.0)))
 
 
 def select_layers(candidates: list[str], space: SpaceSpec) -> list[str]:
@@ -105,10 +115,11 @@ def sample_plan(trial: optuna.Trial, space: SpaceSpec, layer_names: list[str]) -
                 values[name][knob_name] = tied
             else:
                 values[name][knob_name] = _suggest(trial, f"{name}.{knob_name}", knob)
-    layers = {name: LayerPlan(float(v["prune_ratio"]), int(v["weight_bits"]), float(v["kd_temperature"]))
+    layers = {name: LayerPlan(float(v["prune_ratio"]), int(v["weight_bits"]), float(v["kd_temperature"]),
+                              float(v["rank_ratio"]))
               for name, v in values.items()}
     glob = {k: float(_suggest(trial, k, space.knobs[k])) for k in GLOBAL_KNOBS}
-    return CompressionPlan(layers, glob["kd_alpha"], glob["feature_kd_weight"], glob["lr"])
+    return CompressionPlan(layers, glob["kd_alpha"], glob["feature_kd_weight"], glob["lr"], glob["l1_weight"])
 
 
 def _fixed_for(layer: str, space: SpaceSpec) -> dict[str, float | int]:

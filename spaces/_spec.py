@@ -4,7 +4,7 @@ A spec comes from a TOML file or a named preset and is checked completely before
 written. It is stored in the study (user attrs), so ``slimtune resume`` needs only the study name
 and the storage URL. Its :meth:`StudySpec.fingerprint` covers everything that changes what a
 trial means (model, data, teacher, space, fine-tune, seed, sampler, floor) and leaves out what
-does not (study name, storage URL, trial count).
+does not (study name, storage URL, trial count, heartbeat settings).
 
 Example:
     >>> spec = parse_spec({"study": {"name": "demo"}, "model": {"preset": "cnn-digits"},
@@ -24,14 +24,22 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import SpecError
-from ._knobs import GLOBAL_KNOBS, PER_LAYER_KNOBS, Knob, parse_knob
+from ._knobs import GLOBAL_KNOBS, NEUTRAL_KNOBS, PER_LAYER_KNOBS, Knob, parse_knob
 
 DEFAULT_STORAGE = "sqlite:///slimtune.db"
 SAMPLERS = ("tpe", "nsga2", "random")
-MODEL_PRESETS = ("lenet300", "lenet5", "cnn-digits")
-DATA_PRESETS = ("mnist", "digits")
+MODEL_PRESETS = ("lenet300", "lenet5", "cnn-digits", "mlp")
+DATA_PRESETS = ("mnist", "digits", "breast-cancer")
+TABLE_SUFFIXES = (".csv", ".parquet")
+MISSING_POLICIES = ("refuse", "drop", "impute")
+SPLIT_VALUES = ("train", "val", "test")
+# [data] keys that only a table takes, with their defaults (None: no default).
+TABLE_KEYS: dict[str, Any] = {"target": None, "categorical": [], "missing": "refuse", "split_column": None,
+                              "val_fraction": 0.2, "test_fraction": 0.2, "split_seed": 0, "batch_size": 64}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _REF_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# Study keys that change how a study runs, not what its trials mean.
+_NOT_FINGERPRINTED = ("name", "storage", "trials", "heartbeat_interval", "heartbeat_grace")
 
 
 @dataclass(frozen=True)
@@ -46,11 +54,36 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Which data: a preset name, or ``package.module:DataModuleClass`` plus kwargs."""
+    """Which data: a preset name, ``package.module:DataModuleClass`` plus kwargs, or a table.
+
+    A table is a CSV or Parquet file (``table``) with a label column (``target``); the other
+    fields say how it is prepared and split (see ``slimtune.trainers.TableDataModule``). They
+    are ``None`` unless ``table`` is set.
+    """
 
     preset: str | None = None
     module: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    table: str | None = None
+    target: str | None = None
+    categorical: tuple[str, ...] | None = None
+    missing: str | None = None
+    split_column: str | None = None
+    val_fraction: float | None = None
+    test_fraction: float | None = None
+    split_seed: int | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.categorical is not None and not isinstance(self.categorical, tuple):
+            object.__setattr__(self, "categorical", tuple(self.categorical))  # from JSON: a list
+
+    def table_options(self) -> dict[str, Any]:
+        """The table keys as plain data (empty unless a table): the normalized ``[data]`` section."""
+        if self.table is None:
+            return {}
+        names = ["table", *TABLE_KEYS]
+        return {k: (list(v) if k == "categorical" else v) for k in names if (v := getattr(self, k)) is not None}
 
 
 @dataclass(frozen=True)
@@ -93,6 +126,8 @@ class StudySpec:
     finetune: TrainSpec
     space: SpaceSpec
     cache_mb: int
+    heartbeat_interval: int
+    heartbeat_grace: int
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,7 +137,10 @@ class StudySpec:
     def fingerprint(self) -> str:
         """A short hash of everything that changes what a trial means."""
         body = {k: v for k, v in self.raw.items() if k != "study"}
-        body["study"] = {k: v for k, v in self.raw["study"].items() if k not in ("name", "storage", "trials")}
+        body["study"] = {k: v for k, v in self.raw["study"].items() if k not in _NOT_FINGERPRINTED}
+        # Knobs left at their neutral default do not change what a trial means: a spec written
+        # before they existed keeps its fingerprint (and its stored studies stay resumable).
+        body["space"] = {k: v for k, v in body["space"].items() if not (k in NEUTRAL_KNOBS and v == NEUTRAL_KNOBS[k])}
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -171,6 +209,76 @@ def _kwargs(key: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def _data_spec(raw: dict[str, Any]) -> DataSpec:
+    """The ``[data]`` section: exactly one of ``preset``, ``module`` or ``table`` (with its keys).
+
+    Only the keys are checked here; the table file itself is read (and its columns checked) by
+    ``slimtune.trainers`` before anything is written.
+    """
+    sources = [k for k in ("preset", "module", "table") if k in raw]
+    if len(sources) != 1:
+        raise SpecError("data", raw, "exactly one of 'preset', 'module' or 'table'")
+    if "table" not in raw:
+        for k in TABLE_KEYS:
+            if k in raw:
+                raise SpecError(f"data.{k}", raw[k], "keys ['kwargs', 'module', 'preset'] (or 'table' with its keys)",
+                                "is a table option and needs data.table")
+        if "preset" in raw and raw["preset"] not in DATA_PRESETS:
+            raise SpecError("data.preset", raw["preset"], ", ".join(DATA_PRESETS))
+        return DataSpec(
+            preset=raw.get("preset"),
+            module=_ref("data.module", raw["module"], "DataModuleClass") if "module" in raw else None,
+            kwargs=_kwargs("data.kwargs", raw.get("kwargs", {})),
+        )
+    if "kwargs" in raw:
+        raise SpecError("data.kwargs", raw["kwargs"], f"the table keys {sorted(TABLE_KEYS)}",
+                        "is not a key of a table (it belongs to data.preset or data.module)")
+    table = raw["table"]
+    if not isinstance(table, str) or not table.lower().endswith(TABLE_SUFFIXES):
+        raise SpecError("data.table", table, "a path to a .csv or .parquet file (relative to the working directory)")
+    target = raw.get("target")
+    if not isinstance(target, str) or not target:
+        raise SpecError("data.target", target, "the name of the table's label column",
+                        "is missing" if target is None else "is not allowed")
+    categorical = raw.get("categorical", [])
+    if (not isinstance(categorical, list) or not all(isinstance(c, str) and c for c in categorical)
+            or len(set(categorical)) != len(categorical)):
+        raise SpecError("data.categorical", categorical, "a list of distinct column names, e.g. [\"color\", \"city\"]")
+    if target in categorical:
+        raise SpecError("data.categorical", target, "feature columns only (the target is always read as classes)",
+                        "is the target")
+    missing = raw.get("missing", TABLE_KEYS["missing"])
+    if missing not in MISSING_POLICIES:
+        raise SpecError("data.missing", missing, ", ".join(f'"{m}"' for m in MISSING_POLICIES))
+    split_column = raw.get("split_column")
+    val_fraction: float | None = None
+    test_fraction: float | None = None
+    split_seed: int | None = None
+    if split_column is not None:
+        if not isinstance(split_column, str) or not split_column:
+            raise SpecError("data.split_column", split_column, f"the name of a column holding {'/'.join(SPLIT_VALUES)}")
+        if split_column == target or split_column in categorical:
+            raise SpecError("data.split_column", split_column, "a column that is neither the target nor a feature")
+        for k in ("val_fraction", "test_fraction", "split_seed"):
+            if k in raw:
+                raise SpecError(f"data.{k}", raw[k], "nothing when data.split_column is set (the column is the split)",
+                                "conflicts with split_column")
+    else:
+        val_fraction = _float("data.val_fraction", raw.get("val_fraction", TABLE_KEYS["val_fraction"]), 0.0, 1.0,
+                              low_open=True)
+        test_fraction = _float("data.test_fraction", raw.get("test_fraction", TABLE_KEYS["test_fraction"]), 0.0, 1.0,
+                               low_open=True)
+        if val_fraction + test_fraction >= 1:
+            raise SpecError("data.test_fraction", test_fraction, "a share leaving rows to train: val_fraction + "
+                            f"test_fraction < 1 (val_fraction is {val_fraction})")
+        split_seed = _int("data.split_seed", raw.get("split_seed", TABLE_KEYS["split_seed"]), 0, 2**31 - 1)
+    return DataSpec(
+        table=table, target=target, categorical=tuple(categorical), missing=missing, split_column=split_column,
+        val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
+        batch_size=_int("data.batch_size", raw.get("batch_size", TABLE_KEYS["batch_size"]), 1, 1_000_000),
+    )
+
+
 def parse_spec(data: dict[str, Any]) -> StudySpec:
     """Validate a spec given as plain data (parsed TOML) and fill in defaults."""
     if not isinstance(data, dict):
@@ -180,7 +288,8 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
         if k not in top:
             raise SpecError(k, data[k], f"sections {sorted(top)}", "is not a known section")
 
-    study = _table(data, "study", {"name", "storage", "trials", "seed", "sampler", "max_accuracy_drop"})
+    study = _table(data, "study", {"name", "storage", "trials", "seed", "sampler", "max_accuracy_drop",
+                                   "heartbeat_interval", "heartbeat_grace"})
     name = study.get("name")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise SpecError("study.name", name, "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
@@ -193,6 +302,11 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
     if sampler not in SAMPLERS:
         raise SpecError("study.sampler", sampler, ", ".join(SAMPLERS))
     drop = _float("study.max_accuracy_drop", study.get("max_accuracy_drop", 0.05), 0.0, 1.0)
+    heartbeat_interval = _int("study.heartbeat_interval", study.get("heartbeat_interval", 20), 1, 3600)
+    heartbeat_grace = _int("study.heartbeat_grace", study.get("heartbeat_grace", 60), 2, 86400)
+    if heartbeat_grace <= heartbeat_interval:
+        raise SpecError("study.heartbeat_grace", heartbeat_grace,
+                        f"more seconds than heartbeat_interval ({heartbeat_interval})")
 
     model_raw = _table(data, "model", {"preset", "factory", "kwargs", "checkpoint"})
     if ("preset" in model_raw) == ("factory" in model_raw):
@@ -209,16 +323,7 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
         checkpoint=checkpoint,
     )
 
-    data_raw = _table(data, "data", {"preset", "module", "kwargs"})
-    if ("preset" in data_raw) == ("module" in data_raw):
-        raise SpecError("data", data_raw, "exactly one of 'preset' or 'module'")
-    if "preset" in data_raw and data_raw["preset"] not in DATA_PRESETS:
-        raise SpecError("data.preset", data_raw["preset"], ", ".join(DATA_PRESETS))
-    data_spec = DataSpec(
-        preset=data_raw.get("preset"),
-        module=_ref("data.module", data_raw["module"], "DataModuleClass") if "module" in data_raw else None,
-        kwargs=_kwargs("data.kwargs", data_raw.get("kwargs", {})),
-    )
+    data_spec = _data_spec(_table(data, "data", {"preset", "module", "kwargs", "table"} | set(TABLE_KEYS)))
 
     teacher_raw = _table(data, "teacher", {"epochs", "lr", "batch_size"})
     teacher = TrainSpec(
@@ -263,11 +368,13 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
 
     normalized: dict[str, Any] = {
         "study": {"name": name, "storage": storage, "trials": trials, "seed": seed, "sampler": sampler,
-                  "max_accuracy_drop": drop},
+                  "max_accuracy_drop": drop, "heartbeat_interval": heartbeat_interval,
+                  "heartbeat_grace": heartbeat_grace},
         "model": {k: v for k, v in {"preset": model.preset, "factory": model.factory, "kwargs": model.kwargs,
                                     "checkpoint": model.checkpoint}.items() if v is not None},
-        "data": {k: v for k, v in {"preset": data_spec.preset, "module": data_spec.module,
-                                   "kwargs": data_spec.kwargs}.items() if v is not None},
+        "data": ({k: v for k, v in {"preset": data_spec.preset, "module": data_spec.module,
+                                    "kwargs": data_spec.kwargs}.items() if v is not None}
+                 if data_spec.table is None else data_spec.table_options()),
         "teacher": {"epochs": teacher.epochs, "lr": teacher.lr, "batch_size": teacher.batch_size},
         "finetune": {"epochs": finetune.epochs, "batch_size": finetune.batch_size, "cache_mb": cache_mb},
         "space": {"layers": list(space.layers), "exclude": list(space.exclude),
@@ -279,4 +386,4 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
     except (TypeError, ValueError):
         raise SpecError("model.kwargs / data.kwargs", "(a value)", "plain TOML values (strings, numbers, lists, tables)") from None
     return StudySpec(name, storage, trials, seed, sampler, drop, model, data_spec, teacher, finetune, space,
-                     cache_mb, raw=normalized)
+                     cache_mb, heartbeat_interval, heartbeat_grace, raw=normalized)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import optuna
 from sqlalchemy import Column, LargeBinary, MetaData, String, Table, delete, insert, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 _metadata = MetaData()
 BLOBS = Table(
@@ -26,7 +28,9 @@ BLOBS = Table(
 )
 
 
-def _engine(storage: optuna.storages.BaseStorage):  # type: ignore[no-untyped-def]
+def engine_of(storage: optuna.storages.BaseStorage) -> Engine:
+    """The SQLAlchemy engine of an RDB storage (also through Optuna's cache wrapper); creates
+    the blob table on first use."""
     inner = getattr(storage, "_backend", storage)  # unwrap optuna's cached storage
     engine = getattr(inner, "engine", None)
     if engine is None:
@@ -37,19 +41,36 @@ def _engine(storage: optuna.storages.BaseStorage):  # type: ignore[no-untyped-de
 
 def put_blob(storage: optuna.storages.BaseStorage, study_name: str, key: str, data: bytes) -> None:
     """Store ``data`` under ``(study_name, key)``, replacing what was there, in one transaction."""
-    with _engine(storage).begin() as conn:
+    with engine_of(storage).begin() as conn:
         conn.execute(delete(BLOBS).where(BLOBS.c.study_name == study_name, BLOBS.c.key == key))
         conn.execute(insert(BLOBS).values(study_name=study_name, key=key, data=data))
 
 
 def get_blob(storage: optuna.storages.BaseStorage, study_name: str, key: str) -> bytes | None:
     """The bytes under ``(study_name, key)``, or ``None``."""
-    with _engine(storage).connect() as conn:
+    with engine_of(storage).connect() as conn:
         row = conn.execute(select(BLOBS.c.data).where(BLOBS.c.study_name == study_name, BLOBS.c.key == key)).first()
     return bytes(row[0]) if row is not None else None
 
 
 def delete_blobs(storage: optuna.storages.BaseStorage, study_name: str) -> None:
     """Remove every blob of a study (used when a study is deleted)."""
-    with _engine(storage).begin() as conn:
+    with engine_of(storage).begin() as conn:
         conn.execute(delete(BLOBS).where(BLOBS.c.study_name == study_name))
+
+
+def claim_blob(storage: optuna.storages.BaseStorage, study_name: str, key: str, data: bytes) -> bool:
+    """Insert ``data`` under ``(study_name, key)`` only if nothing is there: ``True`` for the one
+    caller that succeeds (a lock that works across processes and machines)."""
+    try:
+        with engine_of(storage).begin() as conn:
+            conn.execute(insert(BLOBS).values(study_name=study_name, key=key, data=data))
+        return True
+    except IntegrityError:
+        return False
+
+
+def drop_blob(storage: optuna.storages.BaseStorage, study_name: str, key: str) -> None:
+    """Remove one blob (no error if it is not there)."""
+    with engine_of(storage).begin() as conn:
+        conn.execute(delete(BLOBS).where(BLOBS.c.study_name == study_name, BLOBS.c.key == key))

@@ -1,7 +1,8 @@
 """Study data as pandas DataFrames: every trial, the Pareto front, and the study catalog.
 
 One column per per-layer knob (``<layer>.prune_ratio``, ``<layer>.weight_bits``,
-``<layer>.kd_temperature``) and per achieved value (``<layer>.sparsity``).
+``<layer>.kd_temperature``, ``<layer>.rank_ratio``) and per achieved value
+(``<layer>.sparsity``, ``<layer>.rank``: the kept rank of a factorized layer, else its full rank).
 
 Example:
     >>> import optuna
@@ -21,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from . import _keys as keys
 
 BASE_COLUMNS = ["trial", "state", "val_accuracy", "test_accuracy", "size_bytes", "compression_ratio", "mean_bits",
-                "sparsity", "kd_alpha", "feature_kd_weight", "lr", "finetune_seconds", "reason"]
+                "sparsity", "kd_alpha", "feature_kd_weight", "lr", "l1_weight", "finetune_seconds", "reason"]
 PARETO_COLUMNS = ["trial", "val_accuracy", "test_accuracy", "size_bytes", "compression_ratio", "mean_bits", "sparsity"]
 
 
@@ -41,6 +42,7 @@ def _row(trial: FrozenTrial) -> dict[str, Any]:
         "kd_alpha": plan.get("kd_alpha"),
         "feature_kd_weight": plan.get("feature_kd_weight"),
         "lr": plan.get("lr"),
+        "l1_weight": plan.get("l1_weight", 0.0 if plan else None),
         "finetune_seconds": attrs.get(keys.TRIAL_SECONDS, {}).get("finetune"),
         "reason": attrs.get(keys.TRIAL_FAIL_REASON) or attrs.get(keys.TRIAL_STOP_REASON),
     }
@@ -49,6 +51,8 @@ def _row(trial: FrozenTrial) -> dict[str, Any]:
             row[f"{layer}.{knob}"] = value
     for layer, stats in attrs.get(keys.TRIAL_LAYERS, {}).items():
         row[f"{layer}.sparsity"] = stats.get("sparsity")
+        if "rank" in stats:
+            row[f"{layer}.rank"] = stats["rank"]
     return row
 
 
@@ -70,7 +74,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
 def pareto_frame(study: optuna.Study) -> pd.DataFrame:
     """The Pareto-optimal trials (val accuracy up, size down), sorted by size."""
     best = sorted(study.best_trials, key=lambda t: (t.values[1], -t.values[0], t.number))
-    frame = _frame(best, PARETO_COLUMNS + ["kd_alpha", "feature_kd_weight"])
+    frame = _frame(best, PARETO_COLUMNS + ["kd_alpha", "feature_kd_weight", "l1_weight"])
     return frame.reset_index(drop=True)
 
 

@@ -30,6 +30,7 @@ TRIAL_STOP_REASON = "stop_reason"
 TRIAL_FAIL_REASON = "fail_reason"
 
 TEACHER_BLOB = "teacher"
+TEACHER_LOCK = "teacher.lock"
 
 
 def artifact_blob_key(trial_number: int) -> str:

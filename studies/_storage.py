@@ -7,7 +7,13 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
+import os
+import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 import optuna
 import sqlalchemy
@@ -42,33 +48,93 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
-def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
+DEFAULT_HEARTBEAT_INTERVAL_S = 20
+DEFAULT_HEARTBEAT_GRACE_S = 60
+MAX_STALE_RETRIES = 3
+
+
+def _engine_kwargs(url: str, create: bool) -> dict[str, Any]:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return {"pool_pre_ping": True}
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        if not create:
+            raise StorageError(url, "has no database file", f"an existing database; {path} does not exist")
+        if not path.parent.exists():
+            raise StorageError(url, "points into a folder that does not exist", "a path in an existing folder")
+    return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+
+
+@contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """Serialize schema creation between local processes opening one new SQLite file at once
+    (Optuna's set-up otherwise fails with ``table alembic_version already exists``)."""
+    path = sqlite_path(url)
+    if path is None:
+        yield
+        return
+    folder = os.open(path.resolve().parent, os.O_RDONLY)  # lock the folder: no lock file left behind
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(folder)
+
+
+def open_storage(url: str, create: bool = True, heartbeat_interval: int | None = DEFAULT_HEARTBEAT_INTERVAL_S,
+                 heartbeat_grace: int | None = DEFAULT_HEARTBEAT_GRACE_S) -> optuna.storages.RDBStorage:
     """Open (and, with ``create``, initialise) the study database at ``url``.
 
     With ``create=False`` a missing SQLite file is an error instead of a new empty database, so
-    read-only commands never leave files behind.
+    read-only commands never leave files behind. Heartbeats are on (a running trial whose worker
+    stops sending them for ``heartbeat_grace`` seconds is failed by the next worker and retried
+    with the same parameters, up to 3 times); pass ``heartbeat_interval=None`` to turn them off.
+    SQLite files get WAL journaling and a 60 s busy timeout so several local workers can share one.
+    Concurrent first openings are safe: schema creation is serialized (SQLite) or retried.
     """
     try:
-        parsed = make_url(url)
+        make_url(url)
     except Exception:
         raise StorageError(url, "is not a valid SQLAlchemy URL") from None
-    engine_kwargs: dict = {}
-    path = sqlite_path(url)
-    if parsed.get_backend_name() == "sqlite":
-        if path is not None and not path.exists():
-            if not create:
-                raise StorageError(url, "has no database file", f"an existing database; {path} does not exist")
-            if not path.parent.exists():
-                raise StorageError(url, "points into a folder that does not exist", f"a path in an existing folder")
-        engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=False)
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, RuntimeError) as exc:
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        password = parsed.password
-        if password:
-            detail = detail.replace(str(password), "***")
-        raise StorageError(url, f"cannot be opened ({type(exc).__name__}: {detail[:300]})") from None
+    engine_kwargs = _engine_kwargs(url, create)
+    heartbeat: dict[str, Any] = {}
+    if heartbeat_interval:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_STALE_RETRIES)
+        heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": heartbeat_grace,
+                     "heartbeat_stale_trial_callback": retry}
+    last_error: Exception | None = None
+    for attempt in range(5):
+        try:
+            with _schema_lock(url), warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+                if sqlite_path(url) is not None:
+                    with storage.engine.connect() as conn:
+                        conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            return storage
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            # Another process created the schema at the same moment: the next attempt finds it.
+            last_error = exc
+            time.sleep(0.2 * (attempt + 1))
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, RuntimeError) as exc:
+            last_error = exc
+            break
+    raise StorageError(url, f"cannot be opened ({_describe(last_error, url)})") from None
+
+
+def _describe(exc: Exception | None, url: str) -> str:
+    """One line about a connection error, with the URL's password masked."""
+    if exc is None:
+        return "unknown error"
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    detail = text.splitlines()[0] if text else type(exc).__name__
+    password = make_url(url).password
+    if password:
+        detail = detail.replace(str(password), "***")
+    return f"{type(exc).__name__}: {detail[:300]}"
 
 
 def load_existing_study(name: str, url: str) -> optuna.Study:

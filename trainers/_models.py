@@ -5,8 +5,14 @@ Presets:
 - ``lenet5``: the Caffe LeNet-5 of Deep Compression: conv 20@5x5, max-pool, conv 50@5x5,
   max-pool, fc 500, ReLU, fc 10 (no activation after the convolutions, as in Caffe).
 - ``cnn-digits``: a small CNN for 8x8 scikit-learn digits.
+- ``mlp``: a multilayer perceptron for tables, ``kwargs = { hidden = [64, 32] }``: layers
+  ``fc1``, ``fc2``, ... (ReLU after each) and ``out``. Its input size and class count come
+  from the data module (``input_dim``, ``num_classes``; see ``data_info`` of
+  :func:`build_model`).
 
 A user model is any ``nn.Module`` returning logits, named ``package.module:factory``.
+:func:`model_from_meta` rebuilds the architecture of a packed artifact (factorized layers
+included) from its ``meta``.
 
 Example:
     >>> import torch
@@ -21,12 +27,14 @@ Example:
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from slimtune.spaces import MODEL_PRESETS, ModelSpec, SpecError
+
+from ._lowrank import FACTORIZABLE, factorized_shell, full_rank, replace_submodule
 
 
 class LeNet300(nn.Module):
@@ -77,11 +85,46 @@ class DigitsCNN(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
-PRESET_MODELS: dict[str, Callable[[], nn.Module]] = {
+class TableMLP(nn.Module):
+    """A multilayer perceptron for tabular data: ``fc1``, ``fc2``, ... with ReLU, then ``out``.
+
+    Example:
+        >>> model = TableMLP(input_dim=30, num_classes=2, hidden=[16, 8])
+        >>> [name for name, _ in model.named_children()], model(torch.zeros(4, 30)).shape
+        (['fc1', 'fc2', 'out'], torch.Size([4, 2]))
+    """
+
+    def __init__(self, input_dim: int, num_classes: int, hidden: Sequence[int] = (64, 32)) -> None:
+        super().__init__()
+        for key, value in (("input_dim", input_dim), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if (isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence)
+                or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden)):
+            raise ValueError(f"hidden must be a list of positive integers (layer widths), got {hidden!r}")
+        self.hidden_names: list[str] = []
+        width = input_dim
+        for i, size in enumerate(hidden, start=1):
+            setattr(self, f"fc{i}", nn.Linear(width, size))
+            self.hidden_names.append(f"fc{i}")
+            width = size
+        self.out = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for name in self.hidden_names:
+            x = torch.relu(getattr(self, name)(x))
+        return self.out(x)
+
+
+PRESET_MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet300": LeNet300,
     "lenet5": LeNet5,
     "cnn-digits": DigitsCNN,
+    "mlp": TableMLP,
 }
+# Presets whose sizes come from the data module (``data_info``), unless given in kwargs.
+DATA_SIZED_PRESETS = {"mlp": ("input_dim", "num_classes")}
 assert set(PRESET_MODELS) == set(MODEL_PRESETS)
 
 
@@ -98,10 +141,27 @@ def import_ref(ref: str, key: str) -> object:
     return getattr(module, attr)
 
 
-def build_model(spec: ModelSpec, load_checkpoint: bool = True) -> nn.Module:
-    """A fresh model from a preset or a user factory, optionally with its checkpoint loaded."""
+def build_model(spec: ModelSpec, load_checkpoint: bool = True,
+                data_info: Mapping[str, int] | None = None) -> nn.Module:
+    """A fresh model from a preset or a user factory, optionally with its checkpoint loaded.
+
+    ``data_info`` (``{"input_dim": ..., "num_classes": ...}``, from ``datamodule_info(dm)``)
+    sizes the presets that depend on the data (``mlp``); ``model.kwargs`` may also give them.
+    """
     if spec.preset is not None:
-        model = PRESET_MODELS[spec.preset](**spec.kwargs)
+        kwargs = dict(spec.kwargs)
+        for key in DATA_SIZED_PRESETS.get(spec.preset, ()):
+            if key not in kwargs:
+                if not data_info or key not in data_info:
+                    raise SpecError("model.preset", spec.preset, "data that tells the model its size: a [data] table, "
+                                    "the breast-cancer preset, or a data module with input_dim and num_classes "
+                                    f"(or model.kwargs.{key})", f"needs {key}, and the data does not say it")
+                kwargs[key] = int(data_info[key])
+        try:
+            model = PRESET_MODELS[spec.preset](**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise SpecError("model.kwargs", spec.kwargs, f"keyword arguments of the {spec.preset} preset",
+                            f"are not accepted ({exc})") from None
     else:
         assert spec.factory is not None
         factory = import_ref(spec.factory, "model.factory")
@@ -122,6 +182,53 @@ def build_model(spec: ModelSpec, load_checkpoint: bool = True) -> nn.Module:
         except Exception as exc:
             raise SpecError("model.checkpoint", spec.checkpoint, "a state_dict of this model saved with torch.save",
                             f"cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    return model
+
+
+def model_from_meta(meta: Mapping[str, Any], data_info: Mapping[str, int] | None = None) -> nn.Module:
+    """The architecture of a packed artifact, with placeholder weights to load its state into.
+
+    ``meta`` is what ``unpack_model`` returns: ``meta["model"]`` names the model (its
+    checkpoint is never loaded), ``meta["factorized"]`` (if any) maps layer names to the rank
+    of their low-rank factorization, and ``meta["data_info"]`` sizes data-dependent presets
+    unless ``data_info`` is given. Bad meta is a :class:`SpecError` (key ``artifact``).
+
+    Example:
+        >>> from slimtune.trainers import pack_model, unpack_model
+        >>> from slimtune.spaces import CompressionPlan, LayerPlan
+        >>> from slimtune.trainers import apply_plan
+        >>> meta = {"model": {"preset": "mlp", "kwargs": {"hidden": [8]}},
+        ...         "data_info": {"input_dim": 5, "num_classes": 3}}
+        >>> plan = CompressionPlan({"fc1": LayerPlan(0.0, 8, 1.0, 0.5)}, 1.0, 0.0, 1e-3)
+        >>> net = apply_plan(model_from_meta(meta), plan)
+        >>> state, meta = unpack_model(pack_model(net, meta))
+        >>> meta["factorized"], sorted(model_from_meta(meta).load_state_dict(state).missing_keys)
+        ({'fc1': 2}, [])
+    """
+    reference = meta.get("model") if isinstance(meta, Mapping) else None
+    if not isinstance(reference, Mapping):
+        raise SpecError("artifact", "meta", "an artifact whose meta holds the model reference",
+                        "has no model reference")
+    try:
+        spec = ModelSpec(**reference)
+    except TypeError as exc:
+        raise SpecError("artifact", "meta.model", "a model reference written by slimtune",
+                        f"is unreadable ({exc})") from None
+    model = build_model(spec, load_checkpoint=False, data_info=data_info if data_info is not None
+                        else meta.get("data_info"))
+    factorized = meta.get("factorized", {})
+    if not isinstance(factorized, Mapping):
+        raise SpecError("artifact", "meta.factorized", "a table of layer names and ranks", "is unreadable")
+    for name, rank in factorized.items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            layer = None
+        if (not isinstance(layer, FACTORIZABLE) or isinstance(rank, bool) or not isinstance(rank, int)
+                or not 1 <= rank <= full_rank(layer)):
+            raise SpecError("artifact", f"meta.factorized.{name}", "a Linear/Conv2d layer of the model and a rank "
+                            "in 1..min(out, in*kh*kw)", f"does not fit the model (rank {rank!r})")
+        replace_submodule(model, name, factorized_shell(layer, rank))
     return model
 
 

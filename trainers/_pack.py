@@ -5,7 +5,10 @@ Format (version 1), all integers little-endian::
     b"SLIM" | u8 version | xz( u32 manifest_length | manifest (UTF-8 JSON) | blocks ... )
 
 The manifest holds ``meta`` (the model reference from the spec, so a loader can rebuild the
-architecture) and one entry per ``state_dict`` tensor, in order, with its block lengths.
+architecture) and one entry per ``state_dict`` tensor, in order, with its block lengths. When
+the model has low-rank factorized layers, :func:`pack_model` adds ``meta["factorized"] =
+{layer: rank}`` so that ``model_from_meta`` rebuilds the factorized architecture; both factors
+are ordinary entries (``fc1.0.weight``, ``fc1.1.weight``, ...).
 Entry kinds and their blocks:
 
 - ``raw``: the tensor's bytes in its own dtype (biases, unquantized layers, buffers).
@@ -44,6 +47,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._compress import FakeQuant, PruneMask, dequantize, quantize
+from ._lowrank import Factorized, factorized_ranks, full_rank, weight_modules
 
 MAGIC = b"SLIM"
 VERSION = 1
@@ -100,7 +104,15 @@ def _encode_weight(module: nn.Module) -> tuple[dict[str, Any], list[bytes]]:
 
 
 def pack_model(model: nn.Module, meta: dict[str, Any] | None = None) -> bytes:
-    """Serialize a (parametrized) compressed model; the returned length is its honest size."""
+    """Serialize a (parametrized) compressed model; the returned length is its honest size.
+
+    ``meta`` is stored as given, plus ``"factorized": {layer: rank}`` when the model has
+    factorized layers (the architecture a loader must rebuild).
+    """
+    meta = dict(meta or {})
+    ranks = factorized_ranks(model)
+    if ranks:
+        meta["factorized"] = ranks
     entries: list[dict[str, Any]] = []
     blocks: list[bytes] = []
     modules = dict(model.named_modules())
@@ -118,7 +130,7 @@ def pack_model(model: nn.Module, meta: dict[str, Any] | None = None) -> bytes:
         entry["blocks"] = [len(p) for p in parts]
         entries.append(entry)
         blocks.extend(parts)
-    manifest = json.dumps({"meta": meta or {}, "tensors": entries}, separators=(",", ":")).encode()
+    manifest = json.dumps({"meta": meta, "tensors": entries}, separators=(",", ":")).encode()
     payload = struct.pack("<I", len(manifest)) + manifest + b"".join(blocks)
     return MAGIC + bytes([VERSION]) + lzma.compress(payload, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
 
@@ -163,13 +175,22 @@ def unpack_model(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def layer_stats(model: nn.Module, layer_names: list[str]) -> dict[str, dict[str, float]]:
-    """Achieved per-layer sparsity (zeros in the compressed weight) and bits, from the model."""
+    """Achieved per-layer sparsity (zeros in the compressed weight), bits, weight count and rank.
+
+    For a factorized layer the weights are those of both factors and ``rank`` is the kept rank;
+    for a whole layer ``rank`` is its full rank ``min(out, in * kh * kw)``.
+    """
     out: dict[str, dict[str, float]] = {}
     for name in layer_names:
-        module = model.get_submodule(name)
+        layer = model.get_submodule(name)
         bits = 32
-        if parametrize.is_parametrized(module, "weight"):
-            _, bits = _quant_input(module)
-        weight = module.weight.detach()
-        out[name] = {"sparsity": float((weight == 0).sum()) / weight.numel(), "bits": bits, "weights": weight.numel()}
+        zeros = count = 0
+        for module in weight_modules(layer):
+            if parametrize.is_parametrized(module, "weight"):
+                _, bits = _quant_input(module)
+            weight = module.weight.detach()
+            zeros += int((weight == 0).sum())
+            count += weight.numel()
+        rank = layer.rank if isinstance(layer, Factorized) else full_rank(layer)
+        out[name] = {"sparsity": zeros / count, "bits": bits, "weights": count, "rank": rank}
     return out

@@ -24,9 +24,9 @@ from torch import nn
 from slimtune.spaces import CompressionPlan, StudySpec, select_layers
 
 from ._compress import apply_plan
-from ._data import build_datamodule, materialize
+from ._data import build_datamodule, datamodule_info, materialize
 from ._lightning import AccuracyFloor, DistillationModule, quiet_trainer
-from ._models import build_model, compressible_layers, dense_parameter_bytes
+from ._models import compressible_layers, dense_parameter_bytes, model_from_meta
 from ._pack import layer_stats, pack_model, unpack_model
 from ._teacher import TeacherCache, evaluate, train_loader_for
 
@@ -88,9 +88,14 @@ class TrialContext:
         return cls(spec, teacher.eval(), dm, layer_names, output_layer, floor, dense_parameter_bytes(teacher), cache)
 
     def artifact_meta(self) -> dict[str, Any]:
-        """What a loader needs besides weights: the model and data references from the spec."""
+        """What a loader needs besides weights: the model and data references from the spec, and
+        the data's shapes (``data_info``) when the data module states them (tables)."""
         spec = self.spec.to_dict()
-        return {"model": spec["model"], "data": spec["data"]}
+        meta: dict[str, Any] = {"model": spec["model"], "data": spec["data"]}
+        info = datamodule_info(self.datamodule)
+        if info:
+            meta["data_info"] = info
+        return meta
 
 
 def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bool = True) -> TrialResult:
@@ -112,7 +117,8 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     module = DistillationModule(
         student, lr=plan.lr, kd_alpha=plan.kd_alpha, logit_temperature=plan.layers[ctx.output_layer].kd_temperature,
         feature_kd_weight=plan.feature_kd_weight, feature_temperatures=feature_temperatures,
-        teacher=None if cached else ctx.teacher, cache=ctx.cache if cached else None)
+        teacher=None if cached else ctx.teacher, cache=ctx.cache if cached else None,
+        l1_weight=plan.l1_weight, l1_layers=list(plan.layers))
     floor = AccuracyFloor(ctx.floor)
     trainer = quiet_trainer(ft.epochs, seed, callbacks=[floor])
     if cached:
@@ -139,8 +145,8 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
 
     # Accuracy is measured on the model read back from the artifact: what a user would load.
     started = time.perf_counter()
-    state, _ = unpack_model(result.artifact)
-    restored = build_model(ctx.spec.model, load_checkpoint=False)
+    state, meta = unpack_model(result.artifact)
+    restored = model_from_meta(meta)
     restored.load_state_dict(state)
     result.val_accuracy = evaluate(restored, ctx.datamodule.val_dataloader())
     result.test_accuracy = evaluate(restored, ctx.datamodule.test_dataloader())

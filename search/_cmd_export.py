@@ -1,0 +1,217 @@
+"""The ``export`` and ``evaluate`` commands: write a trial's packed model, measure a model file.
+
+``export`` writes exactly the artifact bytes stored for a trial, so the file's length is the
+trial's recorded ``size_bytes``; ``--onnx`` adds the dequantized model as ONNX, checked with
+onnxruntime against PyTorch. ``evaluate`` reads a ``.slim`` file back (weights only) and
+measures it on its own data. Bad input exits 2 and leaves no file behind.
+
+Example::
+
+    slimtune export --study lenet300-mnist --max-drop 0.01 --out lenet.slim --onnx lenet.onnx
+    slimtune export --study lenet300-mnist --trial 12 --out trial12.slim
+    slimtune evaluate lenet.slim --split test --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Iterator
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from slimtune.spaces import DEFAULT_STORAGE, SpecError
+from slimtune.studies import get_blob, keys, load_existing_study, mask_url, open_storage
+
+SPLITS = ("val", "test")
+_SLACK = 1e-12  # float noise allowed in "accuracy >= teacher - drop"
+
+
+def _trial_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: a trial number (0, 1, 2, ...)")
+    return value
+
+
+def _drop(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: an accuracy drop in [0, 1] "
+                                         "(0.01 = 1 point)")
+    return value
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add the ``export`` and ``evaluate`` subcommands."""
+    export = subparsers.add_parser("export", help="write a trial's packed model (the bytes its size counts)")
+    export.add_argument("--study", required=True)
+    export.add_argument("--storage", default=DEFAULT_STORAGE)
+    which = export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=_trial_number, help="a complete trial, by number")
+    which.add_argument("--max-drop", type=_drop, metavar="D",
+                       help="the smallest Pareto-optimal trial whose val accuracy is >= the teacher's - D")
+    export.add_argument("--out", required=True, help="the .slim file to write")
+    export.add_argument("--onnx", metavar="PATH", help="also write the dequantized model as ONNX (checked with "
+                        "onnxruntime)")
+    export.set_defaults(handler=_cmd_export)
+
+    evaluate = subparsers.add_parser("evaluate", help="accuracy of a model file written by export")
+    evaluate.add_argument("artifact", metavar="MODEL", help="a .slim file")
+    evaluate.add_argument("--split", choices=SPLITS, default="test")
+    evaluate.add_argument("--json", action="store_true", help='print {"split", "accuracy", "size_bytes"}')
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+
+def _complete_list(study: optuna.Study) -> str:
+    numbers = [str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    return ", ".join(numbers) if numbers else "(none: the study has no complete trial yet)"
+
+
+def trial_by_number(study: optuna.Study, number: int) -> FrozenTrial:
+    """The COMPLETE trial ``number`` of ``study``; anything else is a :class:`SpecError`."""
+    match = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+    allowed = f"a complete trial of study {study.study_name}: {_complete_list(study)}"
+    if not match:
+        raise SpecError("--trial", number, allowed, "does not exist")
+    trial = match[0]
+    if trial.state != TrialState.COMPLETE:
+        reason = trial.user_attrs.get(keys.TRIAL_FAIL_REASON) or trial.user_attrs.get(keys.TRIAL_STOP_REASON)
+        raise SpecError("--trial", number, allowed,
+                        f"is {trial.state.name}{f' ({reason})' if reason else ''} and has no artifact")
+    return trial
+
+
+def trial_within_drop(study: optuna.Study, max_drop: float) -> FrozenTrial:
+    """The smallest Pareto-optimal trial whose val accuracy is >= the teacher's - ``max_drop``."""
+    teacher = study.user_attrs.get(keys.TEACHER)
+    if not teacher:
+        raise SpecError("--study", study.study_name, "a slimtune study with a teacher", "has no teacher record")
+    teacher_val = float(teacher["val_accuracy"])
+    within = [t for t in study.best_trials if t.values[0] >= teacher_val - max_drop - _SLACK]
+    if within:
+        return min(within, key=lambda t: (t.values[1], -t.values[0], t.number))
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise SpecError("--max-drop", max_drop, "a study with a complete trial",
+                        f"selects nothing: study {study.study_name} has no complete trial yet")
+    best = max(complete, key=lambda t: t.values[0])
+    needed = math.ceil((teacher_val - best.values[0] - 1e-13) * 1e4) / 1e4  # rounded up, so it selects
+    raise SpecError("--max-drop", max_drop, f"a drop of at least {needed:.4f}: the best trial, {best.number}, has val "
+                    f"{100 * best.values[0]:.2f}% against the teacher's {100 * teacher_val:.2f}%",
+                    "selects no trial")
+
+
+def _describe(trial: FrozenTrial) -> str:
+    test = trial.user_attrs.get(keys.TRIAL_TEST_ACCURACY)
+    ratio = trial.user_attrs.get(keys.TRIAL_RATIO)
+    return (f"trial {trial.number}: val {100 * trial.values[0]:.2f}%, "
+            f"test {'-' if test is None else f'{100 * test:.2f}%'}, {int(trial.values[1]):,} bytes, "
+            f"ratio {'-' if ratio is None else f'{ratio:.1f}x'}")
+
+
+def _output_path(text: str, option: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        raise SpecError(option, text, "a file path (not a folder)", "is a folder")
+    if not path.parent.is_dir():
+        raise SpecError(option, text, "a file path in an existing folder",
+                        f"points into a folder that does not exist ({path.parent})")
+    return path
+
+
+@contextlib.contextmanager
+def _staged(path: Path) -> Iterator[Path]:
+    """A temporary path next to ``path``, moved onto it when the block succeeds and removed otherwise,
+    so ``path`` is never half written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _artifact(storage_url: str, study: optuna.Study, trial: FrozenTrial) -> bytes:
+    blob = get_blob(open_storage(storage_url, create=False), study.study_name, keys.artifact_blob_key(trial.number))
+    if blob is None:
+        raise SpecError("--trial", trial.number, f"a complete trial of study {study.study_name}: {_complete_list(study)}",
+                        f"has no stored artifact in {mask_url(storage_url)}")
+    if len(blob) != int(trial.values[1]):
+        raise RuntimeError(f"the stored artifact of trial {trial.number} has {len(blob)} bytes but the trial "
+                           f"recorded {int(trial.values[1])}")
+    return blob
+
+
+def _write_onnx(blob: bytes, path: Path) -> str:
+    from slimtune.trainers import artifact_datamodule, example_batch, export_onnx, load_artifact, silence_lightning
+
+    silence_lightning()
+    model, meta = load_artifact(blob)
+    x = example_batch(artifact_datamodule(meta))
+    try:
+        diff = export_onnx(model, x, path)
+    except SpecError:
+        raise
+    except ValueError as exc:
+        raise SpecError("--onnx", str(path), "an ONNX model that reproduces PyTorch's logits (same classes)",
+                        f"fails the onnxruntime check on {x.shape[0]} validation inputs: {exc}") from None
+    return (f"onnxruntime matches PyTorch on {x.shape[0]} validation inputs of shape {tuple(x.shape[1:])} "
+            f"(max abs diff {diff:.2g}, same classes)")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    out = _output_path(args.out, "--out")
+    onnx_path = _output_path(args.onnx, "--onnx") if args.onnx else None
+    if onnx_path is not None and onnx_path.resolve() == out.resolve():
+        raise SpecError("--onnx", args.onnx, "a path other than --out", "is the same file as --out")
+    study = load_existing_study(args.study, args.storage)
+    if args.trial is not None:
+        trial = trial_by_number(study, args.trial)
+        print(_describe(trial))
+    else:
+        trial = trial_within_drop(study, args.max_drop)
+        teacher_val = study.user_attrs[keys.TEACHER]["val_accuracy"]
+        print(f"chose {_describe(trial)} (the smallest Pareto-optimal trial within {100 * args.max_drop:.2f} "
+              f"points of the teacher's val {100 * teacher_val:.2f}%)")
+    blob = _artifact(args.storage, study, trial)
+    check = ""
+    try:
+        with contextlib.ExitStack() as stack:
+            tmp_out = stack.enter_context(_staged(out))
+            if onnx_path is not None:
+                check = _write_onnx(blob, stack.enter_context(_staged(onnx_path)))
+            tmp_out.write_bytes(blob)
+    except OSError as exc:
+        raise SpecError("--out/--onnx", str(exc.filename or out), "a writable file path",
+                        f"cannot be written ({exc.strerror or exc})") from None
+    print(f"wrote {out} ({len(blob):,} bytes, the trial's recorded size)")
+    if onnx_path is not None:
+        print(f"wrote {onnx_path}: {check}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from slimtune.trainers import evaluate_artifact, silence_lightning
+
+    silence_lightning()
+    path = Path(args.artifact)
+    accuracy = evaluate_artifact(path, args.split)
+    size = path.stat().st_size
+    if args.json:
+        print(json.dumps({"split": args.split, "accuracy": accuracy, "size_bytes": size}))
+    else:
+        print(f"{path}: {args.split} accuracy {100 * accuracy:.2f}% ({size:,} bytes)")
+    return 0

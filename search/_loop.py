@@ -1,0 +1,172 @@
+"""The trial loop shared by every worker: claim a slot, run one trial, tell the study.
+
+Many workers (processes, machines) share one study and stop together at its target count of
+finished (COMPLETE or PRUNED) trials:
+
+- A worker starts a trial only if ``finished + running < target``. That check and the
+  ``ask`` that creates the trial run under a cross-process lock (a PostgreSQL advisory lock,
+  or a lock on the SQLite file's folder), so the target is met exactly; trials that fail do not
+  count and are replaced. On other databases the check is unlocked and a study may overshoot
+  by fewer trials than there are workers.
+- When the remaining slots are all taken by running trials, a worker waits: if one of those
+  fails it takes its place. Meanwhile it fails trials whose worker stopped sending heartbeats
+  (killed, machine lost); the storage re-queues those with the same parameters.
+- While a trial runs, a thread records its heartbeat; a signal fails the trial at once with
+  reason ``interrupted``.
+
+Example::
+
+    ran = run_until_target(study, storage, objective, target=40, stop=GracefulStop(), url=url)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import time
+import warnings
+import zlib
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import text
+
+from slimtune.studies import engine_of, keys, sqlite_path
+
+from ._objective import TrialFailed
+from ._signals import GracefulStop, Interrupted
+
+WAIT_POLL_S = 1.0
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@contextmanager
+def slot_lock(storage: optuna.storages.BaseStorage, url: str, study_name: str) -> Iterator[None]:
+    """A lock held by one worker at a time, across processes and machines sharing ``url``."""
+    engine = engine_of(storage)
+    backend = engine.url.get_backend_name()
+    if backend == "postgresql":
+        key = zlib.crc32(f"slimtune:{study_name}".encode())
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                conn.commit()
+        return
+    path = sqlite_path(url)
+    if path is None:
+        yield
+        return
+    folder = os.open(path.resolve().parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(folder)
+
+
+@contextmanager
+def heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[None]:
+    """Record the trial's heartbeat every ``heartbeat_interval`` seconds while the block runs."""
+    interval = storage.get_heartbeat_interval() if isinstance(storage, optuna.storages.RDBStorage) else None
+    if not interval:
+        yield
+        return
+    done = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception:  # a missed beat is retried; the grace period covers a few
+                pass
+            if done.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail trials whose worker stopped sending heartbeats; the storage re-queues them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, values: Any = None, state: TrialState | None = None) -> FrozenTrial:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return study.tell(trial, values, state=state, skip_if_finished=True)
+
+
+def run_one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage,
+                  objective: Callable[[optuna.Trial], Any], trial: optuna.Trial) -> FrozenTrial:
+    """Run ``objective`` on an asked trial and tell the outcome (FAIL reasons are user attrs)."""
+    with heartbeat(storage, trial._trial_id):
+        try:
+            values = objective(trial)
+        except optuna.TrialPruned:
+            return _tell(study, trial, state=TrialState.PRUNED)
+        except TrialFailed:
+            return _tell(study, trial, state=TrialState.FAIL)
+        except (Interrupted, KeyboardInterrupt):
+            trial.set_user_attr(keys.TRIAL_FAIL_REASON, "interrupted")
+            _tell(study, trial, state=TrialState.FAIL)
+            raise
+    return _tell(study, trial, values)
+
+
+def run_until_target(study: optuna.Study, storage: optuna.storages.BaseStorage,
+                     objective: Callable[[optuna.Trial], Any], target: int, stop: GracefulStop,
+                     url: str, deadline: float | None = None,
+                     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = None,
+                     max_failures_in_a_row: int = 5,
+                     sampler_for: Callable[[int], optuna.samplers.BaseSampler] | None = None) -> int:
+    """Run trials until the study holds ``target`` finished ones (counting every worker's), the
+    deadline passes, a signal arrives, or ``max_failures_in_a_row`` of this worker's trials fail.
+
+    ``sampler_for(n)`` gives the sampler for the trial about to be numbered ``n``: seeding by
+    trial number keeps a search reproducible, and workers that start together still differ.
+    Returns the number of trials this worker ran."""
+    ran = failures = 0
+    last_failure = None
+    while not stop.requested and failures < max_failures_in_a_row:
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        fail_stale_trials(study)
+        with slot_lock(storage, url, study.study_name):
+            trials = study.get_trials(deepcopy=False)
+            finished = sum(t.state in FINISHED for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            if finished >= target:
+                break
+            trial = None
+            if finished + running < target:
+                if sampler_for is not None:
+                    study.sampler = sampler_for(len(trials))
+                with warnings.catch_warnings():  # we run the heartbeat ourselves (see heartbeat())
+                    warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                    trial = study.ask()
+        if trial is None:  # the last slots are taken; wait in case one of them fails
+            time.sleep(WAIT_POLL_S)
+            continue
+        frozen = run_one_trial(study, storage, objective, trial)
+        ran += 1
+        failures = failures + 1 if frozen.state == TrialState.FAIL else 0
+        last_failure = frozen.user_attrs.get(keys.TRIAL_FAIL_REASON, last_failure)
+        for callback in callbacks or []:
+            callback(study, frozen)
+    if failures >= max_failures_in_a_row:
+        raise RuntimeError(f"{max_failures_in_a_row} trials in a row failed; the last: {last_failure}")
+    return ran

@@ -1,0 +1,279 @@
+"""optuna-dashboard on a slimtune study database: a study note per study, and the server.
+
+:func:`annotate_studies` writes, for every slimtune study (one with a stored spec), a study
+note that the dashboard shows on the study's page: the teacher's accuracy and size, a short
+summary of the spec, and how to read the two objectives. A note is rewritten only when its
+text changes, and never over a note that someone edited in the dashboard.
+:func:`serve_dashboard` annotates, then serves the dashboard until Ctrl-C (or SIGTERM).
+
+Example:
+    >>> import optuna
+    >>> from slimtune.spaces import parse_spec
+    >>> storage = optuna.storages.InMemoryStorage()
+    >>> study = optuna.create_study(storage=storage, study_name="demo", directions=keys.DIRECTIONS)
+    >>> study.set_user_attr(keys.SPEC, parse_spec({"study": {"name": "demo"}, "model": {"preset": "cnn-digits"},
+    ...                                            "data": {"preset": "digits"}}).to_dict())
+    >>> annotate_studies(storage), annotate_studies(storage)
+    ({'demo': 'written'}, {'demo': 'unchanged'})
+    >>> print(study_note(study).splitlines()[0])
+    ## slimtune study `demo`
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import ipaddress
+import signal
+import socket
+import sys
+import threading
+import warnings
+from types import FrameType, ModuleType
+from typing import Any
+from wsgiref.simple_server import WSGIServer, make_server
+
+import optuna
+import sqlalchemy
+
+from slimtune.spaces import PER_LAYER_KNOBS, SpecError, parse_spec
+
+from . import _keys as keys
+from ._storage import mask_url, open_storage
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+# Study system attr: hash of the note text slimtune wrote last, so a note edited in the dashboard is kept.
+NOTE_HASH_ATTR = "slimtune:dashboard_note_sha256"
+STATUSES = ("written", "unchanged", "kept")
+
+
+def _dashboard() -> ModuleType:
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise SpecError("dashboard", "optuna-dashboard", "pip install optuna-dashboard", "is not installed") from None
+    return optuna_dashboard
+
+
+def _percent(value: Any) -> str:
+    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "?"
+
+
+def _ref(section: dict[str, Any], name_key: str) -> str:
+    if section.get("preset"):
+        text = f"preset `{section['preset']}`"
+    else:
+        text = f"`{section.get(name_key)}`"
+    if section.get("kwargs"):
+        text += " with " + ", ".join(f"{k}={v!r}" for k, v in section["kwargs"].items())
+    if section.get("checkpoint"):
+        text += f", checkpoint `{section['checkpoint']}`"
+    return text
+
+
+def _spec_lines(raw: dict[str, Any]) -> list[str]:
+    try:
+        spec = parse_spec(raw)
+    except SpecError as exc:  # a spec stored by another slimtune version: show what is there
+        return [f"- stored spec cannot be read by this slimtune ({exc})"]
+    space = spec.space
+    per_layer = [f"`{n}` {k.describe()}" for n, k in space.knobs.items() if n in PER_LAYER_KNOBS]
+    global_ = [f"`{n}` {k.describe()}" for n, k in space.knobs.items() if n not in PER_LAYER_KNOBS]
+    lines = [
+        f"- model: {_ref(raw.get('model', {}), 'factory')}; data: {_ref(raw.get('data', {}), 'module')}",
+        f"- sampler `{spec.sampler}`, seed {spec.seed}, target {spec.trials} finished trials",
+        f"- floor: `max_accuracy_drop` = {spec.max_accuracy_drop:g}",
+        f"- fine-tune: {spec.finetune.epochs} epoch(s), batch size {spec.finetune.batch_size}",
+        f"- layers: {', '.join(f'`{p}`' for p in space.layers)}"
+        + (f", excluding {', '.join(f'`{p}`' for p in space.exclude)}" if space.exclude else ""),
+        f"- per layer: {'; '.join(per_layer)}",
+        f"- global: {'; '.join(global_)}",
+    ]
+    for pattern, fixed in space.overrides.items():
+        lines.append(f"- layers `{pattern}`: " + ", ".join(f"`{k}` fixed {v}" for k, v in fixed.items()))
+    return lines
+
+
+def study_note(study: optuna.Study) -> str | None:
+    """The Markdown note slimtune keeps on a study; ``None`` for a study that is not slimtune's."""
+    attrs = study.user_attrs
+    raw = attrs.get(keys.SPEC)
+    if not isinstance(raw, dict):
+        return None
+    teacher = attrs.get(keys.TEACHER) or {}
+    drop = raw.get("study", {}).get("max_accuracy_drop")
+    lines = [
+        f"## slimtune study `{study.study_name}`",
+        "",
+        "**Objectives.** `val_accuracy` ↑ (maximize): validation accuracy of the compressed, fine-tuned "
+        "student, read back from its packed artifact; selection uses it. `size_bytes` ↓ (minimize): the "
+        "byte length of the packed artifact that `slimtune export` writes (bit-packed codes, sparsity "
+        "bitmap, scales, xz), not a formula. Trial user attrs carry `test_accuracy` (reporting only), "
+        "`compression_ratio` (teacher fp32 dense bytes / `size_bytes`), `mean_bits`, `sparsity`, the "
+        "per-layer `plan` and `stop_reason` / `fail_reason`.",
+        "",
+        "### Teacher",
+        "",
+    ]
+    if teacher:
+        dense = teacher.get("dense_bytes")
+        lines += [
+            "| val accuracy | test accuracy | fp32 dense bytes | source |",
+            "|---|---|---|---|",
+            f"| {_percent(teacher.get('val_accuracy'))} | {_percent(teacher.get('test_accuracy'))} | "
+            f"{f'{dense:,}' if isinstance(dense, int) else '?'} | {teacher.get('source', '?')} |",
+        ]
+        if isinstance(teacher.get("val_accuracy"), (int, float)) and isinstance(drop, (int, float)):
+            lines += ["", f"Accuracy floor: a trial below {_percent(teacher['val_accuracy'] - drop)} validation "
+                          "accuracy after an epoch is stopped and marked PRUNED."]
+    else:
+        lines.append("Not trained yet (the first trial of a search trains or loads it).")
+    lines += ["", "### Spec", ""] + _spec_lines(raw)
+    lines += ["", f"_Written by `slimtune dashboard`; spec fingerprint `{attrs.get(keys.FINGERPRINT, '?')}`._"]
+    return "\n".join(lines) + "\n"
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def annotate_studies(storage: optuna.storages.BaseStorage) -> dict[str, str]:
+    """Write or refresh the dashboard note of every slimtune study in ``storage``.
+
+    Returns ``{study name: status}`` for the slimtune studies, status one of :data:`STATUSES`:
+    ``written`` (new or changed text), ``unchanged`` (nothing written), ``kept`` (the note was
+    edited in the dashboard since slimtune wrote it; it is left as it is). Other studies are
+    skipped. A slimtune study without metric names gets ``val_accuracy`` / ``size_bytes``.
+    """
+    dashboard = _dashboard()
+    statuses: dict[str, str] = {}
+    for frozen in storage.get_all_studies():
+        if keys.SPEC not in frozen.user_attrs:
+            continue
+        study = optuna.load_study(study_name=frozen.study_name, storage=storage)
+        text = study_note(study)
+        if text is None:
+            continue
+        study_id = storage.get_study_id_from_name(frozen.study_name)
+        system_attrs = storage.get_study_system_attrs(study_id)
+        current = dashboard.get_note(study)
+        if current == text:
+            statuses[frozen.study_name] = "unchanged"
+        elif current and _sha(current) != system_attrs.get(NOTE_HASH_ATTR):
+            statuses[frozen.study_name] = "kept"
+        else:
+            dashboard.save_note(study, text)
+            storage.set_study_system_attr(study_id, NOTE_HASH_ATTR, _sha(text))
+            statuses[frozen.study_name] = "written"
+        if study.metric_names is None and len(study.directions) == len(keys.METRIC_NAMES):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(keys.METRIC_NAMES)
+    return statuses
+
+
+def _check_port(port: Any) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise SpecError("--port", port, "an integer port in 1..65535")
+    return port
+
+
+def _make_server(host: str, port: int, app: Any) -> WSGIServer:
+    """Bind ``host:port`` (before anything is written) or raise a :class:`SpecError` saying why."""
+
+    class Server(WSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as optuna-dashboard's bottle does
+
+    try:
+        return make_server(host, port, app, server_class=Server)
+    except (OSError, UnicodeError) as exc:
+        raise _bind_error(host, port, exc) from None
+
+
+def _bind_error(host: str, port: int, exc: Exception) -> SpecError:
+    if isinstance(exc, (socket.gaierror, UnicodeError)):
+        return SpecError("--host", host, "an address of this machine such as 127.0.0.1 (the default), ::1 or "
+                         "0.0.0.0", "cannot be resolved")
+    code = getattr(exc, "errno", None)
+    if code == errno.EADDRINUSE:
+        return SpecError("--port", port, "a free port, e.g. --port 8081", f"is in use on {host}")
+    if code == errno.EACCES:
+        return SpecError("--port", port, "a port of 1024 or more (lower ones need privileges)", "is not permitted")
+    if code == errno.EADDRNOTAVAIL:
+        return SpecError("--host", host, "an address of this machine such as 127.0.0.1", "is not an address here")
+    return SpecError("--port", port, "a free port on an address of this machine",
+                     f"cannot be served on {host} ({getattr(exc, 'strerror', None) or exc})")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _serve_until_signal(server: WSGIServer) -> None:
+    """Serve until SIGINT (Ctrl-C) or SIGTERM. The first signal lets the request in progress finish
+    and stops the loop (``shutdown`` from a helper thread: raising inside a request would be
+    swallowed by wsgiref); a second one raises ``KeyboardInterrupt`` at once. SIGINT is handled
+    explicitly because a process started in the background inherits it ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        server.serve_forever()
+        return
+    stopping = threading.Event()
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if stopping.is_set():
+            raise KeyboardInterrupt
+        stopping.set()
+        threading.Thread(target=server.shutdown, name="slimtune-dashboard-stop", daemon=True).start()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def serve_dashboard(storage_url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+    """Annotate the slimtune studies at ``storage_url`` and serve optuna-dashboard on them.
+
+    Blocks until Ctrl-C or SIGTERM, then returns. A missing SQLite file, an unreachable database,
+    a port in use or an address that is not this machine's raise :class:`SpecError` (the CLI
+    exits 2) before anything is written. Binds to loopback unless ``host`` says otherwise. The
+    app is ``optuna_dashboard.wsgi(storage)`` on wsgiref, as ``optuna_dashboard.run_server`` runs it.
+    """
+    port = _check_port(port)
+    if not isinstance(host, str) or not host:
+        raise SpecError("--host", host, "an address of this machine such as 127.0.0.1")
+    dashboard = _dashboard()
+    storage = open_storage(storage_url, create=False)
+    server = _make_server(host, port, dashboard.wsgi(storage))
+    try:
+        statuses: dict[str, str] | None
+        try:
+            statuses = annotate_studies(storage)
+        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as exc:  # e.g. read-only
+            print(f"warning: study notes not written ({type(exc).__name__}); serving the studies as they are",
+                  file=sys.stderr)
+            statuses = None
+        where = mask_url(storage_url)
+        if statuses:
+            notes = ", ".join(f"{name} ({status})" for name, status in statuses.items())
+            print(f"study notes: {notes}", file=sys.stderr)
+        elif statuses is not None:
+            print(f"no slimtune studies in {where} yet; the dashboard shows them as searches create them",
+                  file=sys.stderr)
+        if not _is_loopback(host):
+            print(f"warning: serving on {host}: anyone who reaches it can read, edit and delete the studies "
+                  "(optuna-dashboard has no login)", file=sys.stderr)
+        shown = f"[{host}]" if ":" in host else host
+        print(f"optuna-dashboard for {where}: http://{shown}:{port}/dashboard  (Ctrl-C to stop)", flush=True)
+        _serve_until_signal(server)
+    finally:
+        server.server_close()
+    print("dashboard stopped", file=sys.stderr)

@@ -1,0 +1,168 @@
+"""Reading packed artifacts back into models, evaluating them, and exporting them to ONNX.
+
+An artifact (the bytes :func:`pack_model` wrote, stored per trial and written by
+``slimtune export``) carries its model and data references in its ``meta``, so it is enough
+to rebuild the dequantized model and measure it; nothing is unpickled.
+
+Example:
+    >>> from slimtune.trainers import DigitsCNN, pack_model
+    >>> blob = pack_model(DigitsCNN(), meta={"model": {"preset": "cnn-digits"}, "data": {"preset": "digits"}})
+    >>> model, meta = load_artifact(blob)
+    >>> type(model).__name__, meta["data"]
+    ('DigitsCNN', {'preset': 'digits'})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import lzma
+import os
+import struct
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimtune.spaces import DataSpec, ModelSpec, SpecError
+
+from ._data import build_datamodule
+from ._models import model_from_meta
+from ._pack import unpack_model
+from ._teacher import evaluate
+
+SPLITS = ("val", "test")
+ONNX_ATOL = 1e-4  # allowed |onnxruntime - PyTorch| per logit, relative to max(1, max |logit|)
+_ARTIFACT = "a file written by slimtune export (a packed slimtune artifact)"
+
+
+def _read(source: str | os.PathLike[str] | bytes) -> tuple[bytes, str]:
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source), "<bytes>"
+    path = Path(source)
+    if not path.is_file():
+        raise SpecError("artifact", str(path), _ARTIFACT, "is not a file" if path.exists() else "does not exist")
+    return path.read_bytes(), str(path)
+
+
+def _reference(meta: dict[str, Any], key: str, cls: type, name: str) -> Any:
+    if not isinstance(meta.get(key), dict):
+        raise SpecError("artifact", name, f"an artifact whose meta holds the {key} reference (written by this "
+                        "slimtune version)", f"has no {key} reference")
+    try:
+        return cls(**meta[key])
+    except TypeError as exc:
+        raise SpecError("artifact", name, _ARTIFACT, f"has an unreadable {key} reference ({exc})") from None
+
+
+def _load(data: bytes, name: str) -> tuple[nn.Module, dict[str, Any]]:
+    try:
+        state, meta = unpack_model(data)
+    except (ValueError, lzma.LZMAError, struct.error, KeyError, IndexError, TypeError, EOFError) as exc:
+        raise SpecError("artifact", name, _ARTIFACT, f"is not a readable slimtune artifact ({exc})") from None
+    _reference(meta, "model", ModelSpec, name)  # a clear message for an artifact without one
+    model = model_from_meta(meta)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise SpecError("artifact", name, _ARTIFACT, "does not fit the model it names "
+                        f"({str(exc).splitlines()[0][:200]})") from None
+    return model.eval(), meta
+
+
+def load_artifact(source: str | os.PathLike[str] | bytes) -> tuple[nn.Module, dict[str, Any]]:
+    """The dequantized model (in eval mode) and the ``meta`` of an artifact file or its bytes.
+
+    The architecture is rebuilt from ``meta["model"]`` (never its checkpoint: the artifact
+    holds every weight). Anything that is not a readable artifact is a :class:`SpecError`.
+    """
+    return _load(*_read(source))
+
+
+def artifact_datamodule(meta: dict[str, Any], name: str = "artifact") -> Any:
+    """The data module named by an artifact's ``meta["data"]``, set up."""
+    return build_datamodule(_reference(meta, "data", DataSpec, name))
+
+
+def evaluate_artifact(source: str | os.PathLike[str] | bytes, split: str = "test") -> float:
+    """Top-1 accuracy of an artifact's model on ``split`` (``val`` or ``test``) of its data."""
+    if split not in SPLITS:
+        raise SpecError("--split", split, ", ".join(SPLITS))
+    data, name = _read(source)
+    model, meta = _load(data, name)
+    dm = artifact_datamodule(meta, name)
+    return evaluate(model, dm.val_dataloader() if split == "val" else dm.test_dataloader())
+
+
+def example_batch(dm: Any) -> torch.Tensor:
+    """The inputs of the first validation batch (the last-but-one item of a batch, as in ``evaluate``)."""
+    batch = next(iter(dm.val_dataloader()))
+    return batch[-2]
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Hide the exporter's notes (missing torchvision ops, deprecations) for the length of an export."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _to_onnx(model: nn.Module, x: torch.Tensor, path: str) -> None:
+    """Write ``model`` as ONNX (one file): a dynamic batch axis if the model allows, else ``x``'s shape."""
+    common: dict[str, Any] = dict(input_names=["input"], output_names=["logits"], external_data=False,
+                                  verbose=False)
+    with _quiet_exporter():
+        try:
+            torch.onnx.export(model, (x,), path, dynamic_shapes=({0: torch.export.Dim("batch")},), **common)
+        except Exception:
+            torch.onnx.export(model, (x,), path, **common)
+
+
+def check_onnx(path: str | os.PathLike[str], x: torch.Tensor, expected: torch.Tensor) -> float:
+    """Run the ONNX file with onnxruntime on ``x`` and compare with ``expected`` (PyTorch's logits).
+
+    Returns the max abs difference; raises ``ValueError`` when it exceeds :data:`ONNX_ATOL`
+    (times ``max(1, max |logit|)``) or when any input gets a different class.
+    """
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    want = expected.detach().numpy()
+    if got.shape != want.shape:
+        raise ValueError(f"onnxruntime returned shape {got.shape}, PyTorch {want.shape}")
+    diff = float(np.abs(got - want).max()) if want.size else 0.0
+    tolerance = ONNX_ATOL * max(1.0, float(np.abs(want).max()) if want.size else 1.0)
+    if not diff <= tolerance:
+        raise ValueError(f"max abs diff {diff:.3g} exceeds {tolerance:.3g}")
+    differ = int((got.argmax(1) != want.argmax(1)).sum())
+    if differ:
+        raise ValueError(f"{differ} of {want.shape[0]} inputs get a different class")
+    return diff
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str]) -> float:
+    """Write ``model`` to ``path`` as ONNX and check it with onnxruntime against PyTorch on ``example``.
+
+    Returns the max abs difference of the logits. Raises :class:`SpecError` when the model
+    cannot be exported and ``ValueError`` when onnxruntime disagrees (see :func:`check_onnx`).
+    """
+    model = model.eval()
+    with torch.no_grad():
+        expected = model(example)
+    try:
+        _to_onnx(model, example, str(path))
+    except Exception as exc:
+        raise SpecError("--onnx", str(path), "a model that torch.onnx.export supports",
+                        f"cannot be exported ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]})") from None
+    return check_onnx(path, example, expected)
