@@ -19,7 +19,7 @@ _EXPORTS = {
     "CompressionObjective": "._objective", "TrialFailed": "._objective",
     "SearchSummary": "._runner", "load_stored_spec": "._runner", "make_sampler": "._runner",
     "resolve_spec": "._runner", "run_study": "._runner", "run_workers": "._runner",
-    "GracefulStop": "._signals", "Interrupted": "._signals",
+    "GracefulStop": "._signals", "Interrupted": "._signals", "SearchFailed": "._signals",
     "run_until_target": "._loop",
 }
 __all__ = sorted(_EXPORTS)

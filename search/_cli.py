@@ -23,6 +23,8 @@ from typing import Sequence
 from slimtune.spaces import DEFAULT_STORAGE, SpecError
 from slimtune.studies import FORMATS, load_existing_study, open_storage, preset_names, render
 
+from ._signals import SearchFailed
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 STORAGE_ENV = "SLIMTUNE_STORAGE"
@@ -58,6 +60,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def add_storage_option(parser: argparse.ArgumentParser) -> None:
+    """``--storage URL``, defaulting to ``$SLIMTUNE_STORAGE`` (which keeps a password off the
+    command line), else ``sqlite:///slimtune.db``."""
+    parser.add_argument("--storage", default=os.environ.get(STORAGE_ENV, DEFAULT_STORAGE),
+                        help=f"SQLAlchemy URL (default: ${STORAGE_ENV}, else {DEFAULT_STORAGE})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimtune", description="Per-layer compression search: pruning, "
                                      "quantization and distillation, with a shared Optuna study database.")
@@ -73,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("spec", nargs="?", help="a study spec in TOML")
     search.add_argument("--preset", help=f"a shipped study: {', '.join(preset_names())}")
     search.add_argument("--study", help="study name (default: the spec's)")
-    search.add_argument("--storage", help=f"SQLAlchemy URL (default: the spec's, else {DEFAULT_STORAGE})")
+    search.add_argument("--storage", default=os.environ.get(STORAGE_ENV),
+                        help=f"SQLAlchemy URL (default: ${STORAGE_ENV}, else the spec's)")
     search.add_argument("--seed", type=_seed, help="override the spec's seed")
     search.add_argument("--force", action="store_true", help="continue a study even if its stored spec differs")
     search.add_argument("--workers", type=_positive_int, default=1,
@@ -82,23 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     resume = sub.add_parser("resume", help="continue a study from its stored spec")
     resume.add_argument("--study", required=True)
-    resume.add_argument("--storage", default=DEFAULT_STORAGE)
+    add_storage_option(resume)
     run_options(resume)
 
     worker = sub.add_parser("worker", help="join an existing study as one more worker (any machine that reaches "
                             "the database)")
     worker.add_argument("--study", required=True)
-    worker.add_argument("--storage", default=os.environ.get(STORAGE_ENV, DEFAULT_STORAGE),
-                        help=f"SQLAlchemy URL (default: ${STORAGE_ENV}, else {DEFAULT_STORAGE})")
+    add_storage_option(worker)
     run_options(worker)
 
     studies = sub.add_parser("studies", help="list the studies in a storage")
-    studies.add_argument("--storage", default=DEFAULT_STORAGE)
+    add_storage_option(studies)
     studies.add_argument("--format", choices=FORMATS, default="table")
 
     pareto = sub.add_parser("pareto", help="the Pareto-optimal trials of a study, sorted by size")
     pareto.add_argument("--study", required=True)
-    pareto.add_argument("--storage", default=DEFAULT_STORAGE)
+    add_storage_option(pareto)
     pareto.add_argument("--format", choices=FORMATS, default="table")
 
     search.set_defaults(handler=_cmd_search)
@@ -125,7 +134,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     options = {"timeout": args.timeout, "threads": args.threads, "progress": not args.quiet}
     if args.command in ("resume", "worker"):
         spec = load_stored_spec(args.study, args.storage).with_overrides(trials=args.trials)
-        summary = run_study(spec, **options)
+        summary = run_study(spec, joining=True, **options)
     else:
         spec = resolve_spec(args.spec, args.preset, name=args.study, storage=args.storage, trials=args.trials,
                             seed=args.seed)
@@ -135,11 +144,16 @@ def _cmd_search(args: argparse.Namespace) -> int:
             summary = run_study(spec, force=args.force, **options)
     print(f"study {summary.study_name} in {summary.storage}: {summary.finished}/{summary.target} finished trials "
           f"({summary.ran} run now, {summary.seconds:.0f} s)", file=sys.stderr)
+    storage_hint = f"${STORAGE_ENV}" if "***" in summary.storage else summary.storage
     if summary.stopped_by:
         print(f"search stopped ({summary.stopped_by}); a trial that was running is marked FAIL with reason "
-              f"'interrupted'. Continue with:\n  slimtune resume --study {summary.study_name} --storage {summary.storage}",
+              f"'interrupted'. Continue with:\n  slimtune resume --study {summary.study_name} --storage {storage_hint}",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    if summary.failed_workers or (summary.finished < summary.target and args.timeout is None):
+        print(f"slimtune: error: the study holds {summary.finished} of {summary.target} finished trials; "
+              "see the messages above", file=sys.stderr)
+        return 1
     if summary.finished >= summary.target:
         from slimtune.studies import PARETO_COLUMNS, pareto_frame
 
@@ -169,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as exc:
         print(f"slimtune: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except SearchFailed as exc:
+        print(f"slimtune: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("slimtune: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from slimtune.spaces import DEFAULT_STORAGE
+from slimtune.studies._dashboard import DEFAULT_HOST, DEFAULT_PORT
 
-DEFAULT_HOST = "127.0.0.1"  # same as slimtune.studies._dashboard (not imported here: keep the CLI start light)
-DEFAULT_PORT = 8080
+from ._cli import add_storage_option
 
 
 def _port(text: str) -> int:
@@ -33,8 +32,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                    description="Serve optuna-dashboard on the study database, after writing a "
                                    "note on every slimtune study (teacher accuracy, spec, how to read the "
                                    "objectives). Ctrl-C or SIGTERM stops it (exit 0).")
-    parser.add_argument("--storage", default=DEFAULT_STORAGE, help=f"SQLAlchemy URL (default: {DEFAULT_STORAGE}); "
-                        "a missing SQLite file is an error")
+    add_storage_option(parser)
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default: {DEFAULT_HOST}, this "
                         "machine only; 0.0.0.0 exposes the studies, without login, to the network)")
     parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")

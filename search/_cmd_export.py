@@ -26,8 +26,10 @@ from typing import Any, Iterator
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from slimtune.spaces import DEFAULT_STORAGE, SpecError
+from slimtune.spaces import SpecError
 from slimtune.studies import get_blob, keys, load_existing_study, mask_url, open_storage
+
+from ._cli import add_storage_option
 
 SPLITS = ("val", "test")
 _SLACK = 1e-12  # float noise allowed in "accuracy >= teacher - drop"
@@ -58,7 +60,7 @@ def add_parser(subparsers: Any) -> None:
     """Add the ``export`` and ``evaluate`` subcommands."""
     export = subparsers.add_parser("export", help="write a trial's packed model (the bytes its size counts)")
     export.add_argument("--study", required=True)
-    export.add_argument("--storage", default=DEFAULT_STORAGE)
+    add_storage_option(export)
     which = export.add_mutually_exclusive_group(required=True)
     which.add_argument("--trial", type=_trial_number, help="a complete trial, by number")
     which.add_argument("--max-drop", type=_drop, metavar="D",

@@ -12,14 +12,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from slimtune.spaces import DEFAULT_STORAGE, SpecError
+from slimtune.spaces import SpecError
+
+from ._cli import add_storage_option
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``report`` subcommand to the CLI's subparsers."""
     parser = subparsers.add_parser("report", help="write a self-contained HTML report of a study (opens offline)")
     parser.add_argument("--study", required=True, help="the study to report on")
-    parser.add_argument("--storage", default=DEFAULT_STORAGE, help=f"SQLAlchemy URL (default: {DEFAULT_STORAGE})")
+    add_storage_option(parser)
     parser.add_argument("--out", help="the HTML file to write (default: <study>-report.html)")
     parser.set_defaults(handler=_cmd_report)
     return parser

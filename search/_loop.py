@@ -21,8 +21,6 @@ Example::
 
 from __future__ import annotations
 
-import fcntl
-import os
 import threading
 import time
 import warnings
@@ -34,12 +32,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import text
 
-from slimtune.studies import engine_of, keys, sqlite_path
+from slimtune.studies import engine_of, folder_lock, keys, sqlite_path
 
-from ._objective import TrialFailed
-from ._signals import GracefulStop, Interrupted
+from ._objective import TrialFailed, describe_failure
+from ._signals import GracefulStop, Interrupted, SearchFailed
 
 WAIT_POLL_S = 1.0
+MAX_FAILURES_IN_A_ROW = 5
+
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -61,13 +61,9 @@ def slot_lock(storage: optuna.storages.BaseStorage, url: str, study_name: str) -
     path = sqlite_path(url)
     if path is None:
         yield
-        return
-    folder = os.open(path.resolve().parent, os.O_RDONLY)
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(folder)
+    else:
+        with folder_lock(path):
+            yield
 
 
 @contextmanager
@@ -121,17 +117,29 @@ def run_one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage,
         except TrialFailed:
             return _tell(study, trial, state=TrialState.FAIL)
         except (Interrupted, KeyboardInterrupt):
-            trial.set_user_attr(keys.TRIAL_FAIL_REASON, "interrupted")
+            _record_failure(trial, "interrupted")
             _tell(study, trial, state=TrialState.FAIL)
             raise
+        except Exception as exc:  # outside the fine-tune: sampling, a storage write, ...
+            # e.g. another worker already failed this trial as stale (its heartbeats stopped
+            # while this process was paused): it is being retried there, so move on.
+            _record_failure(trial, describe_failure(exc))
+            return _tell(study, trial, state=TrialState.FAIL)
     return _tell(study, trial, values)
+
+
+def _record_failure(trial: optuna.Trial, reason: str) -> None:
+    try:
+        trial.set_user_attr(keys.TRIAL_FAIL_REASON, reason)
+    except Exception:  # the trial may already be finished by another worker
+        pass
 
 
 def run_until_target(study: optuna.Study, storage: optuna.storages.BaseStorage,
                      objective: Callable[[optuna.Trial], Any], target: int, stop: GracefulStop,
                      url: str, deadline: float | None = None,
                      callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = None,
-                     max_failures_in_a_row: int = 5,
+                     max_failures_in_a_row: int = MAX_FAILURES_IN_A_ROW,
                      sampler_for: Callable[[int], optuna.samplers.BaseSampler] | None = None) -> int:
     """Run trials until the study holds ``target`` finished ones (counting every worker's), the
     deadline passes, a signal arrives, or ``max_failures_in_a_row`` of this worker's trials fail.
@@ -168,5 +176,5 @@ def run_until_target(study: optuna.Study, storage: optuna.storages.BaseStorage,
         for callback in callbacks or []:
             callback(study, frozen)
     if failures >= max_failures_in_a_row:
-        raise RuntimeError(f"{max_failures_in_a_row} trials in a row failed; the last: {last_failure}")
+        raise SearchFailed(f"{max_failures_in_a_row} trials in a row failed; the last: {last_failure}")
     return ran

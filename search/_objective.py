@@ -30,6 +30,12 @@ class TrialFailed(Exception):
     """A trial failed for a recorded reason; the search continues with the next trial."""
 
 
+def describe_failure(exc: BaseException) -> str:
+    """``"Type: first line of the message"``, the form of every recorded ``fail_reason``."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:500] if text else ''}"
+
+
 class CompressionObjective:
     """Callable objective bound to one study's shared trial context."""
 
@@ -41,17 +47,16 @@ class CompressionObjective:
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         started = time.perf_counter()
         spec = self.context.spec
-        plan = sample_plan(trial, spec.space, self.context.layer_names)
+        plan = sample_plan(trial, spec.space, self.context.layer_names, self.context.output_layer)
         trial.set_user_attr(keys.TRIAL_PLAN, plan.to_dict())
         sample_seconds = time.perf_counter() - started
         try:
             with self.stop.trial_body():
                 result = run_trial(self.context, plan, seed=spec.seed + trial.number)
         except Interrupted:
-            trial.set_user_attr(keys.TRIAL_FAIL_REASON, "interrupted")
-            raise
+            raise  # the trial loop marks it FAIL with reason "interrupted"
         except Exception as exc:  # the trial's own failure: record it, keep the study going
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ''}"
+            reason = describe_failure(exc)
             trial.set_user_attr(keys.TRIAL_FAIL_REASON, reason)
             raise TrialFailed(reason) from exc
 

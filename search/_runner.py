@@ -6,8 +6,9 @@ running the same command again continues where it stopped, and failed trials are
 Example::
 
     spec = resolve_spec(preset="cnn-digits", trials=5)
-    summary = launch(spec)              # a new study, or the same one continued
-    summary = resume("cnn-digits", "sqlite:///slimtune.db", trials=8)
+    summary = run_study(spec)                       # a new study, or the same one continued
+    summary = run_study(load_stored_spec("cnn-digits", "sqlite:///slimtune.db").with_overrides(trials=8))
+    summary = run_workers(spec, workers=4)          # four local worker processes
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import optuna
 import torch
 
 from slimtune.spaces import SpecError, StudySpec, load_spec_file, parse_spec, select_layers
 from slimtune.studies import (
-    best_ratio_within, claim_blob, drop_blob, finished_count, get_blob, keys, load_existing_study, load_preset,
+    best_ratio_within, claim_blob, delete_blobs, drop_blob, finished_count, touch_blob, get_blob, keys, load_existing_study, load_preset,
     mask_url, open_storage, put_blob,
 )
 from slimtune.trainers import (
@@ -40,10 +44,10 @@ from ._loop import run_until_target
 from ._objective import CompressionObjective
 from ._signals import GracefulStop, Interrupted
 
-MAX_FAILURES_IN_A_ROW = 5
 VERSION = "0.1.0"
 STUDY_SETUP_WAIT_S = 30.0
-TEACHER_LOCK_STALE_S = 1800.0
+TEACHER_LOCK_STALE_S = 300.0
+TEACHER_LOCK_REFRESH_S = 30.0
 
 
 @dataclass
@@ -57,6 +61,7 @@ class SearchSummary:
     ran: int
     seconds: float
     stopped_by: str | None = None
+    failed_workers: int = 0
 
 
 def resolve_spec(spec_path: str | None = None, preset: str | None = None, **overrides: Any) -> StudySpec:
@@ -80,11 +85,15 @@ def make_sampler(spec: StudySpec, trial_number: int) -> optuna.samplers.BaseSamp
                                       n_startup_trials=max(4, min(10, spec.trials // 3)))
 
 
-def _check_runtime(spec: StudySpec) -> tuple[torch.nn.Module, Any]:
-    """Build the model and data and match the layer patterns: every SpecError before any write."""
+def _check_runtime(spec: StudySpec, load_checkpoint: bool = True) -> tuple[torch.nn.Module, Any]:
+    """Build the model and data and match the layer patterns: every SpecError before any write.
+
+    A worker joining a study whose teacher is stored skips the checkpoint (``load_checkpoint``
+    False): the database holds the teacher, the file need not exist on its machine.
+    """
     dm = build_datamodule(spec.data)
     torch.manual_seed(spec.seed)  # the teacher's initial weights follow the spec's seed
-    model = build_model(spec.model, data_info=datamodule_info(dm))
+    model = build_model(spec.model, data_info=datamodule_info(dm), load_checkpoint=load_checkpoint)
     select_layers(compressible_layers(model), spec.space)
     return model, dm
 
@@ -104,6 +113,7 @@ def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, force: bo
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=spec.name, storage=storage)
     else:
+        delete_blobs(storage, spec.name)  # left by a deleted study of the same name, if any
         study.set_metric_names(keys.METRIC_NAMES)
         study.set_user_attr(keys.SPEC, stored_spec(spec))
         study.set_user_attr(keys.VERSION, VERSION)
@@ -130,20 +140,26 @@ def _teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spec: St
              dm: Any, stop: GracefulStop, log: Any) -> torch.nn.Module:
     """The study's teacher: from the database if stored, else trained (or the checkpoint) and stored.
 
-    Exactly one worker trains it (it claims the ``teacher.lock`` blob); the others wait for the
-    weights. A lock older than ``TEACHER_LOCK_STALE_S`` (its worker died) is taken over.
+    Exactly one worker trains it: it claims the ``teacher.lock`` blob and refreshes it while it
+    trains; the others wait for the weights. A lock not refreshed for ``TEACHER_LOCK_STALE_S``
+    (its worker died) is taken over. The weights are published insert-if-absent, so a study
+    never holds two teachers.
     """
     waiting_said = False
     while True:
         blob = get_blob(storage, spec.name, keys.TEACHER_BLOB)
         if blob is not None:
+            _wait_for(lambda: keys.TEACHER in study.user_attrs, "the teacher's accuracy record")
             return load_state_bytes(model, blob)
-        claim = json.dumps({"time": time.time(), "host": socket.gethostname(), "pid": os.getpid()}).encode()
-        if claim_blob(storage, spec.name, keys.TEACHER_LOCK, claim):
+        token = uuid.uuid4().hex
+        if claim_blob(storage, spec.name, keys.TEACHER_LOCK, _lock_bytes(token)):
             try:
-                return _make_teacher(study, storage, spec, model, dm, stop, log)
+                with _refreshing(storage, spec.name, token):
+                    return _make_teacher(study, storage, spec, model, dm, stop, log)
             finally:
-                drop_blob(storage, spec.name, keys.TEACHER_LOCK)
+                lock = get_blob(storage, spec.name, keys.TEACHER_LOCK)
+                if lock is not None and json.loads(lock)["token"] == token:
+                    drop_blob(storage, spec.name, keys.TEACHER_LOCK)
         lock = get_blob(storage, spec.name, keys.TEACHER_LOCK)
         if lock is not None and time.time() - json.loads(lock)["time"] > TEACHER_LOCK_STALE_S:
             drop_blob(storage, spec.name, keys.TEACHER_LOCK)
@@ -156,10 +172,45 @@ def _teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spec: St
         time.sleep(1.0)
 
 
+def _lock_bytes(token: str) -> bytes:
+    return json.dumps({"token": token, "time": time.time(), "host": socket.gethostname(),
+                       "pid": os.getpid()}).encode()
+
+
+@contextmanager
+def _refreshing(storage: optuna.storages.BaseStorage, study_name: str, token: str) -> Iterator[None]:
+    """Keep the teacher lock fresh (every ``TEACHER_LOCK_REFRESH_S``) while the block runs."""
+    done = threading.Event()
+
+    def refresh() -> None:
+        while not done.wait(TEACHER_LOCK_REFRESH_S):
+            try:
+                touch_blob(storage, study_name, keys.TEACHER_LOCK, _lock_bytes(token))
+            except Exception:  # a missed refresh is retried; staleness needs several
+                pass
+
+    thread = threading.Thread(target=refresh, name="teacher-lock", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _wait_for(condition: Any, what: str, limit: float = STUDY_SETUP_WAIT_S) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gave up waiting {limit:.0f} s for {what}")
+        time.sleep(0.2)
+
+
 def _make_teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spec: StudySpec,
                   model: torch.nn.Module, dm: Any, stop: GracefulStop, log: Any) -> torch.nn.Module:
     started = time.perf_counter()
     if spec.model.checkpoint:
+        model.load_state_dict(build_model(spec.model, data_info=datamodule_info(dm)).state_dict())
         source = f"checkpoint {spec.model.checkpoint}"
     else:
         log(f"training the teacher ({spec.teacher.epochs} epochs) ...")
@@ -174,8 +225,11 @@ def _make_teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spe
         "seconds": time.perf_counter() - started,
         "source": source,
     }
-    study.set_user_attr(keys.TEACHER, info)  # before the weights: whoever sees them sees this too
-    put_blob(storage, spec.name, keys.TEACHER_BLOB, state_to_bytes(model))
+    if not claim_blob(storage, spec.name, keys.TEACHER_BLOB, state_to_bytes(model)):
+        # another worker published a teacher meanwhile (it took over a lock it found stale)
+        _wait_for(lambda: keys.TEACHER in study.user_attrs, "the teacher's accuracy record")
+        return load_state_bytes(model, get_blob(storage, spec.name, keys.TEACHER_BLOB) or b"")
+    study.set_user_attr(keys.TEACHER, info)
     log(f"teacher: val {100 * info['val_accuracy']:.2f}%, test {100 * info['test_accuracy']:.2f}%, "
         f"{info['dense_bytes']:,} bytes fp32 ({info['seconds']:.1f} s)")
     return model.eval()
@@ -200,21 +254,22 @@ def _open(spec: StudySpec, create: bool = True) -> optuna.storages.RDBStorage:
                         heartbeat_grace=spec.heartbeat_grace)
 
 
-def _prepare(spec: StudySpec, force: bool, threads: int | None) -> tuple[Any, Any, Any]:
+def _prepare(spec: StudySpec, threads: int | None, load_checkpoint: bool = True) -> tuple[Any, Any, Any]:
     """Everything that can fail on bad input, before any write; then the storage."""
     silence_lightning()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(threads or os.cpu_count() or 1)
-    model, dm = _check_runtime(spec)
+    model, dm = _check_runtime(spec, load_checkpoint)
     return model, dm, _open(spec)
 
 
 def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None, threads: int | None = None,
-              progress: bool = True, log: Any = None) -> SearchSummary:
+              progress: bool = True, log: Any = None, joining: bool = False) -> SearchSummary:
     """Run trials in this process until ``spec``'s study holds ``spec.trials`` finished trials,
-    counting those of every worker (or ``timeout`` s pass, or a signal arrives)."""
+    counting those of every worker (or ``timeout`` s pass, or a signal arrives). ``joining``:
+    the study exists (resume, worker), so a teacher checkpoint file is not needed here."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    model, dm, storage = _prepare(spec, force, threads)
+    model, dm, storage = _prepare(spec, threads, load_checkpoint=not joining)
     started = time.perf_counter()
     deadline = None if timeout is None else time.monotonic() + timeout
     ran = 0
@@ -230,8 +285,7 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
             bar, refresh = _progress(study, spec.trials, progress)
             with bar:
                 ran = run_until_target(study, storage, objective, spec.trials, stop, spec.storage, deadline,
-                                       callbacks=[refresh], max_failures_in_a_row=MAX_FAILURES_IN_A_ROW,
-                                       sampler_for=lambda number: make_sampler(spec, number))
+                                       callbacks=[refresh], sampler_for=lambda number: make_sampler(spec, number))
         except Interrupted as exc:
             stopped = str(exc)
         if stopped is None and stop.requested:
@@ -244,9 +298,10 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
 def run_workers(spec: StudySpec, workers: int, force: bool = False, timeout: float | None = None,
                 threads: int | None = None, progress: bool = True, log: Any = None) -> SearchSummary:
     """Prepare the study and its teacher here, then run ``workers`` local worker processes
-    (``slimtune worker``), each with its share of the CPU threads, until the target is met."""
+    (``slimtune worker``), each with its share of the CPU threads, until the target is met.
+    ``failed_workers`` in the result counts workers that ended with an error."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    model, dm, storage = _prepare(spec, force, threads)
+    model, dm, storage = _prepare(spec, threads)
     started = time.perf_counter()
     with GracefulStop() as stop:
         try:
@@ -260,8 +315,7 @@ def run_workers(spec: StudySpec, workers: int, force: bool = False, timeout: flo
                "--quiet"] + (["--timeout", str(timeout)] if timeout else [])
     env = {**os.environ, STORAGE_ENV: spec.storage}  # not on the command line: it may hold a password
     before = len(study.get_trials(deepcopy=False))
-    # Own sessions: a terminal's Ctrl-C reaches only this process, which forwards it once.
-    procs = [subprocess.Popen(command, env=env, start_new_session=True) for _ in range(workers)]
+    procs: list[subprocess.Popen] = []
     received: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
@@ -272,6 +326,10 @@ def run_workers(spec: StudySpec, workers: int, force: bool = False, timeout: flo
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        # Own sessions: a terminal's Ctrl-C reaches only this process, which forwards it once.
+        for _ in range(workers):
+            if not received:
+                procs.append(subprocess.Popen(command, env=env, start_new_session=True))
         bar, refresh = _progress(study, spec.trials, progress)
         with bar:
             while any(proc.poll() is None for proc in procs):
@@ -279,15 +337,20 @@ def run_workers(spec: StudySpec, workers: int, force: bool = False, timeout: flo
                 time.sleep(1.0)
             refresh(study)
     finally:
+        for proc in procs:  # only if this process is leaving abnormally
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     codes = [proc.returncode for proc in procs]
     stopped = f"interrupted by {signal.Signals(received[0]).name}" if received else None
-    if not stopped and any(code not in (0, EXIT_INTERRUPTED) for code in codes):
-        log(f"worker exit codes: {codes}")
+    failed = sum(code not in (0, EXIT_INTERRUPTED) for code in codes)
+    if failed:
+        log(f"{failed} of {workers} workers ended with an error (exit codes {codes})")
     return SearchSummary(spec.name, mask_url(spec.storage), finished_count(study), spec.trials,
                          len(study.get_trials(deepcopy=False)) - before, time.perf_counter() - started,
-                         stopped_by=stopped)
+                         stopped_by=stopped, failed_workers=failed)
 
 
 def load_stored_spec(study_name: str, storage_url: str) -> StudySpec:

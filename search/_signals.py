@@ -26,6 +26,10 @@ class Interrupted(Exception):
     so that Lightning re-raises it instead of calling ``sys.exit`` from inside a trial."""
 
 
+class SearchFailed(Exception):
+    """A worker gave up: too many of its trials failed in a row (the message says why)."""
+
+
 class GracefulStop:
     """Installs SIGINT/SIGTERM handlers for its ``with`` block (main thread only)."""
 

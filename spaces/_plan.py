@@ -51,15 +51,21 @@ class CompressionPlan:
     feature_kd_weight: float
     lr: float
     l1_weight: float = 0.0
+    # The logit-distillation temperature when the output layer is not in ``layers`` (excluded
+    # from compression); otherwise the output layer's own ``kd_temperature`` is used.
+    logit_temperature: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "layers": {name: asdict(p) for name, p in self.layers.items()},
             "kd_alpha": self.kd_alpha,
             "feature_kd_weight": self.feature_kd_weight,
             "lr": self.lr,
             "l1_weight": self.l1_weight,
         }
+        if self.logit_temperature is not None:
+            out["logit_temperature"] = self.logit_temperature
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionPlan:
@@ -67,8 +73,10 @@ class CompressionPlan:
         layers = {name: LayerPlan(float(p["prune_ratio"]), int(p["weight_bits"]), float(p["kd_temperature"]),
                                   float(p.get("rank_ratio", 1.0)))
                   for name, p in data["layers"].items()}
+        logit_temperature = data.get("logit_temperature")
         return cls(layers, float(data["kd_alpha"]), float(data["feature_kd_weight"]), float(data["lr"]),
-                   float(data.get("l1_weight", 0.0)))
+                   float(data.get("l1_weight", 0.0)),
+                   float(logit_temperature) if logit_temperature is not None else None)
 
 
 def select_layers(candidates: list[str], space: SpaceSpec) -> list[str]:
@@ -100,8 +108,14 @@ def _suggest(trial: optuna.Trial, param: str, knob: Knob) -> float | int:
     return trial.suggest_float(param, knob.low, knob.high, log=knob.log)
 
 
-def sample_plan(trial: optuna.Trial, space: SpaceSpec, layer_names: list[str]) -> CompressionPlan:
-    """Sample a plan for ``layer_names`` (already selected with :func:`select_layers`)."""
+def sample_plan(trial: optuna.Trial, space: SpaceSpec, layer_names: list[str],
+                output_layer: str | None = None) -> CompressionPlan:
+    """Sample a plan for ``layer_names`` (already selected with :func:`select_layers`).
+
+    ``output_layer`` names the layer producing the logits: its ``kd_temperature`` is the
+    logit-distillation temperature, sampled (as ``<output_layer>.kd_temperature``) even when
+    the layer itself is excluded from compression.
+    """
     values: dict[str, dict[str, float | int]] = {name: {} for name in layer_names}
     for knob_name in PER_LAYER_KNOBS:
         knob = space.knobs[knob_name]
@@ -119,7 +133,14 @@ def sample_plan(trial: optuna.Trial, space: SpaceSpec, layer_names: list[str]) -
                               float(v["rank_ratio"]))
               for name, v in values.items()}
     glob = {k: float(_suggest(trial, k, space.knobs[k])) for k in GLOBAL_KNOBS}
-    return CompressionPlan(layers, glob["kd_alpha"], glob["feature_kd_weight"], glob["lr"], glob["l1_weight"])
+    logit_temperature = None
+    if output_layer is not None and output_layer not in layers:
+        knob = space.knobs["kd_temperature"]
+        fixed = _fixed_for(output_layer, space).get("kd_temperature")
+        param = "kd_temperature" if knob.tie else f"{output_layer}.kd_temperature"
+        logit_temperature = float(fixed if fixed is not None else _suggest(trial, param, knob))
+    return CompressionPlan(layers, glob["kd_alpha"], glob["feature_kd_weight"], glob["lr"], glob["l1_weight"],
+                           logit_temperature)
 
 
 def _fixed_for(layer: str, space: SpaceSpec) -> dict[str, float | int]:

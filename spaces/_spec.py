@@ -38,6 +38,8 @@ TABLE_KEYS: dict[str, Any] = {"target": None, "categorical": [], "missing": "ref
                               "val_fraction": 0.2, "test_fraction": 0.2, "split_seed": 0, "batch_size": 64}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _REF_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# "user:password@" in something that looks like a URL, masked before it is shown.
+_PASSWORD_RE = re.compile(r"([^:/@\s]+:)[^@\s]*@")
 # Study keys that change how a study runs, not what its trials mean.
 _NOT_FINGERPRINTED = ("name", "storage", "trials", "heartbeat_interval", "heartbeat_grace")
 
@@ -295,7 +297,9 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
         raise SpecError("study.name", name, "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
     storage = study.get("storage", DEFAULT_STORAGE)
     if not isinstance(storage, str) or "://" not in storage:
-        raise SpecError("study.storage", storage, "a SQLAlchemy URL such as sqlite:///slimtune.db or postgresql+psycopg://user@host/db")
+        shown = _PASSWORD_RE.sub(r"\1***@", storage) if isinstance(storage, str) else storage
+        raise SpecError("study.storage", shown, "a SQLAlchemy URL such as sqlite:///slimtune.db or "
+                        "postgresql+psycopg://user:password@host/db")
     trials = _int("study.trials", study.get("trials", 20), 1, 1_000_000)
     seed = _int("study.seed", study.get("seed", 0), 0, 2**31 - 1)
     sampler = study.get("sampler", "tpe")

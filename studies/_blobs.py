@@ -14,12 +14,15 @@ Example:
 
 from __future__ import annotations
 
+import weakref
+
 import optuna
-from sqlalchemy import Column, LargeBinary, MetaData, String, Table, delete, insert, select
+from sqlalchemy import Column, LargeBinary, MetaData, String, Table, delete, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 _metadata = MetaData()
+_ready: weakref.WeakSet[Engine] = weakref.WeakSet()  # engines whose blob table exists
 BLOBS = Table(
     "slimtune_blobs", _metadata,
     Column("study_name", String(512), primary_key=True),
@@ -35,7 +38,9 @@ def engine_of(storage: optuna.storages.BaseStorage) -> Engine:
     engine = getattr(inner, "engine", None)
     if engine is None:
         raise TypeError(f"blob storage needs an RDB storage, got {type(storage).__name__}")
-    _metadata.create_all(engine, checkfirst=True)
+    if engine not in _ready:
+        _metadata.create_all(engine, checkfirst=True)
+        _ready.add(engine)
     return engine
 
 
@@ -74,3 +79,9 @@ def drop_blob(storage: optuna.storages.BaseStorage, study_name: str, key: str) -
     """Remove one blob (no error if it is not there)."""
     with engine_of(storage).begin() as conn:
         conn.execute(delete(BLOBS).where(BLOBS.c.study_name == study_name, BLOBS.c.key == key))
+
+
+def touch_blob(storage: optuna.storages.BaseStorage, study_name: str, key: str, data: bytes) -> None:
+    """Replace the bytes of an existing blob in place (no moment without it, unlike put_blob)."""
+    with engine_of(storage).begin() as conn:
+        conn.execute(update(BLOBS).where(BLOBS.c.study_name == study_name, BLOBS.c.key == key).values(data=data))

@@ -21,6 +21,8 @@ from sqlalchemy.engine import make_url
 
 from slimtune.spaces import SpecError
 
+from ._blobs import engine_of
+
 SQLITE_BUSY_TIMEOUT_S = 60
 
 
@@ -67,19 +69,27 @@ def _engine_kwargs(url: str, create: bool) -> dict[str, Any]:
 
 
 @contextmanager
+def folder_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between local processes on the folder holding ``path`` (no lock file
+    is left behind)."""
+    folder = os.open(path.resolve().parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(folder)
+
+
+@contextmanager
 def _schema_lock(url: str) -> Iterator[None]:
     """Serialize schema creation between local processes opening one new SQLite file at once
     (Optuna's set-up otherwise fails with ``table alembic_version already exists``)."""
     path = sqlite_path(url)
     if path is None:
         yield
-        return
-    folder = os.open(path.resolve().parent, os.O_RDONLY)  # lock the folder: no lock file left behind
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(folder)
+    else:
+        with folder_lock(path):
+            yield
 
 
 def open_storage(url: str, create: bool = True, heartbeat_interval: int | None = DEFAULT_HEARTBEAT_INTERVAL_S,
@@ -111,6 +121,7 @@ def open_storage(url: str, create: bool = True, heartbeat_interval: int | None =
             with _schema_lock(url), warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+                engine_of(storage)  # slimtune's blob table, created here under the same lock
                 if sqlite_path(url) is not None:
                     with storage.engine.connect() as conn:
                         conn.exec_driver_sql("PRAGMA journal_mode=WAL")

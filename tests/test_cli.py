@@ -179,3 +179,12 @@ def test_unloadable_checkpoint_exits_2(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["search", str(spec), "--storage", _url(tmp_path)]) == 2
     assert "model.checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "studies.db").exists()
+
+
+def test_a_deleted_study_name_starts_afresh(spec_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = _url(tmp_path)
+    assert main(["search", str(spec_file), "--storage", url, "--trials", "1", "--quiet"]) == 0
+    optuna.delete_study(study_name="digits-test", storage=url)
+    assert main(["search", str(spec_file), "--storage", url, "--trials", "1", "--quiet"]) == 0
+    assert capsys.readouterr().err.count("training the teacher") == 2
+    assert keys.TEACHER in optuna.load_study(study_name="digits-test", storage=url).user_attrs

@@ -79,3 +79,23 @@ def test_bake_leaves_plain_module_with_same_weights() -> None:
     bake(model)
     assert not parametrize.is_parametrized(model[0])
     assert torch.equal(model[0].weight, before)
+
+
+def test_baking_a_copy_leaves_the_original_working() -> None:
+    import copy
+
+    torch.manual_seed(0)
+    model = apply_plan(nn.Sequential(nn.Linear(6, 3)), CompressionPlan({"0": LayerPlan(0.5, 4, 1.0)}, 1.0, 0.0, 1e-3))
+    x = torch.randn(2, 6)
+    before = model(x)
+    baked = bake(copy.deepcopy(model))
+    assert torch.equal(model(x), before) and torch.equal(baked(x), before)
+
+
+def test_sixteen_bit_scales_keep_small_channels() -> None:
+    weight = torch.full((2, 8), 5e-4)
+    weight[1] *= 100
+    codes, scale = quantize(weight, 16)
+    restored = codes.float() * scale.view(-1, 1)
+    assert torch.allclose(restored, weight, rtol=1e-4)
+    assert codes.abs().max() == 2**15 - 1

@@ -110,3 +110,18 @@ def test_layer_pattern_matching_nothing_is_an_error() -> None:
     data["space"]["layers"] = ["*"]
     data["space"]["exclude"] = ["conv*"]
     assert select_layers(["conv1", "conv2", "fc1", "fc2"], parse_spec(data).space) == ["fc1", "fc2"]
+
+
+def test_excluded_output_layer_still_gets_a_logit_temperature() -> None:
+    data = digits_spec_dict()
+    data["space"]["exclude"] = ["fc2"]
+    spec = parse_spec(data)
+    layers = select_layers(["conv1", "conv2", "fc1", "fc2"], spec.space)
+    trial = optuna.create_study(directions=["maximize", "minimize"]).ask()
+    plan = sample_plan(trial, spec.space, layers, output_layer="fc2")
+    assert list(plan.layers) == ["conv1", "conv2", "fc1"]
+    assert plan.logit_temperature is not None and 1.0 <= plan.logit_temperature <= 4.0
+    assert trial.params["fc2.kd_temperature"] == plan.logit_temperature
+    assert CompressionPlan.from_dict(plan.to_dict()) == plan
+    # when the output layer is compressed, its own temperature is the logit temperature
+    assert sample_plan(trial, spec.space, ["conv1", "fc2"], output_layer="fc2").logit_temperature is None

@@ -49,11 +49,17 @@ def magnitude_mask(weight: torch.Tensor, ratio: float) -> torch.Tensor:
     return mask.view_as(weight)
 
 
+FP16_SCALE_MAX_BITS = 8  # above this, scales stay float32 (float16 would cost the extra precision)
+
+
 def channel_scales(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel scales (float16 values held in float32), shape ``(out_channels,)``."""
+    """Per-output-channel scales in float32, shape ``(out_channels,)``; up to 8 bits rounded
+    to float16 values, which the artifact then stores exactly in 2 bytes each."""
     qmax = 2 ** (bits - 1) - 1
     amax = weight.detach().abs().flatten(1).amax(dim=1)
-    scale = torch.clamp(amax / qmax, max=FP16_MAX).to(torch.float16).to(torch.float32)
+    scale = amax / qmax
+    if bits <= FP16_SCALE_MAX_BITS:
+        scale = torch.clamp(scale, max=FP16_MAX).to(torch.float16).to(torch.float32)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
@@ -125,15 +131,6 @@ def apply_plan(model: nn.Module, plan: CompressionPlan) -> nn.Module:
             if layer_plan.weight_bits < 32:
                 parametrize.register_parametrization(module, "weight", FakeQuant(layer_plan.weight_bits))
     return model
-
-
-def weight_bits_of(module: nn.Module) -> int:
-    """The quantization bits of a module's weight (32 if it is not fake-quantized)."""
-    if parametrize.is_parametrized(module, "weight"):
-        for p in module.parametrizations["weight"]:
-            if isinstance(p, FakeQuant):
-                return p.bits
-    return 32
 
 
 def bake(model: nn.Module) -> nn.Module:

@@ -110,6 +110,7 @@ class FeatureTap:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        self._handles = []
 
 
 class DistillationModule(_AccuracyMixin, pl.LightningModule):
@@ -198,10 +199,14 @@ class DistillationModule(_AccuracyMixin, pl.LightningModule):
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam(self.student.parameters(), lr=self.lr)
 
-    def teardown(self, stage: str) -> None:
+    def remove_taps(self) -> None:
+        """Take the feature hooks off the student and the (shared) teacher; idempotent."""
         self._student_tap.remove()
         if self._teacher_tap is not None:
             self._teacher_tap.remove()
+
+    def teardown(self, stage: str) -> None:
+        self.remove_taps()
 
 
 class AccuracyFloor(pl.Callback):

@@ -11,8 +11,10 @@ the model has low-rank factorized layers, :func:`pack_model` adds ``meta["factor
 are ordinary entries (``fc1.0.weight``, ``fc1.1.weight``, ...).
 Entry kinds and their blocks:
 
-- ``raw``: the tensor's bytes in its own dtype (biases, unquantized layers, buffers).
-- ``quant`` (``bits`` 2..16): ``scales`` as float16, one per output channel; then either
+- ``raw``: the tensor's bytes in its own dtype (biases, unquantized layers, buffers, and
+  unquantized weights pruned so little that a bitmap would not pay).
+- ``quant`` (``bits`` 2..16): ``scales``, one per output channel, as float16 up to 8 bits
+  and float32 above; then either
   ``dense`` codes, every weight's code ``q + 2**(bits-1)`` bit-packed at ``bits`` bits, or
   ``sparse``: a bitmap of the nonzero positions (1 bit per weight, row-major, MSB first) and
   the nonzero codes bit-packed the same way. The packer takes whichever is smaller.
@@ -46,7 +48,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._compress import FakeQuant, PruneMask, dequantize, quantize
+from ._compress import FP16_SCALE_MAX_BITS, FakeQuant, PruneMask, dequantize, quantize
 from ._lowrank import Factorized, factorized_ranks, full_rank, weight_modules
 
 MAGIC = b"SLIM"
@@ -81,19 +83,26 @@ def _quant_input(module: nn.Module) -> tuple[torch.Tensor, int]:
     return weight, bits
 
 
+def _scale_dtype(bits: int) -> str:
+    """float16 scales up to 8 bits (exact: the quantizer rounds them so), float32 above."""
+    return "<f2" if bits <= FP16_SCALE_MAX_BITS else "<f4"
+
+
 def _encode_weight(module: nn.Module) -> tuple[dict[str, Any], list[bytes]]:
     weight, bits = _quant_input(module)
     shape = list(weight.shape)
     if bits == 32:
         values = weight.flatten().numpy()
         nonzero = values != 0
+        if values.size + 32 * int(nonzero.sum()) >= 32 * values.size:  # barely pruned: raw is smaller
+            return {"kind": "raw", "shape": shape, "dtype": "<f4"}, [values.astype("<f4").tobytes()]
         return ({"kind": "sparse32", "shape": shape},
                 [np.packbits(nonzero).tobytes(), values[nonzero].astype("<f4").tobytes()])
     codes, scale = quantize(weight, bits)
     offset = 2 ** (bits - 1)
     flat = codes.flatten().numpy().astype(np.int64)
     nonzero = flat != 0
-    scales = scale.numpy().astype("<f2").tobytes()
+    scales = scale.numpy().astype(_scale_dtype(bits)).tobytes()
     dense_bits = flat.size * bits
     sparse_bits = flat.size + int(nonzero.sum()) * bits
     if sparse_bits < dense_bits:
@@ -163,7 +172,7 @@ def unpack_model(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             state[entry["name"]] = torch.from_numpy(values.reshape(shape))
         else:
             bits = entry["bits"]
-            scale = torch.from_numpy(np.frombuffer(parts[0], dtype="<f2").astype(np.float32))
+            scale = torch.from_numpy(np.frombuffer(parts[0], dtype=_scale_dtype(bits)).astype(np.float32))
             codes = np.zeros(count, dtype=np.int64)
             if entry["layout"] == "sparse":
                 nonzero = np.unpackbits(np.frombuffer(parts[1], dtype=np.uint8))[:count].astype(bool)

@@ -79,7 +79,7 @@ class TrialContext:
         dm = datamodule or build_datamodule(spec.data)
         every_layer = compressible_layers(teacher)
         layer_names = select_layers(every_layer, spec.space)
-        output_layer = every_layer[-1] if every_layer[-1] in layer_names else layer_names[-1]
+        output_layer = every_layer[-1]  # the layer producing the logits (maybe not compressed)
         cache = None
         if getattr(dm, "deterministic_train", False):
             x, y = materialize(dm.train_dataloader().dataset)
@@ -110,12 +110,14 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     result.seconds["compress"] = time.perf_counter() - started
 
     hidden = [n for n in plan.layers if n != ctx.output_layer]
+    logit_temperature = (plan.logit_temperature if plan.logit_temperature is not None
+                         else plan.layers[ctx.output_layer].kd_temperature)
     feature_temperatures = {n: plan.layers[n].kd_temperature for n in hidden}
     cached = use_cache and ctx.cache is not None and (
         plan.feature_kd_weight == 0 or ctx.cache.has_features(hidden))
     ft = ctx.spec.finetune
     module = DistillationModule(
-        student, lr=plan.lr, kd_alpha=plan.kd_alpha, logit_temperature=plan.layers[ctx.output_layer].kd_temperature,
+        student, lr=plan.lr, kd_alpha=plan.kd_alpha, logit_temperature=logit_temperature,
         feature_kd_weight=plan.feature_kd_weight, feature_temperatures=feature_temperatures,
         teacher=None if cached else ctx.teacher, cache=ctx.cache if cached else None,
         l1_weight=plan.l1_weight, l1_layers=list(plan.layers))
@@ -128,7 +130,10 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
         train_batches = train_loader_for(ctx.datamodule, ft.batch_size, seed)
     result.teacher_source = "cache" if cached else "live"
     started = time.perf_counter()
-    trainer.fit(module, train_dataloaders=train_batches, val_dataloaders=ctx.datamodule.val_dataloader())
+    try:
+        trainer.fit(module, train_dataloaders=train_batches, val_dataloaders=ctx.datamodule.val_dataloader())
+    finally:  # Lightning skips teardown when fit raises: never leave hooks on the shared teacher
+        module.remove_taps()
     result.seconds["finetune"] = time.perf_counter() - started
     result.val_history = list(module.val_history)
     student.eval()
