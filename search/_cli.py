@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import pkgutil
 import sys
 from types import ModuleType
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from slimtune.spaces import DEFAULT_STORAGE, SpecError
 from slimtune.studies import FORMATS, load_existing_study, open_storage, preset_names, render
@@ -30,34 +31,29 @@ EXIT_INTERRUPTED = 130
 STORAGE_ENV = "SLIMTUNE_STORAGE"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: a positive integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; allowed: a positive integer")
-    return value
+def number_in(kind: type, low: float, high: float, allowed: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``kind(text)`` within ``[low, high]``, else a message naming what
+    is allowed (argparse then exits 2).
+
+    Example:
+        >>> number_in(int, 1, 10, "an integer in 1..10")("3")
+        3
+    """
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:  # NaN fails the comparison too
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: {allowed}")
+        return value
+
+    return parse
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**31:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: an integer in [0, 2147483647]")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: a positive number of seconds")
-    return value
+_positive_int = number_in(int, 1, math.inf, "a positive integer")
+_seed = number_in(int, 0, 2**31 - 1, "an integer in [0, 2147483647]")
+_positive_float = number_in(float, 1e-9, math.inf, "a positive number of seconds")
 
 
 def add_storage_option(parser: argparse.ArgumentParser) -> None:

@@ -13,17 +13,10 @@ from typing import Any
 
 from slimtune.studies._dashboard import DEFAULT_HOST, DEFAULT_PORT
 
-from ._cli import add_storage_option
+from ._cli import add_storage_option, number_in
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: an integer port in 1..65535")
-    return value
+_port = number_in(int, 1, 65535, "an integer port in 1..65535")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -27,33 +27,16 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from slimtune.spaces import SpecError
-from slimtune.studies import get_blob, keys, load_existing_study, mask_url, open_storage
+from slimtune.studies import get_blob, keys, load_existing_study, mask_url, open_storage, pareto_trials
 
-from ._cli import add_storage_option
+from ._cli import add_storage_option, number_in
 
 SPLITS = ("val", "test")
 _SLACK = 1e-12  # float noise allowed in "accuracy >= teacher - drop"
 
 
-def _trial_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: a trial number (0, 1, 2, ...)")
-    return value
-
-
-def _drop(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: an accuracy drop in [0, 1] "
-                                         "(0.01 = 1 point)")
-    return value
+_trial_number = number_in(int, 0, math.inf, "a trial number (0, 1, 2, ...)")
+_drop = number_in(float, 0, 1, "an accuracy drop in [0, 1] (0.01 = 1 point)")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -102,9 +85,9 @@ def trial_within_drop(study: optuna.Study, max_drop: float) -> FrozenTrial:
     if not teacher:
         raise SpecError("--study", study.study_name, "a slimtune study with a teacher", "has no teacher record")
     teacher_val = float(teacher["val_accuracy"])
-    within = [t for t in study.best_trials if t.values[0] >= teacher_val - max_drop - _SLACK]
+    within = [t for t in pareto_trials(study) if t.values[0] >= teacher_val - max_drop - _SLACK]
     if within:
-        return min(within, key=lambda t: (t.values[1], -t.values[0], t.number))
+        return within[0]  # the smallest
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise SpecError("--max-drop", max_drop, "a study with a complete trial",

@@ -32,7 +32,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import text
 
-from slimtune.studies import engine_of, folder_lock, keys, sqlite_path
+from slimtune.studies import engine_of, keys, sqlite_lock
 
 from ._objective import TrialFailed, describe_failure
 from ._signals import GracefulStop, Interrupted, SearchFailed
@@ -58,39 +58,46 @@ def slot_lock(storage: optuna.storages.BaseStorage, url: str, study_name: str) -
                 conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
                 conn.commit()
         return
-    path = sqlite_path(url)
-    if path is None:
+    with sqlite_lock(url):
         yield
-    else:
-        with folder_lock(path):
-            yield
 
 
 @contextmanager
-def heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[None]:
-    """Record the trial's heartbeat every ``heartbeat_interval`` seconds while the block runs."""
-    interval = storage.get_heartbeat_interval() if isinstance(storage, optuna.storages.RDBStorage) else None
-    if not interval:
-        yield
-        return
+def every(seconds: float, action: Callable[[], None], name: str, now: bool = True) -> Iterator[None]:
+    """Run ``action`` every ``seconds`` in a background thread while the block runs (first at
+    once if ``now``). A failing call is skipped: the next one retries."""
     done = threading.Event()
 
-    def beat() -> None:
+    def loop() -> None:
+        if not now and done.wait(seconds):
+            return
         while True:
             try:
-                storage.record_heartbeat(trial_id)
-            except Exception:  # a missed beat is retried; the grace period covers a few
+                action()
+            except Exception:
                 pass
-            if done.wait(interval):
+            if done.wait(seconds):
                 return
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     try:
         yield
     finally:
         done.set()
         thread.join()
+
+
+@contextmanager
+def heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Iterator[None]:
+    """Record the trial's heartbeat every ``heartbeat_interval`` seconds while the block runs
+    (a missed beat is retried; the grace period covers a few)."""
+    interval = storage.get_heartbeat_interval() if isinstance(storage, optuna.storages.RDBStorage) else None
+    if not interval:
+        yield
+        return
+    with every(interval, lambda: storage.record_heartbeat(trial_id), f"heartbeat-{trial_id}"):
+        yield
 
 
 def fail_stale_trials(study: optuna.Study) -> None:

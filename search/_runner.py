@@ -19,12 +19,10 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import optuna
 import torch
@@ -40,7 +38,7 @@ from slimtune.trainers import (
 )
 
 from ._cli import EXIT_INTERRUPTED, STORAGE_ENV
-from ._loop import run_until_target
+from ._loop import every, run_until_target
 from ._objective import CompressionObjective
 from ._signals import GracefulStop, Interrupted
 
@@ -154,7 +152,10 @@ def _teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spec: St
         token = uuid.uuid4().hex
         if claim_blob(storage, spec.name, keys.TEACHER_LOCK, _lock_bytes(token)):
             try:
-                with _refreshing(storage, spec.name, token):
+                def refresh() -> None:
+                    touch_blob(storage, spec.name, keys.TEACHER_LOCK, _lock_bytes(token))
+
+                with every(TEACHER_LOCK_REFRESH_S, refresh, "teacher-lock", now=False):
                     return _make_teacher(study, storage, spec, model, dm, stop, log)
             finally:
                 lock = get_blob(storage, spec.name, keys.TEACHER_LOCK)
@@ -175,27 +176,6 @@ def _teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spec: St
 def _lock_bytes(token: str) -> bytes:
     return json.dumps({"token": token, "time": time.time(), "host": socket.gethostname(),
                        "pid": os.getpid()}).encode()
-
-
-@contextmanager
-def _refreshing(storage: optuna.storages.BaseStorage, study_name: str, token: str) -> Iterator[None]:
-    """Keep the teacher lock fresh (every ``TEACHER_LOCK_REFRESH_S``) while the block runs."""
-    done = threading.Event()
-
-    def refresh() -> None:
-        while not done.wait(TEACHER_LOCK_REFRESH_S):
-            try:
-                touch_blob(storage, study_name, keys.TEACHER_LOCK, _lock_bytes(token))
-            except Exception:  # a missed refresh is retried; staleness needs several
-                pass
-
-    thread = threading.Thread(target=refresh, name="teacher-lock", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
 
 
 def _wait_for(condition: Any, what: str, limit: float = STUDY_SETUP_WAIT_S) -> None:

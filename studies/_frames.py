@@ -71,9 +71,17 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return _frame(study.get_trials(deepcopy=False), list(BASE_COLUMNS))
 
 
+def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The Pareto-optimal trials (val accuracy up, size down), smallest first (ties: more
+    accurate first, then by number)."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return []
+    return sorted(study.best_trials, key=lambda t: (t.values[1], -t.values[0], t.number))
+
+
 def pareto_frame(study: optuna.Study) -> pd.DataFrame:
     """The Pareto-optimal trials (val accuracy up, size down), sorted by size."""
-    best = sorted(study.best_trials, key=lambda t: (t.values[1], -t.values[0], t.number))
+    best = pareto_trials(study)
     frame = _frame(best, PARETO_COLUMNS + ["kd_alpha", "feature_kd_weight", "l1_weight"])
     return frame.reset_index(drop=True)
 

@@ -44,7 +44,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from . import _keys as keys
-from ._frames import pareto_frame
+from ._frames import pareto_frame, pareto_trials
 from ._storage import mask_url
 
 PARETO_DIV = "pareto-front"
@@ -207,7 +207,7 @@ def _pareto_figure(study: optuna.Study, front: list[FrozenTrial], complete: list
             y=[t.values[0] for t in others],
             mode="markers", marker=dict(color=_OTHER_COLOR, size=8, line=dict(color="#8a8a8a", width=0.5)),
             customdata=[_hover(t) for t in others], hovertemplate=_HOVER))
-    ordered = sorted(front, key=lambda t: (t.values[1], -t.values[0], t.number))
+    ordered = front  # smallest first, as pareto_trials gives it
     fig.add_trace(go.Scatter(
         name=PARETO_TRACE, uid=PARETO_UID, x=[t.values[1] for t in ordered], y=[t.values[0] for t in ordered],
         mode="lines+markers", line=dict(color=_FRONT_COLOR, shape="hv", width=1.5, dash="dot"),
@@ -466,8 +466,7 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
     now = now or _dt.datetime.now(_dt.timezone.utc)
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
-    front = study.best_trials if complete else []
-    ordered_front = sorted(front, key=lambda t: (t.values[1], -t.values[0], t.number))
+    ordered_front = pareto_trials(study)
     counts: Counter[str] = Counter(t.state.name for t in trials)
     spec = study.user_attrs.get(keys.SPEC) or {}
     teacher = study.user_attrs.get(keys.TEACHER) or {}
@@ -510,7 +509,7 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
         f"<div><div class=\"note\" style=\"margin-top:0\">Spec stored with the study</div>"
         f"<pre class=\"spec\">{_esc(spec_text)}</pre></div></div></section>")
 
-    pareto_fig = _pareto_figure(study, front, complete, counts, teacher, floor)
+    pareto_fig = _pareto_figure(study, ordered_front, complete, counts, teacher, floor)
     sections.append(
         "<section id=\"front\"><h2>Pareto front</h2>"
         "<p class=\"note\">Validation accuracy (selection metric) against the byte length of the packed artifact. "

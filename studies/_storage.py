@@ -81,8 +81,9 @@ def folder_lock(path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _schema_lock(url: str) -> Iterator[None]:
-    """Serialize schema creation between local processes opening one new SQLite file at once
+def sqlite_lock(url: str) -> Iterator[None]:
+    """For a SQLite URL, :func:`folder_lock` on its file; for any other database, nothing.
+    It serializes schema creation between local processes opening one new SQLite file at once
     (Optuna's set-up otherwise fails with ``table alembic_version already exists``)."""
     path = sqlite_path(url)
     if path is None:
@@ -118,7 +119,7 @@ def open_storage(url: str, create: bool = True, heartbeat_interval: int | None =
     last_error: Exception | None = None
     for attempt in range(5):
         try:
-            with _schema_lock(url), warnings.catch_warnings():
+            with sqlite_lock(url), warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
                 engine_of(storage)  # slimtune's blob table, created here under the same lock
