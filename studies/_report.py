@@ -275,33 +275,42 @@ def _heatmap_figure(ordered: list[FrozenTrial]) -> tuple[Any, int]:
     sparsity = grid(lambda t, l: t.user_attrs.get(keys.TRIAL_LAYERS, {}).get(l, {}).get("sparsity"))
     temperature = grid(lambda t, l: t.user_attrs.get(keys.TRIAL_PLAN, {}).get("layers", {}).get(l, {})
                        .get("kd_temperature"))
+    rank = grid(lambda t, l: t.user_attrs.get(keys.TRIAL_PLAN, {}).get("layers", {}).get(l, {})
+                .get("rank_ratio", 1.0))
     show_text = len(layers) * len(ordered) <= 600
 
     def text(values: list[list[Any]], fmt: str) -> list[list[str]]:
         return [[("" if v is None else format(v, fmt)) for v in row] for row in values]
 
-    titles = ("weight bits (achieved)", "sparsity (achieved)", "KD temperature (plan)")
-    fig = make_subplots(rows=1, cols=3, shared_yaxes=True, horizontal_spacing=0.04, subplot_titles=titles)
     log_bits = [[(math.log2(v) if v else None) for v in row] for row in bits]
     bit_ticks = [2, 3, 4, 6, 8, 16, 32]
     specs = [
-        (log_bits, text(bits, "d"), "Viridis", dict(tickvals=[math.log2(b) for b in bit_ticks],
-                                                   ticktext=[str(b) for b in bit_ticks]), "bits %{text}",
+        ("weight bits (achieved)", log_bits, text(bits, "d"), "Viridis",
+         dict(tickvals=[math.log2(b) for b in bit_ticks], ticktext=[str(b) for b in bit_ticks]), "bits %{text}",
          (1.0, 5.0)),
-        (sparsity, text(sparsity, ".0%"), "Blues", dict(tickformat=".0%"), "sparsity %{z:.1%}", (0.0, 1.0)),
-        (temperature, text(temperature, ".1f"), "Oranges", {}, "T = %{z:.2f}", (None, None)),
+        ("sparsity (achieved)", sparsity, text(sparsity, ".0%"), "Blues", dict(tickformat=".0%"),
+         "sparsity %{z:.1%}", (0.0, 1.0)),
+        ("KD temperature (plan)", temperature, text(temperature, ".1f"), "Oranges", {}, "T = %{z:.2f}",
+         (None, None)),
     ]
+    if any(v is not None and v < 1 for row in rank for v in row):  # low-rank factorization searched
+        specs.append(("rank kept (plan rank_ratio)", rank, text(rank, ".2f"), "Greens", dict(tickformat=".1f"),
+                      "rank ratio %{z:.2f}", (0.0, 1.0)))
+    panels = len(specs)
+    fig = make_subplots(rows=1, cols=panels, shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=[spec[0] for spec in specs])
     height = 190 + 30 * max(len(ordered), 2)
     margin = dict(l=120, r=20, t=40, b=100)
     below_labels = -46 / (height - margin["t"] - margin["b"])  # under the layer names, in paper units
-    for col, (z, labels, scale, ticks, hover, (zmin, zmax)) in enumerate(specs, start=1):
-        domain_start = (col - 1) * (1 + 0.04) / 3
+    width = (1 - 0.04 * (panels - 1)) / panels  # of one panel, in paper units
+    for col, (_, z, labels, scale, ticks, hover, (zmin, zmax)) in enumerate(specs, start=1):
+        domain_start = (col - 1) * (width + 0.04)
         fig.add_trace(go.Heatmap(
             z=z, x=layers, y=rows, text=labels, texttemplate="%{text}" if show_text else None, colorscale=scale,
             zmin=zmin, zmax=zmax, xgap=1, ygap=1,
             hovertemplate="%{y}<br>layer %{x}<br>" + hover + "<extra></extra>",
-            colorbar=dict(orientation="h", x=domain_start + (1 - 0.08) / 6, xanchor="center", y=below_labels,
-                          yanchor="top", len=0.28, thickness=10, **ticks)), row=1, col=col)
+            colorbar=dict(orientation="h", x=domain_start + width / 2, xanchor="center", y=below_labels,
+                          yanchor="top", len=0.84 / panels, thickness=10, **ticks)), row=1, col=col)
     fig.update_layout(template="plotly_white", margin=margin, height=height)
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_xaxes(type="category", side="bottom")
@@ -427,8 +436,10 @@ def _pareto_table(frame: pd.DataFrame) -> str:
                ("mean_bits", "mean bits", lambda v: "" if pd.isna(v) else f"{v:.2f}"),
                ("sparsity", "sparsity", lambda v: _pct(v, 1)),
                ("kd_alpha", "kd α", lambda v: "" if pd.isna(v) else f"{v:.2f}"),
-               ("feature_kd_weight", "feature KD", lambda v: "" if pd.isna(v) else f"{v:.2f}")]
-    columns = [c for c in columns if c[0] in frame.columns]
+               ("feature_kd_weight", "feature KD", lambda v: "" if pd.isna(v) else f"{v:.2f}"),
+               ("l1_weight", "L1", lambda v: "" if pd.isna(v) else f"{v:.3g}")]
+    columns = [c for c in columns if c[0] in frame.columns
+               and not (c[0] == "l1_weight" and not frame["l1_weight"].fillna(0).any())]  # L1 only if used
     head = "".join(f"<th class=\"num\">{_esc(label)}</th>" for _, label, _ in columns)
     body = []
     for _, row in frame.iterrows():

@@ -90,14 +90,27 @@ def test_same_search_again_continues_and_does_not_retrain(spec_file: Path, tmp_p
     assert len(study.trials) == 2
 
 
-def test_bad_spec_exits_2_naming_the_key_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("before", "after", "message"),
+    [
+        ("weight_bits = { choices = [2, 4, 8, 32] }", "weight_bits = { choices = [1, 4] }",
+         "space.weight_bits.choices: 1 is not allowed; allowed: integers 2..16"),
+        ("weight_bits = { choices = [2, 4, 8, 32] }", "weight_bits = { choices = [4, 33] }",
+         "space.weight_bits.choices: 33 is not allowed; allowed: integers 2..16"),
+        ("prune_ratio = { low = 0.2, high = 0.8 }", "prune_ratio = { low = 0.2, high = 1.0 }",
+         "space.prune_ratio.high: 1.0 is not allowed; allowed: a fraction in [0, 1)"),
+        ("prune_ratio = { low = 0.2, high = 0.8 }", "prune_ratio = { fixed = 1.5 }",
+         "space.prune_ratio.fixed: 1.5 is not allowed; allowed: a fraction in [0, 1)"),
+    ],
+)
+def test_bad_spec_exits_2_naming_the_key_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             before: str, after: str, message: str) -> None:
     path = tmp_path / "bad.toml"
-    path.write_text(SPEC_TOML.replace("weight_bits = { choices = [2, 4, 8, 32] }",
-                                      "weight_bits = { choices = [1, 4] }"))
+    assert before in SPEC_TOML
+    path.write_text(SPEC_TOML.replace(before, after))
     db = tmp_path / "studies.db"
     assert main(["search", str(path), "--storage", f"sqlite:///{db}"]) == 2
-    err = capsys.readouterr().err
-    assert "space.weight_bits.choices: 1 is not allowed" in err and "allowed: integers 2..16" in err
+    assert message in capsys.readouterr().err
     assert not db.exists()
 
 
