@@ -109,6 +109,8 @@ def open_storage(url: str, create: bool = True, heartbeat_interval: int | None =
     except Exception:
         raise StorageError(url, "is not a valid SQLAlchemy URL") from None
     engine_kwargs = _engine_kwargs(url, create)
+    if not create and sqlite_path(url) is None:
+        _require_optuna_schema(url, engine_kwargs)
     heartbeat: dict[str, Any] = {}
     if heartbeat_interval:
         with warnings.catch_warnings():
@@ -135,6 +137,21 @@ def open_storage(url: str, create: bool = True, heartbeat_interval: int | None =
             last_error = exc
             break
     raise StorageError(url, f"cannot be opened ({_describe(last_error, url)})") from None
+
+
+def _require_optuna_schema(url: str, engine_kwargs: dict[str, Any]) -> None:
+    """For read-only use of a server database: refuse one without Optuna's tables (a wrong
+    database name), instead of letting Optuna create them there."""
+    try:
+        engine = sqlalchemy.create_engine(url, **engine_kwargs)
+        try:
+            has_studies = sqlalchemy.inspect(engine).has_table("studies")
+        finally:
+            engine.dispose()
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+        raise StorageError(url, f"cannot be opened ({_describe(exc, url)})") from None
+    if not has_studies:
+        raise StorageError(url, "holds no Optuna studies", "a database that slimtune or Optuna has written to")
 
 
 def _describe(exc: Exception | None, url: str) -> str:

@@ -113,3 +113,18 @@ def test_wrong_password_exits_2_and_never_prints_it(tmp_path: Path, postgres: Cl
     err = capsys.readouterr().err
     assert "password authentication failed" in err
     assert password not in err and "***" in err
+
+
+def test_reading_an_empty_database_is_refused_and_writes_nothing(postgres: Cluster,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import sqlalchemy
+
+    url = postgres.create_database("empty_for_reading")
+    assert main(["studies", "--storage", url]) == 2
+    assert main(["pareto", "--study", "x", "--storage", url]) == 2
+    assert "holds no Optuna studies" in capsys.readouterr().err
+    engine = sqlalchemy.create_engine(url)
+    try:
+        assert sqlalchemy.inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
