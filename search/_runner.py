@@ -30,7 +30,7 @@ import torch
 from slimtune.spaces import SpecError, StudySpec, load_spec_file, parse_spec, select_layers
 from slimtune.studies import (
     best_ratio_within, claim_blob, delete_blobs, drop_blob, finished_count, touch_blob, get_blob, keys, load_existing_study, load_preset,
-    mask_url, open_storage, put_blob,
+    mask_url, open_storage,
 )
 from slimtune.trainers import (
     TrialContext, build_datamodule, build_model, compressible_layers, datamodule_info, dense_parameter_bytes, evaluate,

@@ -88,7 +88,7 @@ def test_nan_loss_is_detected_in_the_fine_tune(digits_teacher) -> None:
     import torch
 
     from slimtune.trainers import DistillationModule, TeacherCache, quiet_trainer
-    from slimtune.trainers._data import materialize
+    from slimtune.trainers import materialize
 
     teacher, dm = digits_teacher
     x, y = materialize(dm.train_dataloader().dataset)

@@ -29,7 +29,7 @@ __all__ = [
     "TrialResult", "apply_plan", "artifact_datamodule", "bake", "batch_loader", "build_datamodule", "build_model",
     "channel_scales", "check_onnx", "compressible_layers", "dense_parameter_bytes", "dequantize", "evaluate",
     "evaluate_artifact", "example_batch", "export_onnx", "feature_kd_loss", "import_ref", "layer_stats",
-    "load_artifact", "load_state_bytes", "logit_kd_loss", "magnitude_mask", "pack_model", "quantize",
+    "load_artifact", "load_state_bytes", "logit_kd_loss", "magnitude_mask", "materialize", "pack_model", "quantize",
     "quiet_trainer", "run_trial", "silence_lightning", "state_to_bytes", "train_loader_for", "train_teacher",
     "unpack_model",
     "BreastCancerDataModule", "Factorized", "TableDataModule", "TableMLP", "datamodule_info", "factorize",

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch import nn
 
 from slimtune.spaces import CompressionPlan, StudySpec, select_layers
