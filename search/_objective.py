@@ -4,7 +4,9 @@ Returns ``(val_accuracy, size_bytes)``. Per-trial user attrs hold the plan, the 
 per-layer sparsity and bits, test accuracy, compression ratio, timings and the stop reason. A
 trial below the accuracy floor after an epoch is PRUNED (reason recorded); a trial that raises
 is FAIL with ``fail_reason`` recorded, and the study goes on. The packed artifact of a
-completed trial is stored in the study database (``trial/<n>/artifact``).
+completed trial is stored in the study database (``trial/<n>/artifact``). With
+``finetune.promote_epochs``, whether the trial earned its extra epochs is the ``promoted`` attr
+(rule: :func:`beaten_by_completed`).
 
 Example::
 
@@ -15,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import optuna
 import torch
@@ -36,6 +39,21 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:500] if text else ''}"
 
 
+def beaten_by_completed(study: optuna.Study, margin: float) -> Callable[[float, int], bool]:
+    """The promotion rule: a trial at ``(val_accuracy, size_bytes)`` earns its extra epochs
+    unless a completed trial of ``study`` is at most as large and more than ``margin`` more
+    accurate. Read when the question is asked, so it sees trials finished by other workers.
+
+    Returns ``promote(val_accuracy, size_bytes) -> bool``.
+    """
+    def promote(val_accuracy: float, size_bytes: int) -> bool:
+        for done in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if done.values[1] <= size_bytes and done.values[0] > val_accuracy + margin:
+                return False
+        return True
+    return promote
+
+
 class CompressionObjective:
     """Callable objective bound to one study's shared trial context."""
 
@@ -52,7 +70,8 @@ class CompressionObjective:
         sample_seconds = time.perf_counter() - started
         try:
             with self.stop.trial_body():
-                result = run_trial(self.context, plan, seed=spec.seed + trial.number)
+                result = run_trial(self.context, plan, seed=spec.seed + trial.number,
+                                   promote=beaten_by_completed(trial.study, spec.finetune.promote_margin))
         except Interrupted:
             raise  # the trial loop marks it FAIL with reason "interrupted"
         except Exception as exc:  # the trial's own failure: record it, keep the study going
@@ -65,6 +84,8 @@ class CompressionObjective:
         trial.set_user_attr(keys.TRIAL_VAL_HISTORY, result.val_history)
         trial.set_user_attr(keys.TRIAL_MEAN_BITS, result.mean_bits)
         trial.set_user_attr(keys.TRIAL_SPARSITY, result.sparsity)
+        if result.promoted is not None:
+            trial.set_user_attr(keys.TRIAL_PROMOTED, result.promoted)
         if result.pruned_reason is not None:
             trial.set_user_attr(keys.TRIAL_STOP_REASON, result.pruned_reason)
             trial.set_user_attr(keys.TRIAL_SECONDS, {"sample": sample_seconds, **result.seconds})

@@ -21,7 +21,9 @@ from ._spec import (
     MODEL_PRESETS,
     SAMPLERS,
     SPLIT_VALUES,
+    PRUNE_SCHEDULES,
     DataSpec,
+    FinetuneSpec,
     ModelSpec,
     SpaceSpec,
     StudySpec,
@@ -32,7 +34,7 @@ from ._spec import (
 
 __all__ = [
     "BITS_ALLOWED", "DATA_PRESETS", "DEFAULT_STORAGE", "GLOBAL_KNOBS", "MODEL_PRESETS", "PER_LAYER_KNOBS",
-    "SAMPLERS", "VALID_BITS", "CompressionPlan", "DataSpec", "Knob", "LayerPlan", "ModelSpec", "SpaceSpec",
+    "SAMPLERS", "VALID_BITS", "CompressionPlan", "DataSpec", "FinetuneSpec", "Knob", "LayerPlan", "ModelSpec", "SpaceSpec",
     "SpecError", "StudySpec", "TrainSpec", "load_spec_file", "parse_spec", "sample_plan", "select_layers",
-    "MISSING_POLICIES", "SPLIT_VALUES",
+    "MISSING_POLICIES", "PRUNE_SCHEDULES", "SPLIT_VALUES",
 ]

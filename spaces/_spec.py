@@ -97,6 +97,34 @@ class TrainSpec:
     lr: float = 1e-3
 
 
+PRUNE_SCHEDULES = ("oneshot", "gradual")
+# Fine-tune settings whose default leaves a trial as it was before they existed: a spec at these
+# values keeps its old fingerprint (stored studies stay resumable).
+NEUTRAL_FINETUNE: dict[str, Any] = {"prune_schedule": "oneshot", "prune_ramp": 0.5, "promote_epochs": 0,
+                                    "promote_margin": 0.002}
+
+
+@dataclass(frozen=True)
+class FinetuneSpec(TrainSpec):
+    """The student's fine-tune: ``epochs`` for every trial, plus two method settings.
+
+    - ``prune_schedule``: ``"oneshot"`` applies each layer's pruning mask before the first
+      step; ``"gradual"`` raises the sparsity from 0 to the planned ratio along a cubic ramp
+      (Zhu & Gupta, 2017) over the first ``prune_ramp`` share of the ``epochs``' steps,
+      recomputing the magnitude masks as the weights move.
+    - ``promote_epochs``: a multi-fidelity rule of slimtune's own (Optuna cannot prune
+      multi-objective studies). After ``epochs``, a trial whose (validation accuracy, packed
+      size) is not beaten by a completed trial of the study (one at most as large and more
+      than ``promote_margin`` more accurate) trains ``promote_epochs`` more epochs, its
+      learning rate decaying to 0 along a cosine; the others stop there.
+    """
+
+    prune_schedule: str = "oneshot"
+    prune_ramp: float = 0.5
+    promote_epochs: int = 0
+    promote_margin: float = 0.002
+
+
 @dataclass(frozen=True)
 class SpaceSpec:
     """Which layers are compressible and how every knob is searched.
@@ -125,7 +153,7 @@ class StudySpec:
     model: ModelSpec
     data: DataSpec
     teacher: TrainSpec
-    finetune: TrainSpec
+    finetune: FinetuneSpec
     space: SpaceSpec
     cache_mb: int
     heartbeat_interval: int
@@ -143,6 +171,8 @@ class StudySpec:
         # Knobs left at their neutral default do not change what a trial means: a spec written
         # before they existed keeps its fingerprint (and its stored studies stay resumable).
         body["space"] = {k: v for k, v in body["space"].items() if not (k in NEUTRAL_KNOBS and v == NEUTRAL_KNOBS[k])}
+        body["finetune"] = {k: v for k, v in body["finetune"].items()
+                            if not (k in NEUTRAL_FINETUNE and v == NEUTRAL_FINETUNE[k])}
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -335,10 +365,19 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
         batch_size=_int("teacher.batch_size", teacher_raw.get("batch_size", 128), 1, 1_000_000),
         lr=_float("teacher.lr", teacher_raw.get("lr", 1e-3), 0.0, 1.0, low_open=True),
     )
-    finetune_raw = _table(data, "finetune", {"epochs", "batch_size", "cache_mb"})
-    finetune = TrainSpec(
+    finetune_raw = _table(data, "finetune", {"epochs", "batch_size", "cache_mb", *NEUTRAL_FINETUNE})
+    schedule = finetune_raw.get("prune_schedule", NEUTRAL_FINETUNE["prune_schedule"])
+    if schedule not in PRUNE_SCHEDULES:
+        raise SpecError("finetune.prune_schedule", schedule, ", ".join(PRUNE_SCHEDULES))
+    finetune = FinetuneSpec(
         epochs=_int("finetune.epochs", finetune_raw.get("epochs", 2), 1, 10_000),
         batch_size=_int("finetune.batch_size", finetune_raw.get("batch_size", 128), 1, 1_000_000),
+        prune_schedule=schedule,
+        prune_ramp=_float("finetune.prune_ramp", finetune_raw.get("prune_ramp", NEUTRAL_FINETUNE["prune_ramp"]),
+                          0.0, 1.0, low_open=True),
+        promote_epochs=_int("finetune.promote_epochs", finetune_raw.get("promote_epochs", 0), 0, 10_000),
+        promote_margin=_float("finetune.promote_margin",
+                              finetune_raw.get("promote_margin", NEUTRAL_FINETUNE["promote_margin"]), 0.0, 1.0),
     )
     cache_mb = _int("finetune.cache_mb", finetune_raw.get("cache_mb", 1024), 0, 1_000_000)
 
@@ -380,7 +419,9 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
                                     "kwargs": data_spec.kwargs}.items() if v is not None}
                  if data_spec.table is None else data_spec.table_options()),
         "teacher": {"epochs": teacher.epochs, "lr": teacher.lr, "batch_size": teacher.batch_size},
-        "finetune": {"epochs": finetune.epochs, "batch_size": finetune.batch_size, "cache_mb": cache_mb},
+        "finetune": {"epochs": finetune.epochs, "batch_size": finetune.batch_size, "cache_mb": cache_mb,
+                     "prune_schedule": finetune.prune_schedule, "prune_ramp": finetune.prune_ramp,
+                     "promote_epochs": finetune.promote_epochs, "promote_margin": finetune.promote_margin},
         "space": {"layers": list(space.layers), "exclude": list(space.exclude),
                   **{k: v.to_dict() for k, v in knobs.items()},
                   "layer": {p: dict(v) for p, v in overrides.items()}},

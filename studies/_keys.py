@@ -28,6 +28,7 @@ TRIAL_SECONDS = "seconds"
 TRIAL_VAL_HISTORY = "val_history"
 TRIAL_STOP_REASON = "stop_reason"
 TRIAL_FAIL_REASON = "fail_reason"
+TRIAL_PROMOTED = "promoted"
 
 TEACHER_BLOB = "teacher"
 TEACHER_LOCK = "teacher.lock"

@@ -65,10 +65,10 @@ def test_signal_marks_the_running_trial_failed_and_resume_goes_on(tmp_path: Path
 def test_a_failing_trial_records_its_reason_and_the_study_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_run_trial = objective_module.run_trial
 
-    def flaky(context, plan, seed):  # type: ignore[no-untyped-def]
+    def flaky(context, plan, seed, **options):  # type: ignore[no-untyped-def]
         if seed == 1:  # trial 1 (the spec's seed is 0)
             raise FloatingPointError("non-finite loss (nan) at epoch 0, step 3")
-        return real_run_trial(context, plan, seed)
+        return real_run_trial(context, plan, seed, **options)
 
     monkeypatch.setattr(objective_module, "run_trial", flaky)
     spec = tmp_path / "s.toml"

@@ -21,9 +21,11 @@ from ._models import TableMLP, model_from_meta
 from ._data import datamodule_info
 from ._table import BreastCancerDataModule, TableDataModule, read_table
 from ._teacher import TeacherCache, evaluate, load_state_bytes, state_to_bytes, train_loader_for, train_teacher
-from ._trial import TrialContext, TrialResult, run_trial
+from ._schedule import GradualPruning, PromotionGate, cubic_sparsity
+from ._trial import PromotionRule, TrialContext, TrialResult, run_trial
 
 __all__ = [
+    "GradualPruning", "PromotionGate", "PromotionRule", "cubic_sparsity",
     "AccuracyFloor", "ClassifierModule", "DigitsCNN", "DigitsDataModule", "DistillationModule", "FakeQuant",
     "LeNet300", "LeNet5", "MnistDataModule", "PruneMask", "TeacherCache", "TensorDataModule", "TrialContext",
     "TrialResult", "apply_plan", "artifact_datamodule", "bake", "batch_loader", "build_datamodule", "build_model",

@@ -1,6 +1,6 @@
 """Packing a compressed model into the bytes we count: ``size_bytes == len(pack_model(...))``.
 
-Format (version 1), all integers little-endian::
+Format (version 2), all integers little-endian::
 
     b"SLIM" | u8 version | xz( u32 manifest_length | manifest (UTF-8 JSON) | blocks ... )
 
@@ -12,16 +12,25 @@ are ordinary entries (``fc1.0.weight``, ``fc1.1.weight``, ...).
 Entry kinds and their blocks:
 
 - ``raw``: the tensor's bytes in its own dtype (biases, unquantized layers, buffers, and
-  unquantized weights pruned so little that a bitmap would not pay).
+  unquantized weights pruned so little that an index would not pay).
 - ``quant`` (``bits`` 2..16): ``scales``, one per output channel, as float16 up to 8 bits
-  and float32 above; then either
-  ``dense`` codes, every weight's code ``q + 2**(bits-1)`` bit-packed at ``bits`` bits, or
-  ``sparse``: a bitmap of the nonzero positions (1 bit per weight, row-major, MSB first) and
-  the nonzero codes bit-packed the same way. The packer takes whichever is smaller.
-- ``sparse32``: pruned but unquantized: the bitmap and the nonzero values as float32.
+  and float32 above; then the codes ``q + 2**(bits-1)``, one byte each up to 8 bits and a
+  u16 above, either
+  ``bytes``: every weight's code, row-major, or
+  ``gaps``: the index of the nonzero weights as run lengths (for each nonzero weight, in
+  row-major order, the number of zeros before it, written as bytes: 255 means "255 more zeros,
+  read on", any other value ends the run), then the nonzero codes. Run lengths and one byte
+  per code look wasteful, but they are what the entropy coder below needs: xz then stores
+  them within a few percent of their order-0 entropy, 20-35 % less than version 1's bitmap and
+  bit-packed codes on pruned MNIST nets.
+  The packer takes ``gaps`` when at least half the codes are zero.
+- ``sparse32``: pruned but unquantized: the run lengths and the nonzero values as float32.
 
-The whole payload then goes through xz (LZMA2, preset 9e), a standard lossless codec.
+The whole payload then goes through xz (LZMA2, preset 9e, no position context: ``pb=0 lp=0
+lc=0``, the setting that suits byte-per-symbol streams), a standard lossless codec, as raw
+LZMA2 with no container.
 Unpacking gives back the compressed weights bit for bit (``dequantize(codes, scales)``).
+Version 1 artifacts (bitmap and bit-packed codes, ``.xz`` container) are still read.
 
 Example:
     >>> import torch
@@ -52,21 +61,55 @@ from ._compress import FP16_SCALE_MAX_BITS, FakeQuant, PruneMask, dequantize, qu
 from ._lowrank import Factorized, factorized_ranks, full_rank, weight_modules
 
 MAGIC = b"SLIM"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "lc": 0, "lp": 0, "pb": 0}]
 _PARAM_SUFFIX = ".parametrizations.weight.original"
 
 
-def _bitpack(values: np.ndarray, bits: int) -> bytes:
-    """Pack non-negative integers < 2**bits, ``bits`` bits each, MSB first."""
-    as_bits = np.unpackbits(values.astype(">u2").view(np.uint8)).reshape(-1, 16)[:, 16 - bits:]
-    return np.packbits(as_bits.reshape(-1)).tobytes()
-
-
 def _bitunpack(data: bytes, bits: int, count: int) -> np.ndarray:
+    """Version 1 codes: ``count`` integers of ``bits`` bits each, MSB first."""
     flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[: count * bits].reshape(count, bits)
     padded = np.zeros((count, 16), dtype=np.uint8)
     padded[:, 16 - bits:] = flat
     return np.packbits(padded.reshape(-1)).view(">u2").astype(np.int64)
+
+
+def _run_lengths(nonzero: np.ndarray) -> bytes:
+    """The zeros before each nonzero position, as bytes (255 = 255 zeros, read on).
+
+    >>> _run_lengths(np.array([0, 0, 1, 1] + [0] * 300 + [1], dtype=bool))
+    b'\\x02\\x00\\xff-'
+    """
+    positions = np.flatnonzero(nonzero)
+    runs = np.diff(positions, prepend=-1) - 1
+    escapes = runs // 255
+    out = np.full(int(escapes.sum()) + runs.size, 255, dtype=np.uint8)
+    ends = np.cumsum(escapes + 1) - 1  # where each run's final byte goes
+    out[ends] = runs % 255
+    return out.tobytes()
+
+
+def _positions(data: bytes, count: int) -> np.ndarray:
+    """Inverse of :func:`_run_lengths`: a boolean mask of ``count`` positions."""
+    mask = np.zeros(count, dtype=bool)
+    if not data:
+        return mask
+    raw = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+    ends = raw != 255
+    run_id = np.concatenate([[0], np.cumsum(ends)[:-1]])  # which run each byte belongs to
+    runs = np.bincount(run_id, weights=raw, minlength=int(ends.sum())).astype(np.int64)
+    mask[np.cumsum(runs + 1) - 1] = True
+    return mask
+
+
+def _code_bytes(codes: np.ndarray, bits: int) -> bytes:
+    """Codes (non-negative, < 2**bits) one byte each up to 8 bits, else little-endian u16."""
+    return codes.astype(np.uint8 if bits <= 8 else "<u2").tobytes()
+
+
+def _read_codes(data: bytes, bits: int) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8 if bits <= 8 else "<u2").astype(np.int64)
 
 
 def _quant_input(module: nn.Module) -> tuple[torch.Tensor, int]:
@@ -94,22 +137,20 @@ def _encode_weight(module: nn.Module) -> tuple[dict[str, Any], list[bytes]]:
     if bits == 32:
         values = weight.flatten().numpy()
         nonzero = values != 0
-        if values.size + 32 * int(nonzero.sum()) >= 32 * values.size:  # barely pruned: raw is smaller
+        if 2 * int(nonzero.sum()) >= values.size:  # barely pruned: raw is smaller
             return {"kind": "raw", "shape": shape, "dtype": "<f4"}, [values.astype("<f4").tobytes()]
         return ({"kind": "sparse32", "shape": shape},
-                [np.packbits(nonzero).tobytes(), values[nonzero].astype("<f4").tobytes()])
+                [_run_lengths(nonzero), values[nonzero].astype("<f4").tobytes()])
     codes, scale = quantize(weight, bits)
     offset = 2 ** (bits - 1)
     flat = codes.flatten().numpy().astype(np.int64)
     nonzero = flat != 0
     scales = scale.numpy().astype(_scale_dtype(bits)).tobytes()
-    dense_bits = flat.size * bits
-    sparse_bits = flat.size + int(nonzero.sum()) * bits
-    if sparse_bits < dense_bits:
-        return ({"kind": "quant", "layout": "sparse", "bits": bits, "shape": shape},
-                [scales, np.packbits(nonzero).tobytes(), _bitpack(flat[nonzero] + offset, bits)])
-    return ({"kind": "quant", "layout": "dense", "bits": bits, "shape": shape},
-            [scales, _bitpack(flat + offset, bits)])
+    if 2 * int(nonzero.sum()) <= flat.size:
+        return ({"kind": "quant", "layout": "gaps", "bits": bits, "shape": shape},
+                [scales, _run_lengths(nonzero), _code_bytes(flat[nonzero] + offset, bits)])
+    return ({"kind": "quant", "layout": "bytes", "bits": bits, "shape": shape},
+            [scales, _code_bytes(flat + offset, bits)])
 
 
 def pack_model(model: nn.Module, meta: dict[str, Any] | None = None) -> bytes:
@@ -141,18 +182,21 @@ def pack_model(model: nn.Module, meta: dict[str, Any] | None = None) -> bytes:
         blocks.extend(parts)
     manifest = json.dumps({"meta": meta, "tensors": entries}, separators=(",", ":")).encode()
     payload = struct.pack("<I", len(manifest)) + manifest + b"".join(blocks)
-    return MAGIC + bytes([VERSION]) + lzma.compress(payload, format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
+    return MAGIC + bytes([VERSION]) + lzma.compress(payload, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
 
 
 def unpack_model(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read :func:`pack_model` bytes back into a plain ``state_dict`` and the ``meta`` dict."""
     if data[:4] != MAGIC or len(data) < 5:
         raise ValueError("not a slimtune artifact (missing SLIM header)")
-    if data[4] != VERSION:
-        raise ValueError(f"slimtune artifact version {data[4]} is not supported (this reader knows {VERSION})")
-    payload = lzma.decompress(data[5:])
+    if data[4] not in READABLE_VERSIONS:
+        raise ValueError(f"slimtune artifact version {data[4]} is not supported (this reader knows "
+                         f"{', '.join(map(str, READABLE_VERSIONS))})")
+    payload = (lzma.decompress(data[5:]) if data[4] == 1
+               else lzma.decompress(data[5:], format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS))
     (length,) = struct.unpack_from("<I", payload)
     manifest = json.loads(payload[4: 4 + length])
+    manifest_version = data[4]
     pos = 4 + length
     state: dict[str, torch.Tensor] = {}
     for entry in manifest["tensors"]:
@@ -166,7 +210,8 @@ def unpack_model(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             array = np.frombuffer(parts[0], dtype=np.dtype(entry["dtype"])).reshape(shape)
             state[entry["name"]] = torch.from_numpy(array.copy())
         elif entry["kind"] == "sparse32":
-            nonzero = np.unpackbits(np.frombuffer(parts[0], dtype=np.uint8))[:count].astype(bool)
+            nonzero = (_positions(parts[0], count) if manifest_version > 1
+                       else np.unpackbits(np.frombuffer(parts[0], dtype=np.uint8))[:count].astype(bool))
             values = np.zeros(count, dtype=np.float32)
             values[nonzero] = np.frombuffer(parts[1], dtype="<f4")
             state[entry["name"]] = torch.from_numpy(values.reshape(shape))
@@ -174,11 +219,17 @@ def unpack_model(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             bits = entry["bits"]
             scale = torch.from_numpy(np.frombuffer(parts[0], dtype=_scale_dtype(bits)).astype(np.float32))
             codes = np.zeros(count, dtype=np.int64)
-            if entry["layout"] == "sparse":
+            offset = 2 ** (bits - 1)
+            layout = entry["layout"]
+            if layout == "gaps":
+                codes[_positions(parts[1], count)] = _read_codes(parts[2], bits) - offset
+            elif layout == "bytes":
+                codes = _read_codes(parts[1], bits) - offset
+            elif layout == "sparse":  # version 1
                 nonzero = np.unpackbits(np.frombuffer(parts[1], dtype=np.uint8))[:count].astype(bool)
-                codes[nonzero] = _bitunpack(parts[2], bits, int(nonzero.sum())) - 2 ** (bits - 1)
-            else:
-                codes = _bitunpack(parts[1], bits, count) - 2 ** (bits - 1)
+                codes[nonzero] = _bitunpack(parts[2], bits, int(nonzero.sum())) - offset
+            else:  # version 1 "dense"
+                codes = _bitunpack(parts[1], bits, count) - offset
             state[entry["name"]] = dequantize(torch.from_numpy(codes.reshape(shape)), scale)
     return state, manifest["meta"]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,12 +28,14 @@ from ._data import build_datamodule, datamodule_info, materialize
 from ._lightning import AccuracyFloor, DistillationModule, quiet_trainer
 from ._models import compressible_layers, dense_parameter_bytes, model_from_meta
 from ._pack import layer_stats, pack_model, unpack_model
+from ._schedule import GradualPruning, PromotionGate
 from ._teacher import TeacherCache, evaluate, train_loader_for
 
 
 @dataclass
 class TrialResult:
-    """What a trial measured. ``pruned_reason`` is set when the accuracy floor stopped it."""
+    """What a trial measured. ``pruned_reason`` is set when the accuracy floor stopped it;
+    ``promoted`` says whether the promotion gate gave it extra epochs (``None``: no gate)."""
 
     val_accuracy: float = float("nan")
     test_accuracy: float = float("nan")
@@ -44,6 +47,7 @@ class TrialResult:
     pruned_reason: str | None = None
     artifact: bytes = b""
     teacher_source: str = ""
+    promoted: bool | None = None
 
     @property
     def mean_bits(self) -> float:
@@ -97,9 +101,17 @@ class TrialContext:
         return meta
 
 
-def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bool = True) -> TrialResult:
+PromotionRule = Callable[[float, int], bool]
+"""``rule(val_accuracy, size_bytes) -> bool``: does a trial at this point earn its extra epochs?"""
+
+
+def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bool = True,
+              promote: PromotionRule | None = None) -> TrialResult:
     """Compress, fine-tune with distillation, pack and evaluate one plan.
 
+    With ``finetune.promote_epochs > 0`` and a ``promote`` rule, the trial trains
+    ``finetune.epochs``, then asks ``promote(val_accuracy, size_bytes)`` (the size of the
+    artifact it would pack now) whether to train ``promote_epochs`` more.
     Raises ``FloatingPointError`` on a non-finite loss; returns with ``pruned_reason`` set when
     validation accuracy fell below ``ctx.floor`` after an epoch.
     """
@@ -120,13 +132,21 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
         feature_kd_weight=plan.feature_kd_weight, feature_temperatures=feature_temperatures,
         teacher=None if cached else ctx.teacher, cache=ctx.cache if cached else None,
         l1_weight=plan.l1_weight, l1_layers=list(plan.layers))
-    floor = AccuracyFloor(ctx.floor)
-    trainer = quiet_trainer(ft.epochs, seed, callbacks=[floor])
     if cached:
         assert ctx.cache is not None
         train_batches = ctx.cache.loader(ft.batch_size, seed)
     else:
         train_batches = train_loader_for(ctx.datamodule, ft.batch_size, seed)
+    floor = AccuracyFloor(ctx.floor)
+    callbacks: list[pl.Callback] = [floor]
+    if ft.prune_schedule == "gradual":
+        callbacks.append(GradualPruning(student, ramp_steps=round(ft.prune_ramp * ft.epochs * len(train_batches))))
+    gate = None
+    if ft.promote_epochs > 0 and promote is not None:
+        meta = ctx.artifact_meta()
+        gate = PromotionGate(ft.epochs, lambda: promote(module.val_history[-1], len(pack_model(student, meta))))
+        callbacks.append(gate)
+    trainer = quiet_trainer(ft.epochs + (ft.promote_epochs if gate else 0), seed, callbacks=callbacks)
     result.teacher_source = "cache" if cached else "live"
     started = time.perf_counter()
     try:
@@ -135,6 +155,7 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
         module.remove_taps()
     result.seconds["finetune"] = time.perf_counter() - started
     result.val_history = list(module.val_history)
+    result.promoted = gate.promoted if gate else None
     student.eval()
     result.layers = layer_stats(student, list(plan.layers))
     if floor.reason is not None:

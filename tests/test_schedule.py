@@ -1,0 +1,156 @@
+"""Fine-tune schedules: gradual pruning reaches the planned sparsity exactly, the promotion gate
+gives extra epochs only to trials no completed trial beats, and both are reachable from a spec."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning.pytorch as pl
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+from torch import nn
+
+from slimtune.search import main
+from slimtune.search._objective import beaten_by_completed
+from slimtune.spaces import CompressionPlan, LayerPlan, SpecError, parse_spec
+from slimtune.studies import keys
+from slimtune.trainers import (
+    DistillationModule, GradualPruning, PromotionGate, TrialContext, apply_plan, cubic_sparsity, quiet_trainer,
+    run_trial,
+)
+from slimtune.trainers import batch_loader
+
+from .conftest import SPEC_TOML, digits_spec_dict
+
+
+def _plan(ratio: float, bits: int = 32) -> CompressionPlan:
+    return CompressionPlan({"0": LayerPlan(ratio, bits, 2.0), "2": LayerPlan(ratio / 2, bits, 2.0)}, 1.0, 0.0, 1e-2)
+
+
+def _toy() -> tuple[nn.Module, torch.utils.data.DataLoader]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(256, 16)
+    y = (x[:, :4]).argmax(1)
+    return model, batch_loader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True, seed=0)
+
+
+def test_cubic_ramp_is_monotone_and_ends_at_the_target() -> None:
+    values = [cubic_sparsity(0.8, step, 40) for step in range(0, 50)]
+    assert values[0] == 0.0 and values[40:] == [0.8] * 10
+    assert all(a <= b for a, b in zip(values, values[1:]))
+    assert values[10] > 0.8 * 10 / 40  # cubic: most of the pruning happens early
+
+
+@pytest.mark.parametrize("bits", [32, 4])
+def test_gradual_pruning_starts_dense_and_ends_at_the_planned_ratio(bits: int) -> None:
+    model, loader = _toy()
+    teacher = copy.deepcopy(model).eval()
+    student = apply_plan(model, _plan(0.75, bits))
+    planned = {n: int((student.get_submodule(n).parametrizations["weight"][0].mask == 0).sum()) for n in ("0", "2")}
+    ramp = GradualPruning(student, ramp_steps=12, every=3)
+    assert all(int((m.mask == 0).sum()) == 0 for _, m, _ in ramp.targets)  # dense at step 0
+    seen: list[int] = []
+    module = DistillationModule(student, lr=1e-2, kd_alpha=1.0, logit_temperature=2.0, feature_kd_weight=0.0,
+                                feature_temperatures={}, teacher=teacher)
+
+    class Record(pl.Callback):  # a plain Callback recording fc1's zeros each step
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+            seen.append(int((student.get_submodule("0").parametrizations["weight"][0].mask == 0).sum()))
+
+    quiet_trainer(2, seed=0, callbacks=[ramp, Record()]).fit(module, train_dataloaders=loader)
+    assert seen[0] == 0 and seen[-1] == planned["0"] and seen == sorted(seen)
+    assert len(set(seen)) > 3  # it grew in steps, not at once
+    for name, zeros in planned.items():
+        weight = student.get_submodule(name).weight
+        assert int((weight == 0).sum()) >= zeros  # exactly the planned mask (quantization may add zeros)
+        assert int((student.get_submodule(name).parametrizations["weight"][0].mask == 0).sum()) == zeros
+
+
+def test_a_run_stopped_early_still_ends_at_the_planned_ratio() -> None:
+    model, loader = _toy()
+    student = apply_plan(model, _plan(0.5))
+    ramp = GradualPruning(student, ramp_steps=10_000)  # would never finish within 1 epoch
+    module = DistillationModule(student, lr=1e-2, kd_alpha=1.0, logit_temperature=2.0, feature_kd_weight=0.0,
+                                feature_temperatures={}, teacher=copy.deepcopy(model).eval())
+    quiet_trainer(1, seed=0, callbacks=[ramp]).fit(module, train_dataloaders=loader)
+    mask = student.get_submodule("0").parametrizations["weight"][0].mask
+    assert int((mask == 0).sum()) == round(0.5 * mask.numel())
+
+
+@pytest.mark.parametrize("decision", [True, False])
+def test_promotion_gate_trains_on_only_when_promoted_with_a_decaying_lr(decision: bool) -> None:
+    model, loader = _toy()
+    student = apply_plan(model, _plan(0.5))
+    module = DistillationModule(student, lr=1e-2, kd_alpha=1.0, logit_temperature=2.0, feature_kd_weight=0.0,
+                                feature_temperatures={}, teacher=copy.deepcopy(model).eval())
+    asked: list[int] = []
+    gate = PromotionGate(2, lambda: asked.append(len(module.val_history)) or decision)
+    lrs: list[float] = []
+
+    class LrLog(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    quiet_trainer(6, seed=0, callbacks=[gate, LrLog()]).fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    assert asked == [2] and gate.promoted is decision
+    assert len(module.val_history) == (6 if decision else 2)
+    if decision:
+        assert lrs[:3] == [1e-2, 1e-2, 1e-2]  # base epochs, then the first extra one at full lr
+        assert lrs[2] > lrs[3] > lrs[4] > lrs[5] > 0
+
+
+def _study_with(points: list[tuple[float, float]]) -> optuna.Study:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for values in points:
+        study.add_trial(optuna.trial.create_trial(values=list(values), distributions={}, params={}))
+    return study
+
+
+def test_promotion_rule_asks_for_a_smaller_and_clearly_better_trial() -> None:
+    promote = beaten_by_completed(_study_with([(0.95, 1000.0), (0.90, 500.0)]), margin=0.01)
+    assert not promote(0.93, 1000)  # 0.95 at the same size beats it by more than the margin
+    assert promote(0.945, 1000)  # within the margin: worth more epochs
+    assert promote(0.93, 999)  # smaller than the accurate one; the small one is less accurate
+    assert not promote(0.85, 600)  # the 500-byte trial beats it
+    assert beaten_by_completed(_study_with([]), margin=0.0)(0.1, 10)  # nothing to compare with yet
+
+
+def test_schedule_settings_are_validated_and_old_specs_keep_their_fingerprint() -> None:
+    base = parse_spec(digits_spec_dict())
+    data = digits_spec_dict()
+    data["finetune"].update(prune_schedule="gradual", prune_ramp=0.5, promote_epochs=2)
+    changed = parse_spec(data)
+    assert changed.finetune.prune_schedule == "gradual" and changed.finetune.promote_epochs == 2
+    assert changed.fingerprint() != base.fingerprint()
+    neutral = digits_spec_dict()
+    neutral["finetune"].update(prune_schedule="oneshot", promote_epochs=0)
+    assert parse_spec(neutral).fingerprint() == base.fingerprint()
+    for key, value, allowed in [("prune_schedule", "cubic", "oneshot, gradual"), ("prune_ramp", 0, "0"),
+                                ("promote_epochs", -1, "0"), ("promote_margin", 2, "1")]:
+        bad = digits_spec_dict()
+        bad["finetune"][key] = value
+        with pytest.raises(SpecError, match=f"finetune.{key}") as err:
+            parse_spec(bad)
+        assert allowed in str(err.value)
+
+
+def test_gradual_and_promoted_trials_end_to_end(tmp_path: Path, digits_teacher) -> None:  # type: ignore[no-untyped-def]
+    spec_file = tmp_path / "s.toml"
+    spec_file.write_text(SPEC_TOML.replace("[finetune]\nepochs = 1",
+                                           "[finetune]\nepochs = 1\nprune_schedule = \"gradual\"\npromote_epochs = 1"))
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    assert main(["search", str(spec_file), "--storage", url, "--trials", "4", "--quiet"]) == 0
+    study = optuna.load_study(study_name="digits-test", storage=url)
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert complete and complete[0].user_attrs[keys.TRIAL_PROMOTED] is True  # nothing to beat it yet
+    for trial in complete:
+        epochs = len(trial.user_attrs[keys.TRIAL_VAL_HISTORY])
+        assert epochs == (2 if trial.user_attrs[keys.TRIAL_PROMOTED] else 1)
+        for name, layer in trial.user_attrs[keys.TRIAL_LAYERS].items():
+            planned = trial.user_attrs[keys.TRIAL_PLAN]["layers"][name]["prune_ratio"]
+            zeros = layer["sparsity"] * layer["weights"]
+            assert zeros >= planned * layer["weights"] - 0.5 - 1e-6  # the ramp reached the plan

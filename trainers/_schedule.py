@@ -1,0 +1,109 @@
+"""How a fine-tune unfolds over time: gradual pruning and the promotion gate (Lightning callbacks).
+
+- :class:`GradualPruning` raises each layer's sparsity from 0 to its planned ratio along the
+  cubic ramp of Zhu & Gupta (2017), ``s_t = s * (1 - (1 - t / T) ** 3)`` over the first ``T``
+  training steps, recomputing the magnitude mask of every pruned weight every few steps. At
+  the end of training every mask holds exactly the planned ratio, also when a run stopped early.
+- :class:`PromotionGate` is slimtune's multi-fidelity rule: after ``base_epochs`` it asks
+  ``decide()`` whether the trial earns more epochs, stops it if not, and otherwise decays the
+  learning rate to 0 along a cosine over the extra epochs.
+
+Example:
+    >>> cubic_sparsity(0.9, step=0, ramp_steps=100), cubic_sparsity(0.9, step=50, ramp_steps=100)
+    (0.0, 0.7875)
+    >>> cubic_sparsity(0.9, step=100, ramp_steps=100)
+    0.9
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ._compress import PruneMask, magnitude_mask
+
+
+def cubic_sparsity(target: float, step: int, ramp_steps: int) -> float:
+    """The sparsity at ``step`` of a cubic ramp reaching ``target`` after ``ramp_steps``."""
+    if ramp_steps <= 0 or step >= ramp_steps:
+        return target
+    return target * (1.0 - (1.0 - step / ramp_steps) ** 3)
+
+
+def pruned_weights(model: nn.Module) -> list[tuple[nn.Module, PruneMask, float]]:
+    """``(module, mask, planned ratio)`` for every weight carrying a :class:`PruneMask`."""
+    found = []
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            for p in module.parametrizations["weight"]:
+                if isinstance(p, PruneMask):
+                    ratio = float((p.mask == 0).sum()) / p.mask.numel()
+                    found.append((module, p, ratio))
+    return found
+
+
+class GradualPruning(pl.Callback):
+    """Grow the pruning masks of ``model`` along a cubic ramp over ``ramp_steps`` training steps.
+
+    The planned ratio of each mask is read from the mask it starts with (the one-shot mask of
+    ``apply_plan``); the masks are then reset to keep everything and regrown by magnitude
+    every ``every`` steps.
+    """
+
+    def __init__(self, model: nn.Module, ramp_steps: int, every: int = 10) -> None:
+        self.targets = pruned_weights(model)
+        self.ramp_steps = max(int(ramp_steps), 1)
+        self.every = max(int(every), 1)
+        self._set_all(0)
+
+    def _set_all(self, step: int) -> None:
+        for module, mask, target in self.targets:
+            original = module.parametrizations["weight"].original.detach()
+            mask.mask.copy_(magnitude_mask(original, cubic_sparsity(target, step, self.ramp_steps)))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        step = trainer.global_step
+        if step <= self.ramp_steps and (step % self.every == 0 or step == self.ramp_steps):
+            self._set_all(step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._set_all(self.ramp_steps)  # the planned ratio, exactly, whatever happened before
+
+
+class PromotionGate(pl.Callback):
+    """After ``base_epochs``, train on only if ``decide()`` says so (``promoted`` records it).
+
+    The extra epochs run with the learning rate ``lr * (1 + cos(pi * k / extra)) / 2`` in their
+    ``k``-th epoch (``extra = max_epochs - base_epochs``).
+    """
+
+    def __init__(self, base_epochs: int, decide: Callable[[], bool]) -> None:
+        self.base_epochs = base_epochs
+        self.decide = decide
+        self.promoted: bool | None = None
+        self._base_lrs: list[float] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        history = getattr(pl_module, "val_history", [])
+        if len(history) != self.base_epochs or trainer.should_stop:
+            return
+        self.promoted = bool(self.decide())
+        if not self.promoted:
+            trainer.should_stop = True
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        extra = (trainer.max_epochs or 0) - self.base_epochs
+        k = trainer.current_epoch - self.base_epochs
+        if extra <= 0 or k < 0:
+            return
+        optimizer = trainer.optimizers[0]
+        if not self._base_lrs:
+            self._base_lrs = [group["lr"] for group in optimizer.param_groups]
+        for group, lr in zip(optimizer.param_groups, self._base_lrs):
+            group["lr"] = lr * (1 + math.cos(math.pi * k / extra)) / 2
