@@ -98,10 +98,11 @@ class TrainSpec:
 
 
 PRUNE_SCHEDULES = ("oneshot", "gradual")
+QUANTIZERS = ("amax", "lsq")
 # Fine-tune settings whose default leaves a trial as it was before they existed: a spec at these
 # values keeps its old fingerprint (stored studies stay resumable).
 NEUTRAL_FINETUNE: dict[str, Any] = {"prune_schedule": "oneshot", "prune_ramp": 0.5, "promote_epochs": 0,
-                                    "promote_margin": 0.002}
+                                    "promote_margin": 0.002, "quantizer": "amax"}
 
 
 @dataclass(frozen=True)
@@ -117,12 +118,15 @@ class FinetuneSpec(TrainSpec):
       size) is not beaten by a completed trial of the study (one at most as large and more
       than ``promote_margin`` more accurate) trains ``promote_epochs`` more epochs, its
       learning rate decaying to 0 along a cosine; the others stop there.
+    - ``quantizer``: ``"amax"`` scales each channel by its largest weight; ``"lsq"`` learns
+      each channel's step size during the fine-tune (Esser et al., 2020).
     """
 
     prune_schedule: str = "oneshot"
     prune_ramp: float = 0.5
     promote_epochs: int = 0
     promote_margin: float = 0.002
+    quantizer: str = "amax"
 
 
 @dataclass(frozen=True)
@@ -369,7 +373,11 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
     schedule = finetune_raw.get("prune_schedule", NEUTRAL_FINETUNE["prune_schedule"])
     if schedule not in PRUNE_SCHEDULES:
         raise SpecError("finetune.prune_schedule", schedule, ", ".join(PRUNE_SCHEDULES))
+    quantizer = finetune_raw.get("quantizer", NEUTRAL_FINETUNE["quantizer"])
+    if quantizer not in QUANTIZERS:
+        raise SpecError("finetune.quantizer", quantizer, ", ".join(QUANTIZERS))
     finetune = FinetuneSpec(
+        quantizer=quantizer,
         epochs=_int("finetune.epochs", finetune_raw.get("epochs", 2), 1, 10_000),
         batch_size=_int("finetune.batch_size", finetune_raw.get("batch_size", 128), 1, 1_000_000),
         prune_schedule=schedule,
@@ -421,7 +429,8 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
         "teacher": {"epochs": teacher.epochs, "lr": teacher.lr, "batch_size": teacher.batch_size},
         "finetune": {"epochs": finetune.epochs, "batch_size": finetune.batch_size, "cache_mb": cache_mb,
                      "prune_schedule": finetune.prune_schedule, "prune_ramp": finetune.prune_ramp,
-                     "promote_epochs": finetune.promote_epochs, "promote_margin": finetune.promote_margin},
+                     "promote_epochs": finetune.promote_epochs, "promote_margin": finetune.promote_margin,
+                     "quantizer": finetune.quantizer},
         "space": {"layers": list(space.layers), "exclude": list(space.exclude),
                   **{k: v.to_dict() for k, v in knobs.items()},
                   "layer": {p: dict(v) for p, v in overrides.items()}},

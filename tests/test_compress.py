@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from slimtune.spaces import CompressionPlan, LayerPlan
-from slimtune.trainers import FakeQuant, apply_plan, bake, magnitude_mask, quantize
+from slimtune.trainers import FakeQuant, apply_plan, bake, channel_scales, magnitude_mask, quantize
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.1, 0.5, 0.731, 0.99])
@@ -99,3 +99,47 @@ def test_sixteen_bit_scales_keep_small_channels() -> None:
     restored = codes.float() * scale.view(-1, 1)
     assert torch.allclose(restored, weight, rtol=1e-4)
     assert codes.abs().max() == 2**15 - 1
+
+
+def _lsq_layer(bits: int = 3) -> nn.Sequential:
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(32, 8))
+    plan = CompressionPlan({"0": LayerPlan(0.5, bits, 2.0)}, 0.9, 0.0, 1e-3)
+    return apply_plan(layer, plan, quantizer="lsq")
+
+
+def test_learned_scales_start_at_amax_and_get_gradients() -> None:
+    layer = _lsq_layer()
+    quant = layer[0].parametrizations["weight"][1]
+    masked = layer[0].parametrizations["weight"].original * layer[0].parametrizations["weight"][0].mask
+    assert torch.equal(quant.learned_scales().detach(), channel_scales(masked, 3))
+    layer(torch.randn(16, 32)).pow(2).sum().backward()
+    assert quant.log_scale.grad is not None and quant.log_scale.grad.abs().sum() > 0
+    assert layer[0].parametrizations["weight"].original.grad.abs().sum() > 0
+
+
+def test_learned_scales_train_and_pack_bit_for_bit() -> None:
+    from slimtune.trainers import pack_model, unpack_model
+
+    layer = _lsq_layer()
+    quant = layer[0].parametrizations["weight"][1]
+    before = quant.learned_scales().detach().clone()
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x, target = torch.randn(64, 32), torch.randn(64, 8)
+    for _ in range(20):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(layer(x), target).backward()
+        optimizer.step()
+    after = quant.learned_scales().detach()
+    assert not torch.equal(before, after)  # the step sizes moved
+    assert torch.equal(after, after.half().float())  # and stay float16 values: stored exactly
+    codes = layer[0].weight.detach() / after.view(-1, 1)
+    assert torch.equal(codes, codes.round()) and codes.abs().max() <= 3  # on the 3-bit grid
+    state, _ = unpack_model(pack_model(layer))
+    assert torch.equal(state["0.weight"], bake(layer).state_dict()["0.weight"])
+
+
+def test_unknown_quantizer_is_refused() -> None:
+    with pytest.raises(ValueError, match="amax, lsq"):
+        apply_plan(nn.Sequential(nn.Linear(4, 2)), CompressionPlan({"0": LayerPlan(0.0, 4, 1.0)}, 0.9, 0.0, 1e-3),
+                   quantizer="kmeans")

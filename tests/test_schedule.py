@@ -127,10 +127,11 @@ def test_schedule_settings_are_validated_and_old_specs_keep_their_fingerprint() 
     assert changed.finetune.prune_schedule == "gradual" and changed.finetune.promote_epochs == 2
     assert changed.fingerprint() != base.fingerprint()
     neutral = digits_spec_dict()
-    neutral["finetune"].update(prune_schedule="oneshot", promote_epochs=0)
+    neutral["finetune"].update(prune_schedule="oneshot", promote_epochs=0, quantizer="amax")
     assert parse_spec(neutral).fingerprint() == base.fingerprint()
     for key, value, allowed in [("prune_schedule", "cubic", "oneshot, gradual"), ("prune_ramp", 0, "0"),
-                                ("promote_epochs", -1, "0"), ("promote_margin", 2, "1")]:
+                                ("promote_epochs", -1, "0"), ("promote_margin", 2, "1"),
+                                ("quantizer", "kmeans", "amax, lsq")]:
         bad = digits_spec_dict()
         bad["finetune"][key] = value
         with pytest.raises(SpecError, match=f"finetune.{key}") as err:
@@ -138,10 +139,11 @@ def test_schedule_settings_are_validated_and_old_specs_keep_their_fingerprint() 
         assert allowed in str(err.value)
 
 
-def test_gradual_and_promoted_trials_end_to_end(tmp_path: Path, digits_teacher) -> None:  # type: ignore[no-untyped-def]
+def test_gradual_promoted_lsq_trials_end_to_end(tmp_path: Path, digits_teacher) -> None:  # type: ignore[no-untyped-def]
     spec_file = tmp_path / "s.toml"
     spec_file.write_text(SPEC_TOML.replace("[finetune]\nepochs = 1",
-                                           "[finetune]\nepochs = 1\nprune_schedule = \"gradual\"\npromote_epochs = 1"))
+                                           "[finetune]\nepochs = 1\nprune_schedule = \"gradual\"\npromote_epochs = 1\n"
+                                           "quantizer = \"lsq\""))
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     assert main(["search", str(spec_file), "--storage", url, "--trials", "4", "--quiet"]) == 0
     study = optuna.load_study(study_name="digits-test", storage=url)

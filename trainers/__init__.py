@@ -9,7 +9,7 @@ Example:
 
 from __future__ import annotations
 
-from ._compress import FakeQuant, PruneMask, apply_plan, bake, channel_scales, dequantize, magnitude_mask, quantize
+from ._compress import QUANTIZERS, FakeQuant, PruneMask, apply_plan, bake, channel_scales, dequantize, magnitude_mask, quantize
 from ._data import DigitsDataModule, MnistDataModule, TensorDataModule, batch_loader, build_datamodule, materialize
 from ._distill import feature_kd_loss, logit_kd_loss
 from ._export import artifact_datamodule, check_onnx, evaluate_artifact, example_batch, export_onnx, load_artifact
@@ -25,7 +25,7 @@ from ._schedule import GradualPruning, PromotionGate, cubic_sparsity
 from ._trial import PromotionRule, TrialContext, TrialResult, run_trial
 
 __all__ = [
-    "GradualPruning", "PromotionGate", "PromotionRule", "cubic_sparsity",
+    "QUANTIZERS", "GradualPruning", "PromotionGate", "PromotionRule", "cubic_sparsity",
     "AccuracyFloor", "ClassifierModule", "DigitsCNN", "DigitsDataModule", "DistillationModule", "FakeQuant",
     "LeNet300", "LeNet5", "MnistDataModule", "PruneMask", "TeacherCache", "TensorDataModule", "TrialContext",
     "TrialResult", "apply_plan", "artifact_datamodule", "bake", "batch_loader", "build_datamodule", "build_model",

@@ -5,7 +5,11 @@
 - :class:`FakeQuant`: uniform symmetric per-output-channel quantization of weights to ``bits``
   (codes in ``[-(2**(bits-1)-1), 2**(bits-1)-1]``), with a straight-through gradient. Scales are
   rounded to float16 so the packed artifact stores them exactly; a channel whose weights are all
-  zero gets scale 1 and codes 0 (no division by zero, no NaN).
+  zero gets scale 1 and codes 0 (no division by zero, no NaN). Two ways to choose the scales
+  (``quantizer``): ``"amax"``, the largest magnitude of the channel over the largest code,
+  recomputed from the weights at every step; or ``"lsq"``, a learned step size (Esser et al.,
+  2020): each channel's scale is a parameter (its log, initialized at the ``amax`` value) that
+  the fine-tune trains with the weights, the rounding passing gradients straight through.
 
 A layer planned with ``rank_ratio < 1`` is first replaced by its two truncated-SVD factors
 (``slimtune.trainers._lowrank``); pruning and quantization then apply to each factor with the
@@ -100,25 +104,69 @@ class PruneMask(nn.Module):
         return weight * self.mask
 
 
-class FakeQuant(nn.Module):
-    """Parametrization quantizing the weight to ``bits`` in the forward pass, identity gradient."""
+QUANTIZERS = ("amax", "lsq")
 
-    def __init__(self, bits: int) -> None:
+
+def _exactly(value: torch.Tensor, gradient_of: torch.Tensor) -> torch.Tensor:
+    """``value`` in the forward pass, bit for bit, with the gradient of ``gradient_of``."""
+    return value.detach() + (gradient_of - gradient_of.detach())
+
+
+class FakeQuant(nn.Module):
+    """Parametrization quantizing the weight to ``bits`` in the forward pass.
+
+    ``init_weight`` (the weight as it enters the quantizer) is needed for ``learned=True``: the
+    log-scales start at the ``amax`` scales of that weight.
+    """
+
+    def __init__(self, bits: int, learned: bool = False, init_weight: torch.Tensor | None = None) -> None:
         super().__init__()
         if not 2 <= bits <= 16:
             raise ValueError(f"bits must be in 2..16 for fake quantization, got {bits}")
         self.bits = bits
+        self.learned = learned
+        if learned:
+            if init_weight is None:
+                raise ValueError("a learned-scale FakeQuant needs init_weight to start its scales from")
+            self.log_scale = nn.Parameter(channel_scales(init_weight, bits).log())
+
+    def learned_scales(self) -> torch.Tensor:
+        """The learned per-channel scales as the artifact stores them (float16 values up to 8
+        bits), with a straight-through gradient for that rounding."""
+        scale = self.log_scale.exp()
+        if self.bits <= FP16_SCALE_MAX_BITS:
+            rounded = torch.clamp(scale, min=2**-24, max=FP16_MAX).to(torch.float16).to(torch.float32)
+            scale = _exactly(rounded, scale)
+        return scale
+
+    def codes_and_scales(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer codes and scales of ``weight`` (no gradient): what the packer stores."""
+        if not self.learned:
+            return quantize(weight, self.bits)
+        qmax = 2 ** (self.bits - 1) - 1
+        scale = self.learned_scales().detach()
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        codes = torch.clamp(torch.round(weight.detach() / scale.view(shape)), -qmax, qmax)
+        return codes.to(torch.int32), scale
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return _StraightThroughQuant.apply(weight, self.bits)
+        if not self.learned:
+            return _StraightThroughQuant.apply(weight, self.bits)
+        qmax = 2 ** (self.bits - 1) - 1
+        scale = self.learned_scales().view((-1,) + (1,) * (weight.dim() - 1))
+        clamped = torch.clamp(weight / scale, -qmax, qmax)
+        return _exactly(torch.round(clamped), clamped) * scale  # LSQ's gradients for weight and scale
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+        return f"bits={self.bits}" + (", learned scales" if self.learned else "")
 
 
-def apply_plan(model: nn.Module, plan: CompressionPlan) -> nn.Module:
+def apply_plan(model: nn.Module, plan: CompressionPlan, quantizer: str = "amax") -> nn.Module:
     """Factorize (``rank_ratio < 1``), then register mask and fake-quant parametrizations on every
-    layer of ``plan`` (on both factors of a factorized one), in place."""
+    layer of ``plan`` (on both factors of a factorized one), in place. ``quantizer`` is
+    ``"amax"`` or ``"lsq"`` (learned scales)."""
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {quantizer!r}")
     for name, layer_plan in plan.layers.items():
         layer = model.get_submodule(name)
         if layer_plan.rank_ratio < 1:
@@ -129,7 +177,9 @@ def apply_plan(model: nn.Module, plan: CompressionPlan) -> nn.Module:
                 parametrize.register_parametrization(module, "weight",
                                                      PruneMask(magnitude_mask(module.weight, layer_plan.prune_ratio)))
             if layer_plan.weight_bits < 32:
-                parametrize.register_parametrization(module, "weight", FakeQuant(layer_plan.weight_bits))
+                learned = quantizer == "lsq"
+                parametrize.register_parametrization(
+                    module, "weight", FakeQuant(layer_plan.weight_bits, learned, module.weight.detach() if learned else None))
     return model
 
 

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._compress import FP16_SCALE_MAX_BITS, FakeQuant, PruneMask, dequantize, quantize
+from ._compress import FP16_SCALE_MAX_BITS, FakeQuant, PruneMask, dequantize
 from ._lowrank import Factorized, factorized_ranks, full_rank, weight_modules
 
 MAGIC = b"SLIM"
@@ -112,18 +112,18 @@ def _read_codes(data: bytes, bits: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8 if bits <= 8 else "<u2").astype(np.int64)
 
 
-def _quant_input(module: nn.Module) -> tuple[torch.Tensor, int]:
-    """The weight as it enters the quantizer (mask applied) and the quantizer's bits."""
+def _quant_input(module: nn.Module) -> tuple[torch.Tensor, FakeQuant | None]:
+    """The weight as it enters the quantizer (mask applied) and the quantizer (``None``: fp32)."""
     weight = module.parametrizations["weight"].original.detach()
-    bits = 32
+    quantizer = None
     for p in module.parametrizations["weight"]:
         if isinstance(p, PruneMask):
             weight = p(weight)
         elif isinstance(p, FakeQuant):
-            bits = p.bits
+            quantizer = p
         else:
             raise TypeError(f"cannot pack a weight parametrized by {type(p).__name__}")
-    return weight, bits
+    return weight, quantizer
 
 
 def _scale_dtype(bits: int) -> str:
@@ -132,16 +132,17 @@ def _scale_dtype(bits: int) -> str:
 
 
 def _encode_weight(module: nn.Module) -> tuple[dict[str, Any], list[bytes]]:
-    weight, bits = _quant_input(module)
+    weight, quantizer = _quant_input(module)
     shape = list(weight.shape)
-    if bits == 32:
+    if quantizer is None:
         values = weight.flatten().numpy()
         nonzero = values != 0
         if 2 * int(nonzero.sum()) >= values.size:  # barely pruned: raw is smaller
             return {"kind": "raw", "shape": shape, "dtype": "<f4"}, [values.astype("<f4").tobytes()]
         return ({"kind": "sparse32", "shape": shape},
                 [_run_lengths(nonzero), values[nonzero].astype("<f4").tobytes()])
-    codes, scale = quantize(weight, bits)
+    bits = quantizer.bits
+    codes, scale = quantizer.codes_and_scales(weight)
     offset = 2 ** (bits - 1)
     flat = codes.flatten().numpy().astype(np.int64)
     nonzero = flat != 0
@@ -247,7 +248,8 @@ def layer_stats(model: nn.Module, layer_names: list[str]) -> dict[str, dict[str,
         zeros = count = 0
         for module in weight_modules(layer):
             if parametrize.is_parametrized(module, "weight"):
-                _, bits = _quant_input(module)
+                _, quantizer = _quant_input(module)
+                bits = quantizer.bits if quantizer is not None else 32
             weight = module.weight.detach()
             zeros += int((weight == 0).sum())
             count += weight.numel()

@@ -117,7 +117,7 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     """
     result = TrialResult()
     started = time.perf_counter()
-    student = apply_plan(copy.deepcopy(ctx.teacher).train().requires_grad_(True), plan)
+    student = apply_plan(copy.deepcopy(ctx.teacher).train().requires_grad_(True), plan, ctx.spec.finetune.quantizer)
     result.seconds["compress"] = time.perf_counter() - started
 
     hidden = [n for n in plan.layers if n != ctx.output_layer]
