@@ -54,6 +54,13 @@ ANCHORS = {
     "lenet5": {"Deep Compression (Han et al. 2016)": (39, 0.74), "Dynamic Network Surgery (Guo et al. 2016)": (108, 0.91),
                "Soft weight-sharing (Ullrich et al. 2017)": (162, 0.97), "Bayesian Compression (Louizos et al. 2017)": (771, 1.0)},
 }
+# The method this benchmark runs: the presets plus these spec settings (each a feature any spec
+# can use; see README "Spec format"). ``--plain`` drops them; ``--set`` adds to or overrides them.
+METHOD: dict[str, dict[str, Any]] = {
+    "lenet300": {"finetune.quantizer": "lsq", "finetune.promote_epochs": 6},
+    "lenet5": {"finetune.quantizer": "lsq", "finetune.epochs": 1, "finetune.promote_epochs": 5,
+               "finetune.cache_mb": 2048},
+}
 MARKER_START, MARKER_END = "<!-- mnist_table:start -->", "<!-- mnist_table:end -->"
 
 
@@ -94,7 +101,8 @@ def preset_spec(model: str, storage: str, max_trials: int, sets: dict[str, Any])
 def measure(model: str, minutes: float, max_trials: int, storage: str, threads: int,
             sets: dict[str, Any] | None = None) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    spec = preset_spec(model, storage, max_trials, sets or {})
+    sets = dict(sets or {})
+    spec = preset_spec(model, storage, max_trials, sets)
     started = time.perf_counter()
     summary = run_study(spec, timeout=minutes * 60, threads=threads)
     seconds = time.perf_counter() - started
@@ -128,7 +136,7 @@ def _ratio(value: float | None) -> str:
 
 def render(results: dict[str, dict[str, Any]], minutes: float, args: argparse.Namespace) -> str:
     flags = f"--models {','.join(results)} --minutes {minutes:g} --jobs {args.jobs} --threads {args.threads}"
-    flags += "".join(f" --set {item}" for item in args.set)
+    flags += "".join(f" --set {item}" for item in args.set) + (" --plain" if args.plain else "")
     lines = [f"Command: `.venv/bin/python benchmarks/mnist_table.py {flags}`",
              "", "| model | method | compression | test error |", "|---|---|---:|---:|"]
     for model, row in results.items():
@@ -148,7 +156,7 @@ def render(results: dict[str, dict[str, Any]], minutes: float, args: argparse.Na
                     f"({row['promoted']})" if ft.get("promote_epochs") else f"{ft['epochs']} fine-tune epochs per trial")
         schedule += f", {ft.get('prune_schedule', 'oneshot')} pruning"
         if row["overrides"]:
-            schedule += ", overrides " + ", ".join(f"`{k}={v}`" for k, v in row["overrides"].items())
+            schedule += ", preset with " + ", ".join(f"`{k} = {json.dumps(v)}`" for k, v in row["overrides"].items())
         lines.append(f"| {name} | search budget | {row['trials']} trials ({row['trials_run_now']} this run), "
                      f"{row['search_seconds'] / 60:.1f} min, {row['torch_threads']} torch thread(s) | {schedule} |")
     return "\n".join(lines)
@@ -160,18 +168,20 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=60.0, help="search wall time per model")
     parser.add_argument("--max-trials", type=int, default=2000)
     parser.add_argument("--storage", default="sqlite:///mnist_table.db")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per model")
-    parser.add_argument("--jobs", type=int, default=1, help="models searched at the same time")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per model")
+    parser.add_argument("--jobs", type=int, default=2, help="models searched at the same time")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a preset value (TOML), e.g. finetune.promote_epochs=0")
     parser.add_argument("--out", default=str(HERE / "mnist_table.json"), help="JSON results file")
     parser.add_argument("--no-results-md", action="store_true", help="leave benchmarks/RESULTS.md alone")
+    parser.add_argument("--plain", action="store_true", help="the presets alone, without METHOD's settings")
     args = parser.parse_args()
     sets = parse_sets(args.set)
     models = args.models.split(",")
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {m: pool.submit(measure, m, args.minutes, args.max_trials, args.storage, args.threads, sets)
+        futures = {m: pool.submit(measure, m, args.minutes, args.max_trials, args.storage, args.threads,
+                                  {**({} if args.plain else METHOD.get(m, {})), **sets})
                    for m in models}
         results = {m: f.result() for m, f in futures.items()}
     table = render(results, args.minutes, args)

@@ -103,20 +103,31 @@ def test_promotion_gate_trains_on_only_when_promoted_with_a_decaying_lr(decision
         assert lrs[2] > lrs[3] > lrs[4] > lrs[5] > 0
 
 
-def _study_with(points: list[tuple[float, float]]) -> optuna.Study:
+def _study_with(points: list[tuple[float, float, list[float] | None]]) -> optuna.Study:
     study = optuna.create_study(directions=["maximize", "minimize"])
-    for values in points:
-        study.add_trial(optuna.trial.create_trial(values=list(values), distributions={}, params={}))
+    for accuracy, size, history in points:
+        attrs = {keys.TRIAL_VAL_HISTORY: history} if history is not None else {}
+        study.add_trial(optuna.trial.create_trial(values=[accuracy, size], distributions={}, params={},
+                                                  user_attrs=attrs))
     return study
 
 
 def test_promotion_rule_asks_for_a_smaller_and_clearly_better_trial() -> None:
-    promote = beaten_by_completed(_study_with([(0.95, 1000.0), (0.90, 500.0)]), margin=0.01)
+    promote = beaten_by_completed(_study_with([(0.95, 1000.0, None), (0.90, 500.0, None)]), margin=0.01,
+                                  base_epochs=2)
     assert not promote(0.93, 1000)  # 0.95 at the same size beats it by more than the margin
     assert promote(0.945, 1000)  # within the margin: worth more epochs
     assert promote(0.93, 999)  # smaller than the accurate one; the small one is less accurate
     assert not promote(0.85, 600)  # the 500-byte trial beats it
-    assert beaten_by_completed(_study_with([]), margin=0.0)(0.1, 10)  # nothing to compare with yet
+    assert beaten_by_completed(_study_with([]), margin=0.0, base_epochs=2)(0.1, 10)  # nothing to compare with yet
+
+
+def test_promotion_rule_compares_at_equal_fidelity() -> None:
+    # a promoted trial reached 0.97 after 6 epochs but was at 0.93 after the base 2
+    study = _study_with([(0.97, 1000.0, [0.92, 0.93, 0.95, 0.96, 0.965, 0.97])])
+    promote = beaten_by_completed(study, margin=0.002, base_epochs=2)
+    assert promote(0.931, 1000)  # as good as it was at the same point: promoted
+    assert not promote(0.92, 1000)
 
 
 def test_schedule_settings_are_validated_and_old_specs_keep_their_fingerprint() -> None:
