@@ -39,9 +39,11 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:500] if text else ''}"
 
 
-def beaten_by_completed(study: optuna.Study, margin: float, base_epochs: int) -> Callable[[float, int], bool]:
+def beaten_by_completed(study: optuna.Study, margin: float, base_epochs: int,
+                        size_tolerance: float = 1.0) -> Callable[[float, int], bool]:
     """The promotion rule: a trial at ``(val_accuracy, size_bytes)`` after ``base_epochs``
-    earns its extra epochs unless a completed trial of ``study`` is at most as large and was
+    earns its extra epochs unless a completed trial of ``study`` at most ``size_tolerance``
+    times as large (1: at most as large) was
     more than ``margin`` more accurate **after the same number of epochs** (its
     ``val_history``; its final accuracy where that is shorter). Comparing at equal fidelity keeps
     promoted trials from shutting out every newcomer. Read when the question is asked, so it
@@ -53,7 +55,7 @@ def beaten_by_completed(study: optuna.Study, margin: float, base_epochs: int) ->
         for done in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             history = done.user_attrs.get(keys.TRIAL_VAL_HISTORY) or []
             accuracy = history[base_epochs - 1] if len(history) >= base_epochs else done.values[0]
-            if done.values[1] <= size_bytes and accuracy > val_accuracy + margin:
+            if done.values[1] <= size_tolerance * size_bytes and accuracy > val_accuracy + margin:
                 return False
         return True
     return promote
@@ -77,7 +79,8 @@ class CompressionObjective:
             with self.stop.trial_body():
                 result = run_trial(self.context, plan, seed=spec.seed + trial.number,
                                    promote=beaten_by_completed(trial.study, spec.finetune.promote_margin,
-                                                                   spec.finetune.epochs))
+                                                               spec.finetune.epochs,
+                                                               spec.finetune.promote_size_tolerance))
         except Interrupted:
             raise  # the trial loop marks it FAIL with reason "interrupted"
         except Exception as exc:  # the trial's own failure: record it, keep the study going

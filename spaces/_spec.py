@@ -102,7 +102,7 @@ QUANTIZERS = ("amax", "lsq")
 # Fine-tune settings whose default leaves a trial as it was before they existed: a spec at these
 # values keeps its old fingerprint (stored studies stay resumable).
 NEUTRAL_FINETUNE: dict[str, Any] = {"prune_schedule": "oneshot", "prune_ramp": 0.5, "promote_epochs": 0,
-                                    "promote_margin": 0.002, "quantizer": "amax"}
+                                    "promote_margin": 0.002, "promote_size_tolerance": 1.0, "quantizer": "amax"}
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,9 @@ class FinetuneSpec(TrainSpec):
       multi-objective studies). After ``epochs``, a trial whose (validation accuracy, packed
       size) is not beaten by a completed trial of the study (one at most as large and more
       than ``promote_margin`` more accurate) trains ``promote_epochs`` more epochs, its
-      learning rate decaying to 0 along a cosine; the others stop there.
+      learning rate decaying to 0 along a cosine; the others stop there. With
+      ``promote_size_tolerance`` t > 1, a completed trial up to t times as large counts as a
+      competitor too (fewer trials promoted).
     - ``quantizer``: ``"amax"`` scales each channel by its largest weight; ``"lsq"`` learns
       each channel's step size during the fine-tune (Esser et al., 2020).
     """
@@ -126,6 +128,7 @@ class FinetuneSpec(TrainSpec):
     prune_ramp: float = 0.5
     promote_epochs: int = 0
     promote_margin: float = 0.002
+    promote_size_tolerance: float = 1.0
     quantizer: str = "amax"
 
 
@@ -386,6 +389,8 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
         promote_epochs=_int("finetune.promote_epochs", finetune_raw.get("promote_epochs", 0), 0, 10_000),
         promote_margin=_float("finetune.promote_margin",
                               finetune_raw.get("promote_margin", NEUTRAL_FINETUNE["promote_margin"]), 0.0, 1.0),
+        promote_size_tolerance=_float("finetune.promote_size_tolerance",
+                                      finetune_raw.get("promote_size_tolerance", 1.0), 1.0, 100.0),
     )
     cache_mb = _int("finetune.cache_mb", finetune_raw.get("cache_mb", 1024), 0, 1_000_000)
 
@@ -430,6 +435,7 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
         "finetune": {"epochs": finetune.epochs, "batch_size": finetune.batch_size, "cache_mb": cache_mb,
                      "prune_schedule": finetune.prune_schedule, "prune_ramp": finetune.prune_ramp,
                      "promote_epochs": finetune.promote_epochs, "promote_margin": finetune.promote_margin,
+                     "promote_size_tolerance": finetune.promote_size_tolerance,
                      "quantizer": finetune.quantizer},
         "space": {"layers": list(space.layers), "exclude": list(space.exclude),
                   **{k: v.to_dict() for k, v in knobs.items()},

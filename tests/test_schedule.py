@@ -130,6 +130,13 @@ def test_promotion_rule_compares_at_equal_fidelity() -> None:
     assert not promote(0.92, 1000)
 
 
+def test_size_tolerance_lets_slightly_larger_trials_compete() -> None:
+    study = _study_with([(0.95, 1100.0, None)])
+    assert beaten_by_completed(study, margin=0.0, base_epochs=2)(0.93, 1000)  # larger: no competitor
+    assert not beaten_by_completed(study, margin=0.0, base_epochs=2, size_tolerance=1.2)(0.93, 1000)
+    assert beaten_by_completed(study, margin=0.0, base_epochs=2, size_tolerance=1.05)(0.93, 1000)
+
+
 def test_schedule_settings_are_validated_and_old_specs_keep_their_fingerprint() -> None:
     base = parse_spec(digits_spec_dict())
     data = digits_spec_dict()
@@ -138,11 +145,11 @@ def test_schedule_settings_are_validated_and_old_specs_keep_their_fingerprint() 
     assert changed.finetune.prune_schedule == "gradual" and changed.finetune.promote_epochs == 2
     assert changed.fingerprint() != base.fingerprint()
     neutral = digits_spec_dict()
-    neutral["finetune"].update(prune_schedule="oneshot", promote_epochs=0, quantizer="amax")
+    neutral["finetune"].update(prune_schedule="oneshot", promote_epochs=0, quantizer="amax", promote_size_tolerance=1.0)
     assert parse_spec(neutral).fingerprint() == base.fingerprint()
     for key, value, allowed in [("prune_schedule", "cubic", "oneshot, gradual"), ("prune_ramp", 0, "0"),
                                 ("promote_epochs", -1, "0"), ("promote_margin", 2, "1"),
-                                ("quantizer", "kmeans", "amax, lsq")]:
+                                ("quantizer", "kmeans", "amax, lsq"), ("promote_size_tolerance", 0.5, "1")]:
         bad = digits_spec_dict()
         bad["finetune"][key] = value
         with pytest.raises(SpecError, match=f"finetune.{key}") as err:
