@@ -107,7 +107,7 @@ NEUTRAL_FINETUNE: dict[str, Any] = {"prune_schedule": "oneshot", "prune_ramp": 0
 
 @dataclass(frozen=True)
 class FinetuneSpec(TrainSpec):
-    """The student's fine-tune: ``epochs`` for every trial, plus two method settings.
+    """The student's fine-tune: ``epochs`` for every trial, plus the method settings:
 
     - ``prune_schedule``: ``"oneshot"`` applies each layer's pruning mask before the first
       step; ``"gradual"`` raises the sparsity from 0 to the planned ratio along a cubic ramp
