@@ -44,8 +44,9 @@ from typing import Any
 import optuna
 import torch
 
+from results_md import write_section
 from slimtune.search import resolve_spec, run_study
-from slimtune.spaces import parse_spec
+from slimtune.spaces import SpecError, parse_spec
 from slimtune.studies import keys, load_existing_study, pareto_trials
 
 HERE = Path(__file__).resolve().parent
@@ -64,7 +65,6 @@ METHOD: dict[str, dict[str, Any]] = {
     "lenet5": {"finetune.quantizer": "lsq", "finetune.epochs": 1, "finetune.promote_epochs": 5,
                "finetune.cache_mb": 2048},
 }
-MARKER_START, MARKER_END = "<!-- mnist_table:start -->", "<!-- mnist_table:end -->"
 
 
 def best_within(study: optuna.Study, extra_error: float) -> tuple[float, int, int] | None:
@@ -85,8 +85,11 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
-            raise SystemExit(f"--set {item!r}: expected section.key=VALUE, e.g. finetune.promote_epochs=4")
-        out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+            raise ValueError(f"--set {item!r}: expected section.key=VALUE, e.g. finetune.promote_epochs=4")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise ValueError(f"--set {item!r}: VALUE must be a TOML value, e.g. 4, 0.5 or '\"lsq\"'") from None
     return out
 
 
@@ -179,8 +182,15 @@ def main() -> None:
     parser.add_argument("--no-results-md", action="store_true", help="leave benchmarks/RESULTS.md alone")
     parser.add_argument("--plain", action="store_true", help="the presets alone, without METHOD's settings")
     args = parser.parse_args()
-    sets = parse_sets(args.set)
     models = args.models.split(",")
+    try:
+        sets = parse_sets(args.set)
+        for m in models:  # every spec checked before any process starts or any file is written
+            if m not in PRESETS:
+                raise ValueError(f"--models {m!r}: choose from {', '.join(PRESETS)}")
+            preset_spec(m, args.storage, args.max_trials, {**({} if args.plain else METHOD.get(m, {})), **sets})
+    except (ValueError, SpecError) as exc:
+        parser.error(str(exc))  # exit 2, nothing written
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {m: pool.submit(measure, m, args.minutes, args.max_trials, args.storage, args.threads,
@@ -197,14 +207,8 @@ def main() -> None:
     if args.no_results_md:
         print(f"wrote {args.out}")
         return
-    results_md = HERE / "RESULTS.md"
-    text = results_md.read_text()
-    section = f"{MARKER_START}\n{table}\n{MARKER_END}"
-    if MARKER_START in text:
-        text = text[: text.index(MARKER_START)] + section + text[text.index(MARKER_END) + len(MARKER_END):]
-    else:
-        text += f"\n## MNIST beside the published compression figures ({date.today().isoformat()})\n\n{section}\n"
-    results_md.write_text(text)
+    results_md = write_section("mnist_table", f"## MNIST beside the published compression figures "
+                                              f"({date.today().isoformat()})", table)
     print(f"wrote {args.out} and {results_md}")
 
 

@@ -26,9 +26,8 @@ from typing import Any
 
 import torch
 
-from slimtune.spaces import CompressionPlan, LayerPlan
+from slimtune.spaces import CompressionPlan, DataSpec, LayerPlan
 from slimtune.trainers import LeNet300, apply_plan, build_datamodule, pack_model, unpack_model
-from slimtune.spaces import DataSpec
 
 HERE = Path(__file__).resolve().parent
 PLANS = [  # (fc1, fc2, fc3) prune ratios and bits

@@ -58,6 +58,8 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from results_md import write_section
+
 HERE = Path(__file__).resolve().parent
 PRESET = "lenet300-mnist"
 METHODS = ("tpe", "nsga2", "random", "uniform")
@@ -65,7 +67,6 @@ SAMPLER_OF = {"tpe": "tpe", "nsga2": "nsga2", "random": "random", "uniform": "ra
 LABELS = {"tpe": "per-layer, TPE", "nsga2": "per-layer, NSGA-II", "random": "per-layer, random search",
           "uniform": "uniform grid (one ratio, one bit width)"}
 COLORS = {"tpe": "#1f77b4", "nsga2": "#2ca02c", "random": "#ff7f0e", "uniform": "#7f7f7f"}
-MARKER_START, MARKER_END = "<!-- search_efficiency:start -->", "<!-- search_efficiency:end -->"
 WITHIN = 0.005  # "best ratio within 0.5 validation points of the teacher"
 
 
@@ -454,15 +455,8 @@ def write_outputs(payload: dict[str, Any], out_dir: Path, final: bool, results_m
     if out_dir.resolve() != HERE:
         (out_dir / "search_efficiency.md").write_text(text + "\n")
     if results_md:
-        path = HERE / "RESULTS.md"
-        doc = path.read_text()
-        section = f"{MARKER_START}\n{text}\n{MARKER_END}"
-        if MARKER_START in doc:
-            doc = doc[: doc.index(MARKER_START)] + section + doc[doc.index(MARKER_END) + len(MARKER_END):]
-        else:
-            doc += (f"\n## Search efficiency: hypervolume against trial number ({payload['date']})\n\n"
-                    f"{section}\n")
-        path.write_text(doc)
+        write_section("search_efficiency",
+                      f"## Search efficiency: hypervolume against trial number ({payload['date']})", text)
     return text
 
 

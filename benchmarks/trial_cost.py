@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from optuna.trial import TrialState
 
+from results_md import write_section
 from slimtune.search import resolve_spec, run_study
 from slimtune.spaces import CompressionPlan, LayerPlan, StudySpec
 from slimtune.studies import get_blob, keys, load_existing_study, open_storage
@@ -75,7 +76,6 @@ from slimtune.trainers import (
 HERE = Path(__file__).resolve().parent
 PRESETS = {"lenet300": "lenet300-mnist", "lenet5": "lenet5-mnist"}
 NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5 (Caffe)"}
-MARKER_START, MARKER_END = "<!-- trial_cost:start -->", "<!-- trial_cost:end -->"
 PHASES = ["sample", "compress", "finetune", "pack", "evaluate", "storage"]
 
 
@@ -531,14 +531,7 @@ def main() -> None:
     print()
     print(render_model(entry))
     out.write_text(json.dumps(payload, indent=2) + "\n")
-    results_md = HERE / "RESULTS.md"
-    text = results_md.read_text()
-    section = f"{MARKER_START}\n{table}\n{MARKER_END}"
-    if MARKER_START in text and MARKER_END in text:
-        text = text[: text.index(MARKER_START)] + section + text[text.index(MARKER_END) + len(MARKER_END):]
-    else:
-        text = text.rstrip("\n") + f"\n\n## Cost of a trial\n\n{section}\n"
-    results_md.write_text(text)
+    results_md = write_section("trial_cost", "## Cost of a trial", table)
     print(f"\nwrote {out} and {results_md} ({entry['runtime_seconds']:.0f} s in all)")
 
 
