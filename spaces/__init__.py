@@ -22,6 +22,8 @@ from ._spec import (
     SAMPLERS,
     SPLIT_VALUES,
     PRUNE_SCHEDULES,
+    BIAS_BITS,
+    QUANTIZERS,
     DataSpec,
     FinetuneSpec,
     ModelSpec,
@@ -36,5 +38,5 @@ __all__ = [
     "BITS_ALLOWED", "DATA_PRESETS", "DEFAULT_STORAGE", "GLOBAL_KNOBS", "MODEL_PRESETS", "PER_LAYER_KNOBS",
     "SAMPLERS", "VALID_BITS", "CompressionPlan", "DataSpec", "FinetuneSpec", "Knob", "LayerPlan", "ModelSpec", "SpaceSpec",
     "SpecError", "StudySpec", "TrainSpec", "load_spec_file", "parse_spec", "sample_plan", "select_layers",
-    "MISSING_POLICIES", "PRUNE_SCHEDULES", "SPLIT_VALUES",
+    "BIAS_BITS", "MISSING_POLICIES", "PRUNE_SCHEDULES", "QUANTIZERS", "SPLIT_VALUES",
 ]

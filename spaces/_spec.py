@@ -97,12 +97,14 @@ class TrainSpec:
     lr: float = 1e-3
 
 
-PRUNE_SCHEDULES = ("oneshot", "gradual")
+PRUNE_SCHEDULES = ("oneshot", "gradual", "dynamic")
 QUANTIZERS = ("amax", "lsq")
+BIAS_BITS = (32, 16)
 # Fine-tune settings whose default leaves a trial as it was before they existed: a spec at these
 # values keeps its old fingerprint (stored studies stay resumable).
 NEUTRAL_FINETUNE: dict[str, Any] = {"prune_schedule": "oneshot", "prune_ramp": 0.5, "promote_epochs": 0,
-                                    "promote_margin": 0.002, "promote_size_tolerance": 1.0, "quantizer": "amax"}
+                                    "promote_margin": 0.002, "promote_size_tolerance": 1.0, "quantizer": "amax",
+                                    "prune_activation_power": 0.0, "bias_bits": 32}
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,17 @@ class FinetuneSpec(TrainSpec):
     - ``prune_schedule``: ``"oneshot"`` applies each layer's pruning mask before the first
       step; ``"gradual"`` raises the sparsity from 0 to the planned ratio along a cubic ramp
       (Zhu & Gupta, 2017) over the first ``prune_ramp`` share of the ``epochs``' steps,
-      recomputing the magnitude masks as the weights move.
+      recomputing the magnitude masks as the weights move; ``"dynamic"`` keeps the planned
+      ratio from the start but re-chooses the masks by magnitude, with straight-through
+      gradients so pruned weights can grow back (network surgery, Guo et al. 2016), during the
+      first ``prune_ramp`` share of the ``epochs``' steps, then freezes them.
+    - ``prune_activation_power`` p: which weights a mask keeps. A weight's score is
+      ``|w| * rms(x) ** p``, ``rms(x)`` being the teacher's root-mean-square input to that
+      weight (input feature, or input channel of a convolution) on the training data. 0 is
+      plain magnitude pruning; 1 is Wanda's score (Sun et al., 2023). With p > 0 a layer
+      keeps fewer weights on inputs that are nearly always zero (MNIST's border pixels).
+    - ``bias_bits``: 32 keeps the compressed layers' biases in float32; 16 trains and stores
+      them as float16 values (2 bytes each in the artifact).
     - ``promote_epochs``: a multi-fidelity rule of slimtune's own (Optuna cannot prune
       multi-objective studies). After ``epochs``, a trial whose (validation accuracy, packed
       size) is not beaten by a completed trial of the study (one at most as large and more
@@ -130,6 +142,8 @@ class FinetuneSpec(TrainSpec):
     promote_margin: float = 0.002
     promote_size_tolerance: float = 1.0
     quantizer: str = "amax"
+    prune_activation_power: float = 0.0
+    bias_bits: int = 32
 
 
 @dataclass(frozen=True)
@@ -166,6 +180,7 @@ class StudySpec:
     heartbeat_interval: int
     heartbeat_grace: int
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    feasible_drop: float | None = None  # see parse_spec: val accuracy constraint, None = none
 
     def to_dict(self) -> dict[str, Any]:
         """The normalized spec (defaults filled in) as plain data; ``parse_spec`` reads it back."""
@@ -328,7 +343,7 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
             raise SpecError(k, data[k], f"sections {sorted(top)}", "is not a known section")
 
     study = _table(data, "study", {"name", "storage", "trials", "seed", "sampler", "max_accuracy_drop",
-                                   "heartbeat_interval", "heartbeat_grace"})
+                                   "feasible_drop", "heartbeat_interval", "heartbeat_grace"})
     name = study.get("name")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise SpecError("study.name", name, "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
@@ -343,6 +358,8 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
     if sampler not in SAMPLERS:
         raise SpecError("study.sampler", sampler, ", ".join(SAMPLERS))
     drop = _float("study.max_accuracy_drop", study.get("max_accuracy_drop", 0.05), 0.0, 1.0)
+    feasible_drop = (None if study.get("feasible_drop") is None
+                     else _float("study.feasible_drop", study["feasible_drop"], 0.0, 1.0))
     heartbeat_interval = _int("study.heartbeat_interval", study.get("heartbeat_interval", 20), 1, 3600)
     heartbeat_grace = _int("study.heartbeat_grace", study.get("heartbeat_grace", 60), 2, 86400)
     if heartbeat_grace <= heartbeat_interval:
@@ -379,8 +396,12 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
     quantizer = finetune_raw.get("quantizer", NEUTRAL_FINETUNE["quantizer"])
     if quantizer not in QUANTIZERS:
         raise SpecError("finetune.quantizer", quantizer, ", ".join(QUANTIZERS))
+    bias_bits = finetune_raw.get("bias_bits", NEUTRAL_FINETUNE["bias_bits"])
+    if isinstance(bias_bits, bool) or bias_bits not in BIAS_BITS:
+        raise SpecError("finetune.bias_bits", bias_bits, " or ".join(map(str, BIAS_BITS)))
     finetune = FinetuneSpec(
         quantizer=quantizer,
+        bias_bits=int(bias_bits),
         epochs=_int("finetune.epochs", finetune_raw.get("epochs", 2), 1, 10_000),
         batch_size=_int("finetune.batch_size", finetune_raw.get("batch_size", 128), 1, 1_000_000),
         prune_schedule=schedule,
@@ -391,6 +412,8 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
                               finetune_raw.get("promote_margin", NEUTRAL_FINETUNE["promote_margin"]), 0.0, 1.0),
         promote_size_tolerance=_float("finetune.promote_size_tolerance",
                                       finetune_raw.get("promote_size_tolerance", 1.0), 1.0, 100.0),
+        prune_activation_power=_float("finetune.prune_activation_power",
+                                      finetune_raw.get("prune_activation_power", 0.0), 0.0, 4.0),
     )
     cache_mb = _int("finetune.cache_mb", finetune_raw.get("cache_mb", 1024), 0, 1_000_000)
 
@@ -425,7 +448,8 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
     normalized: dict[str, Any] = {
         "study": {"name": name, "storage": storage, "trials": trials, "seed": seed, "sampler": sampler,
                   "max_accuracy_drop": drop, "heartbeat_interval": heartbeat_interval,
-                  "heartbeat_grace": heartbeat_grace},
+                  "heartbeat_grace": heartbeat_grace,
+                  **({} if feasible_drop is None else {"feasible_drop": feasible_drop})},
         "model": {k: v for k, v in {"preset": model.preset, "factory": model.factory, "kwargs": model.kwargs,
                                     "checkpoint": model.checkpoint}.items() if v is not None},
         "data": ({k: v for k, v in {"preset": data_spec.preset, "module": data_spec.module,
@@ -436,7 +460,9 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
                      "prune_schedule": finetune.prune_schedule, "prune_ramp": finetune.prune_ramp,
                      "promote_epochs": finetune.promote_epochs, "promote_margin": finetune.promote_margin,
                      "promote_size_tolerance": finetune.promote_size_tolerance,
-                     "quantizer": finetune.quantizer},
+                     "quantizer": finetune.quantizer,
+                     "prune_activation_power": finetune.prune_activation_power,
+                     "bias_bits": finetune.bias_bits},
         "space": {"layers": list(space.layers), "exclude": list(space.exclude),
                   **{k: v.to_dict() for k, v in knobs.items()},
                   "layer": {p: dict(v) for p, v in overrides.items()}},
@@ -446,4 +472,4 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
     except (TypeError, ValueError):
         raise SpecError("model.kwargs / data.kwargs", "(a value)", "plain TOML values (strings, numbers, lists, tables)") from None
     return StudySpec(name, storage, trials, seed, sampler, drop, model, data_spec, teacher, finetune, space,
-                     cache_mb, heartbeat_interval, heartbeat_grace, raw=normalized)
+                     cache_mb, heartbeat_interval, heartbeat_grace, raw=normalized, feasible_drop=feasible_drop)

@@ -65,6 +65,17 @@ def digits_spec_dict(**study: Any) -> dict[str, Any]:
     return data
 
 
+def toy_model_and_loader() -> tuple[torch.nn.Module, torch.utils.data.DataLoader]:
+    """A seeded 16-32-4 MLP and a 256-sample loader whose label is the argmax of 4 inputs."""
+    from slimtune.trainers import batch_loader
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    x = torch.randn(256, 16)
+    y = (x[:, :4]).argmax(1)
+    return model, batch_loader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True, seed=0)
+
+
 @pytest.fixture
 def digits_spec() -> StudySpec:
     return parse_spec(digits_spec_dict())

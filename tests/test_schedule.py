@@ -9,33 +9,21 @@ from pathlib import Path
 import lightning.pytorch as pl
 import optuna
 import pytest
-import torch
 from optuna.trial import TrialState
-from torch import nn
 
 from slimtune.search import main
 from slimtune.search._objective import beaten_by_completed
 from slimtune.spaces import CompressionPlan, LayerPlan, SpecError, parse_spec
 from slimtune.studies import keys
 from slimtune.trainers import (
-    DistillationModule, GradualPruning, PromotionGate, TrialContext, apply_plan, cubic_sparsity, quiet_trainer,
-    run_trial,
+    DistillationModule, GradualPruning, PromotionGate, apply_plan, cubic_sparsity, quiet_trainer,
 )
-from slimtune.trainers import batch_loader
 
-from .conftest import SPEC_TOML, digits_spec_dict
+from .conftest import SPEC_TOML, digits_spec_dict, toy_model_and_loader
 
 
 def _plan(ratio: float, bits: int = 32) -> CompressionPlan:
     return CompressionPlan({"0": LayerPlan(ratio, bits, 2.0), "2": LayerPlan(ratio / 2, bits, 2.0)}, 1.0, 0.0, 1e-2)
-
-
-def _toy() -> tuple[nn.Module, torch.utils.data.DataLoader]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    x = torch.randn(256, 16)
-    y = (x[:, :4]).argmax(1)
-    return model, batch_loader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True, seed=0)
 
 
 def test_cubic_ramp_is_monotone_and_ends_at_the_target() -> None:
@@ -47,7 +35,7 @@ def test_cubic_ramp_is_monotone_and_ends_at_the_target() -> None:
 
 @pytest.mark.parametrize("bits", [32, 4])
 def test_gradual_pruning_starts_dense_and_ends_at_the_planned_ratio(bits: int) -> None:
-    model, loader = _toy()
+    model, loader = toy_model_and_loader()
     teacher = copy.deepcopy(model).eval()
     student = apply_plan(model, _plan(0.75, bits))
     planned = {n: int((student.get_submodule(n).parametrizations["weight"][0].mask == 0).sum()) for n in ("0", "2")}
@@ -71,7 +59,7 @@ def test_gradual_pruning_starts_dense_and_ends_at_the_planned_ratio(bits: int) -
 
 
 def test_a_run_stopped_early_still_ends_at_the_planned_ratio() -> None:
-    model, loader = _toy()
+    model, loader = toy_model_and_loader()
     student = apply_plan(model, _plan(0.5))
     ramp = GradualPruning(student, ramp_steps=10_000)  # would never finish within 1 epoch
     module = DistillationModule(student, lr=1e-2, kd_alpha=1.0, logit_temperature=2.0, feature_kd_weight=0.0,
@@ -83,7 +71,7 @@ def test_a_run_stopped_early_still_ends_at_the_planned_ratio() -> None:
 
 @pytest.mark.parametrize("decision", [True, False])
 def test_promotion_gate_trains_on_only_when_promoted_with_a_decaying_lr(decision: bool) -> None:
-    model, loader = _toy()
+    model, loader = toy_model_and_loader()
     student = apply_plan(model, _plan(0.5))
     module = DistillationModule(student, lr=1e-2, kd_alpha=1.0, logit_temperature=2.0, feature_kd_weight=0.0,
                                 feature_temperatures={}, teacher=copy.deepcopy(model).eval())

@@ -21,7 +21,7 @@ compressed weights as plain parameters.
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from slimtune.spaces import CompressionPlan, LayerPlan
+    >>> from slimtune.spaces import BIAS_BITS, QUANTIZERS, CompressionPlan, LayerPlan
     >>> layer = nn.Sequential(nn.Linear(8, 4))
     >>> plan = CompressionPlan({"0": LayerPlan(0.5, 4, 2.0)}, kd_alpha=0.9, feature_kd_weight=0.0, lr=1e-3)
     >>> _ = apply_plan(layer, plan)
@@ -35,8 +35,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from slimtune.spaces import CompressionPlan
+from slimtune.spaces import BIAS_BITS, QUANTIZERS, CompressionPlan
 
+from ._importance import importance
 from ._lowrank import factorize, rank_for, replace_submodule, weight_modules
 
 FP16_MAX = 65504.0
@@ -94,17 +95,42 @@ class _StraightThroughQuant(torch.autograd.Function):
 
 
 class PruneMask(nn.Module):
-    """Parametrization multiplying the weight by a fixed mask (a buffer, kept in ``state_dict``)."""
+    """Parametrization multiplying the weight by a mask (a buffer, kept in ``state_dict``).
 
-    def __init__(self, mask: torch.Tensor) -> None:
+    With ``straight_through`` set, the gradient reaches pruned weights too (as if the mask were
+    not there), so that a schedule re-choosing the mask by magnitude can let them grow back.
+    ``input_scale`` (see :mod:`._importance`) weights the magnitudes whenever the mask is
+    chosen again (:meth:`reselect`).
+    """
+
+    def __init__(self, mask: torch.Tensor, input_scale: torch.Tensor | None = None) -> None:
         super().__init__()
         self.register_buffer("mask", mask)
+        self.straight_through = False
+        self.input_scale = input_scale
+
+    def reselect(self, weight: torch.Tensor, ratio: float) -> None:
+        """Keep the ``1 - ratio`` share of ``weight`` with the highest importance."""
+        self.mask.copy_(magnitude_mask(importance(weight, self.input_scale), ratio))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask
+        masked = weight * self.mask
+        return _exactly(masked, weight) if self.straight_through else masked
 
 
-QUANTIZERS = ("amax", "lsq")
+
+
+class HalfPrecision(nn.Module):
+    """Parametrization rounding a tensor to float16 values (kept as float32) in the forward
+    pass, with the identity gradient: what the artifact stores in 2 bytes a value.
+
+    >>> HalfPrecision()(torch.tensor([0.1, 1e6])).tolist()  # the float16 values nearest
+    [0.0999755859375, 65504.0]
+    """
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        rounded = torch.clamp(value, -FP16_MAX, FP16_MAX).to(torch.float16).to(value.dtype)
+        return _exactly(rounded, value)
 
 
 def _exactly(value: torch.Tensor, gradient_of: torch.Tensor) -> torch.Tensor:
@@ -161,25 +187,34 @@ class FakeQuant(nn.Module):
         return f"bits={self.bits}" + (", learned scales" if self.learned else "")
 
 
-def apply_plan(model: nn.Module, plan: CompressionPlan, quantizer: str = "amax") -> nn.Module:
+def apply_plan(model: nn.Module, plan: CompressionPlan, quantizer: str = "amax",
+               input_scales: dict[str, torch.Tensor] | None = None, bias_bits: int = 32) -> nn.Module:
     """Factorize (``rank_ratio < 1``), then register mask and fake-quant parametrizations on every
     layer of ``plan`` (on both factors of a factorized one), in place. ``quantizer`` is
-    ``"amax"`` or ``"lsq"`` (learned scales)."""
+    ``"amax"`` or ``"lsq"`` (learned scales). ``input_scales`` (layer name: per-input scale,
+    from :func:`layer_input_scales`) weights the magnitudes the masks keep; a factorized
+    layer's second factor is pruned by magnitude alone. ``bias_bits=16`` rounds the layers'
+    biases to float16 values (:class:`HalfPrecision`), which the artifact stores in 2 bytes."""
     if quantizer not in QUANTIZERS:
         raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {quantizer!r}")
+    if bias_bits not in BIAS_BITS:
+        raise ValueError(f"bias_bits must be one of {', '.join(map(str, BIAS_BITS))}, got {bias_bits!r}")
     for name, layer_plan in plan.layers.items():
         layer = model.get_submodule(name)
         if layer_plan.rank_ratio < 1:
             layer = factorize(layer, rank_for(layer, layer_plan.rank_ratio))
             replace_submodule(model, name, layer)
-        for module in weight_modules(layer):
+        for position, module in enumerate(weight_modules(layer)):
             if layer_plan.prune_ratio > 0:
-                parametrize.register_parametrization(module, "weight",
-                                                     PruneMask(magnitude_mask(module.weight, layer_plan.prune_ratio)))
+                scale = (input_scales or {}).get(name) if position == 0 else None
+                mask = magnitude_mask(importance(module.weight, scale), layer_plan.prune_ratio)
+                parametrize.register_parametrization(module, "weight", PruneMask(mask, scale))
             if layer_plan.weight_bits < 32:
                 learned = quantizer == "lsq"
                 parametrize.register_parametrization(
                     module, "weight", FakeQuant(layer_plan.weight_bits, learned, module.weight.detach() if learned else None))
+            if bias_bits == 16 and getattr(module, "bias", None) is not None:
+                parametrize.register_parametrization(module, "bias", HalfPrecision())
     return model
 
 

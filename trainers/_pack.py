@@ -1,6 +1,6 @@
 """Packing a compressed model into the bytes we count: ``size_bytes == len(pack_model(...))``.
 
-Format (version 2), all integers little-endian::
+Format (version 3; version 2 when no entry is ``half``), all integers little-endian::
 
     b"SLIM" | u8 version | xz( u32 manifest_length | manifest (UTF-8 JSON) | blocks ... )
 
@@ -13,6 +13,8 @@ Entry kinds and their blocks:
 
 - ``raw``: the tensor's bytes in its own dtype (biases, unquantized layers, buffers, and
   unquantized weights pruned so little that an index would not pay).
+- ``half``: a float32 tensor whose values are float16 values (a bias under
+  ``HalfPrecision``, ``finetune.bias_bits = 16``), stored as float16: 2 bytes a value.
 - ``quant`` (``bits`` 2..16): ``scales``, one per output channel, as float16 up to 8 bits
   and float32 above; then the codes ``q + 2**(bits-1)``, one byte each up to 8 bits and a
   u16 above, either
@@ -61,10 +63,11 @@ from ._compress import FP16_SCALE_MAX_BITS, FakeQuant, PruneMask, dequantize
 from ._lowrank import Factorized, factorized_ranks, full_rank, weight_modules
 
 MAGIC = b"SLIM"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "lc": 0, "lp": 0, "pb": 0}]
 _PARAM_SUFFIX = ".parametrizations.weight.original"
+_BIAS_SUFFIX = ".parametrizations.bias.original"
 
 
 def _bitunpack(data: bytes, bits: int, count: int) -> np.ndarray:
@@ -168,7 +171,13 @@ def pack_model(model: nn.Module, meta: dict[str, Any] | None = None) -> bytes:
     blocks: list[bytes] = []
     modules = dict(model.named_modules())
     for key, tensor in model.state_dict().items():
-        if ".parametrizations." in key:
+        if key.endswith(_BIAS_SUFFIX):
+            module_name = key[: -len(_BIAS_SUFFIX)]
+            bias = modules[module_name].bias.detach()  # HalfPrecision: float16 values
+            entry = {"kind": "half", "name": f"{module_name}.bias" if module_name else "bias",
+                     "shape": list(bias.shape)}
+            parts = [bias.numpy().astype("<f2").tobytes()]
+        elif ".parametrizations." in key:
             if not key.endswith(_PARAM_SUFFIX):
                 continue  # masks and other parametrization state are encoded with their weight
             module_name = key[: -len(_PARAM_SUFFIX)]
@@ -183,7 +192,8 @@ def pack_model(model: nn.Module, meta: dict[str, Any] | None = None) -> bytes:
         blocks.extend(parts)
     manifest = json.dumps({"meta": meta, "tensors": entries}, separators=(",", ":")).encode()
     payload = struct.pack("<I", len(manifest)) + manifest + b"".join(blocks)
-    return MAGIC + bytes([VERSION]) + lzma.compress(payload, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+    version = VERSION if any(e["kind"] == "half" for e in entries) else 2  # readable by version-2 readers
+    return MAGIC + bytes([version]) + lzma.compress(payload, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
 
 
 def unpack_model(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -210,6 +220,8 @@ def unpack_model(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if entry["kind"] == "raw":
             array = np.frombuffer(parts[0], dtype=np.dtype(entry["dtype"])).reshape(shape)
             state[entry["name"]] = torch.from_numpy(array.copy())
+        elif entry["kind"] == "half":
+            state[entry["name"]] = torch.from_numpy(np.frombuffer(parts[0], dtype="<f2").astype(np.float32).reshape(shape))
         elif entry["kind"] == "sparse32":
             nonzero = (_positions(parts[0], count) if manifest_version > 1
                        else np.unpackbits(np.frombuffer(parts[0], dtype=np.uint8))[:count].astype(bool))

@@ -25,7 +25,7 @@ import lightning.pytorch as pl
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._compress import PruneMask, magnitude_mask
+from ._compress import PruneMask
 
 
 def cubic_sparsity(target: float, step: int, ramp_steps: int) -> float:
@@ -63,8 +63,7 @@ class GradualPruning(pl.Callback):
 
     def _set_all(self, step: int) -> None:
         for module, mask, target in self.targets:
-            original = module.parametrizations["weight"].original.detach()
-            mask.mask.copy_(magnitude_mask(original, cubic_sparsity(target, step, self.ramp_steps)))
+            mask.reselect(module.parametrizations["weight"].original, cubic_sparsity(target, step, self.ramp_steps))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -74,6 +73,40 @@ class GradualPruning(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._set_all(self.ramp_steps)  # the planned ratio, exactly, whatever happened before
+
+
+class DynamicPruning(pl.Callback):
+    """Re-choose each mask by magnitude every ``every`` steps for the first ``update_steps``
+    steps, with straight-through gradients, then freeze it (network surgery, Guo et al. 2016).
+
+    The planned ratio holds at every step; only which weights are kept changes. While the
+    masks move, pruned weights still get their gradient (``PruneMask.straight_through``), so a
+    weight pruned by the teacher's magnitudes can grow back when training needs it. After
+    ``update_steps`` (and at the latest when training ends) the mask in force is frozen and
+    gradients are masked again, so the weights that are packed are the ones trained last.
+    """
+
+    def __init__(self, model: nn.Module, update_steps: int, every: int = 10) -> None:
+        self.targets = pruned_weights(model)
+        self.update_steps = max(int(update_steps), 0)
+        self.every = max(int(every), 1)
+        self._set_straight_through(self.update_steps > 0)
+
+    def _set_straight_through(self, on: bool) -> None:
+        for _, mask, _ in self.targets:
+            mask.straight_through = on
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        step = trainer.global_step
+        if step >= self.update_steps:
+            self._set_straight_through(False)
+        elif step > 0 and step % self.every == 0:
+            for module, mask, target in self.targets:
+                mask.reselect(module.parametrizations["weight"].original, target)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._set_straight_through(False)
 
 
 class PromotionGate(pl.Callback):

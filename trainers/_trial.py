@@ -19,16 +19,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from slimtune.spaces import CompressionPlan, StudySpec, select_layers
 
 from ._compress import apply_plan
 from ._data import build_datamodule, datamodule_info, materialize
+from ._importance import layer_input_scales
 from ._lightning import AccuracyFloor, DistillationModule, quiet_trainer
 from ._models import compressible_layers, dense_parameter_bytes, model_from_meta
 from ._pack import layer_stats, pack_model, unpack_model
-from ._schedule import GradualPruning, PromotionGate
+from ._schedule import DynamicPruning, GradualPruning, PromotionGate
 from ._teacher import TeacherCache, evaluate, train_loader_for
 
 
@@ -62,6 +65,9 @@ class TrialResult:
         return sum(s["sparsity"] * s["weights"] for s in self.layers.values()) / max(total, 1)
 
 
+INPUT_SCALE_SAMPLES = 10_000  # training inputs the teacher's per-input RMS is measured on
+
+
 @dataclass
 class TrialContext:
     """Everything a study's trials share within one process."""
@@ -74,6 +80,7 @@ class TrialContext:
     floor: float
     dense_bytes: int
     cache: TeacherCache | None
+    input_scales: dict[str, torch.Tensor] | None = None  # finetune.prune_activation_power > 0
 
     @classmethod
     def create(cls, spec: StudySpec, teacher: nn.Module, floor: float = 0.0,
@@ -88,7 +95,13 @@ class TrialContext:
             x, y = materialize(dm.train_dataloader().dataset)
             hidden = [n for n in layer_names if n != output_layer]
             cache = TeacherCache.build(teacher, x, y, hidden, spec.cache_mb)
-        return cls(spec, teacher.eval(), dm, layer_names, output_layer, floor, dense_parameter_bytes(teacher), cache)
+        input_scales = None
+        if spec.finetune.prune_activation_power > 0:
+            dataset = dm.train_dataloader().dataset
+            x, _ = materialize(Subset(dataset, range(min(len(dataset), INPUT_SCALE_SAMPLES))))
+            input_scales = layer_input_scales(teacher, layer_names, x, spec.finetune.prune_activation_power)
+        return cls(spec, teacher.eval(), dm, layer_names, output_layer, floor, dense_parameter_bytes(teacher), cache,
+                   input_scales)
 
     def artifact_meta(self) -> dict[str, Any]:
         """What a loader needs besides weights: the model and data references from the spec, and
@@ -117,7 +130,8 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     """
     result = TrialResult()
     started = time.perf_counter()
-    student = apply_plan(copy.deepcopy(ctx.teacher).train().requires_grad_(True), plan, ctx.spec.finetune.quantizer)
+    student = apply_plan(copy.deepcopy(ctx.teacher).train().requires_grad_(True), plan, ctx.spec.finetune.quantizer,
+                         ctx.input_scales, ctx.spec.finetune.bias_bits)
     result.seconds["compress"] = time.perf_counter() - started
 
     hidden = [n for n in plan.layers if n != ctx.output_layer]
@@ -141,6 +155,8 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     callbacks: list[pl.Callback] = [floor]
     if ft.prune_schedule == "gradual":
         callbacks.append(GradualPruning(student, ramp_steps=round(ft.prune_ramp * ft.epochs * len(train_batches))))
+    elif ft.prune_schedule == "dynamic":
+        callbacks.append(DynamicPruning(student, update_steps=round(ft.prune_ramp * ft.epochs * len(train_batches))))
     gate = None
     if ft.promote_epochs > 0 and promote is not None:
         meta = ctx.artifact_meta()

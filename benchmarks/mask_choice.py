@@ -1,0 +1,121 @@
+"""The same plans, other mask and bias settings: how far the accuracy–size curve moves.
+
+Run by hand, after ``benchmarks/mnist_table.py`` has filled its study database::
+
+    .venv/bin/python benchmarks/mask_choice.py [--storage sqlite:///mnist_table.db]
+        [--study table-lenet300-6b53ab84] [--plans 6] [--min-val 0.977]
+
+A search mixes the effect of a setting with the luck of which plans the sampler tried. This
+script removes the sampler: it takes the stored Pareto plans of a study (at least ``--min-val``
+validation accuracy, up to ``--plans`` of them, smallest first) and runs each again, with the
+study's own teacher, data and fine-tune budget (every trial promoted, so each gets all its
+epochs), under each setting in ``SETTINGS``: plain magnitude masks with float32 biases (the
+stored trials' own setting), activation-weighted masks (``finetune.prune_activation_power``
+0.5 and 1), and power 0.5 with float16 biases (``finetune.bias_bits = 16``). It prints, for each
+plan and setting, validation and test accuracy and the artifact's bytes, writes
+``benchmarks/mask_choice.json`` and replaces the ``mask_choice`` section of RESULTS.md.
+The plans were chosen as Pareto under the first setting, so the comparison favours it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from results_md import write_section
+from slimtune.search._runner import _check_runtime, load_stored_spec
+from slimtune.spaces import CompressionPlan
+from slimtune.studies import get_blob, keys, open_storage, pareto_trials
+from slimtune.trainers import TrialContext, load_state_bytes, run_trial
+
+HERE = Path(__file__).resolve().parent
+SETTINGS: dict[str, dict[str, Any]] = {
+    "magnitude, fp32 biases": {"prune_activation_power": 0.0, "bias_bits": 32},
+    "activation^0.5, fp32 biases": {"prune_activation_power": 0.5, "bias_bits": 32},
+    "activation^1, fp32 biases": {"prune_activation_power": 1.0, "bias_bits": 32},
+    "activation^0.5, fp16 biases": {"prune_activation_power": 0.5, "bias_bits": 16},
+}
+
+
+def rerun(storage_url: str, study_name: str, plans: int, min_val: float) -> dict[str, Any]:
+    """Each chosen Pareto plan under each of ``SETTINGS``: accuracies and bytes."""
+    spec = load_stored_spec(study_name, storage_url)
+    storage = open_storage(storage_url, create=False)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    model, dm = _check_runtime(spec, load_checkpoint=False)
+    teacher = load_state_bytes(model, get_blob(storage, study_name, keys.TEACHER_BLOB) or b"")
+    chosen = [t for t in pareto_trials(study) if t.values[0] >= min_val][:plans]
+    rows: list[dict[str, Any]] = []
+    for label, setting in SETTINGS.items():
+        ctx_spec = dataclasses.replace(spec, finetune=dataclasses.replace(spec.finetune, **setting))
+        ctx = TrialContext.create(ctx_spec, teacher, datamodule=dm)
+        for trial in chosen:
+            plan = CompressionPlan.from_dict(trial.user_attrs[keys.TRIAL_PLAN])
+            result = run_trial(ctx, plan, seed=spec.seed + trial.number, promote=lambda accuracy, size: True)
+            rows.append({"trial": trial.number, "setting": label, "val_accuracy": result.val_accuracy,
+                         "test_accuracy": result.test_accuracy, "bytes": result.size_bytes,
+                         "ratio": result.compression_ratio})
+            print(json.dumps(rows[-1]), flush=True)
+    return {"study": study_name, "teacher": study.user_attrs[keys.TEACHER], "rows": rows,
+            "plans": [t.number for t in chosen]}
+
+
+def render(result: dict[str, Any], command: str) -> str:
+    labels = list(SETTINGS)
+    lines = [f"Command: `{command}` ({result['date']}, {result['machine']}; study `{result['study']}`, "
+             f"teacher val {100 * result['teacher']['val_accuracy']:.2f} %, test "
+             f"{100 * result['teacher']['test_accuracy']:.2f} %)", "",
+             "| plan (trial) | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    by_key = {(r["trial"], r["setting"]): r for r in result["rows"]}
+    for number in result["plans"]:
+        cells = [f"{100 * by_key[(number, s)]['val_accuracy']:.2f} % / {100 * by_key[(number, s)]['test_accuracy']:.2f} % / "
+                 f"{by_key[(number, s)]['bytes']:,} B" for s in labels]
+        lines.append(f"| {number} | " + " | ".join(cells) + " |")
+    means = []
+    for s in labels:
+        rows = [r for r in result["rows"] if r["setting"] == s]
+        means.append(f"{100 * sum(r['val_accuracy'] for r in rows) / len(rows):.2f} % / "
+                     f"{100 * sum(r['test_accuracy'] for r in rows) / len(rows):.2f} % / "
+                     f"{sum(r['bytes'] for r in rows) / len(rows):,.0f} B")
+    lines.append("| mean | " + " | ".join(means) + " |")
+    lines += ["", "Each cell: validation accuracy / test accuracy / artifact bytes."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--storage", default="sqlite:///mnist_table.db")
+    parser.add_argument("--study", default="table-lenet300-6b53ab84")
+    parser.add_argument("--plans", type=int, default=6)
+    parser.add_argument("--min-val", type=float, default=0.977)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(HERE / "mask_choice.json"))
+    parser.add_argument("--no-results-md", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.perf_counter()
+    result = rerun(args.storage, args.study, args.plans, args.min_val)
+    result.update(date=date.today().isoformat(), seconds=time.perf_counter() - started,
+                  machine=f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)")
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    command = (f".venv/bin/python benchmarks/mask_choice.py --storage {args.storage} --study {args.study} "
+               f"--plans {args.plans} --min-val {args.min_val}")
+    table = render(result, command)
+    print(table)
+    if not args.no_results_md:
+        write_section("mask_choice", "### Mask choice and float16 biases on fixed plans", table)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
