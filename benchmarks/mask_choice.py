@@ -11,7 +11,8 @@ validation accuracy, up to ``--plans`` of them, smallest first) and runs each ag
 study's own teacher, data and fine-tune budget (every trial promoted, so each gets all its
 epochs), under each setting in ``SETTINGS``: plain magnitude masks with float32 biases (the
 stored trials' own setting), activation-weighted masks (``finetune.prune_activation_power``
-0.5 and 1), and power 0.5 with float16 biases (``finetune.bias_bits = 16``). It prints, for each
+0.5 and 1), power 0.5 with float16 biases (``finetune.bias_bits = 16``), and magnitude masks
+re-chosen during the base epochs (``finetune.prune_schedule = "dynamic"``). It prints, for each
 plan and setting, validation and test accuracy and the artifact's bytes, writes
 ``benchmarks/mask_choice.json`` and replaces the ``mask_choice`` section of RESULTS.md.
 The plans were chosen as Pareto under the first setting, so the comparison favours it.
@@ -43,6 +44,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "activation^0.5, fp32 biases": {"prune_activation_power": 0.5, "bias_bits": 32},
     "activation^1, fp32 biases": {"prune_activation_power": 1.0, "bias_bits": 32},
     "activation^0.5, fp16 biases": {"prune_activation_power": 0.5, "bias_bits": 16},
+    "surgery (dynamic masks), fp32 biases": {"prune_schedule": "dynamic", "prune_ramp": 1.0},
 }
 
 

@@ -83,7 +83,9 @@ def _spec_lines(raw: dict[str, Any]) -> list[str]:
     lines = [
         f"- model: {_ref(raw.get('model', {}), 'factory')}; data: {_ref(raw.get('data', {}), 'module')}",
         f"- sampler `{spec.sampler}`, seed {spec.seed}, target {spec.trials} finished trials",
-        f"- floor: `max_accuracy_drop` = {spec.max_accuracy_drop:g}",
+        f"- floor: `max_accuracy_drop` = {spec.max_accuracy_drop:g}"
+        + (f"; feasible: `feasible_drop` = {spec.feasible_drop:g} (trials further below the teacher "
+           "are off the Pareto front)" if spec.feasible_drop is not None else ""),
         f"- fine-tune: {spec.finetune.epochs} epoch(s), batch size {spec.finetune.batch_size}",
         f"- layers: {', '.join(f'`{p}`' for p in space.layers)}"
         + (f", excluding {', '.join(f'`{p}`' for p in space.exclude)}" if space.exclude else ""),
@@ -108,8 +110,8 @@ def study_note(study: optuna.Study) -> str | None:
         "",
         "**Objectives.** `val_accuracy` ↑ (maximize): validation accuracy of the compressed, fine-tuned "
         "student, read back from its packed artifact; selection uses it. `size_bytes` ↓ (minimize): the "
-        "byte length of the packed artifact that `slimtune export` writes (bit-packed codes, sparsity "
-        "bitmap, scales, xz), not a formula. Trial user attrs carry `test_accuracy` (reporting only), "
+        "byte length of the packed artifact that `slimtune export` writes (run-length index of the kept "
+        "weights, their integer codes, float16 scales, LZMA2), not a formula. Trial user attrs carry `test_accuracy` (reporting only), "
         "`compression_ratio` (teacher fp32 dense bytes / `size_bytes`), `mean_bits`, `sparsity`, the "
         "per-layer `plan` and `stop_reason` / `fail_reason`.",
         "",

@@ -506,6 +506,10 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
     if floor is not None:
         facts.append(("accuracy floor", f"{_pct(floor)} (teacher val − max_accuracy_drop {max_drop:g}; "
                                         "trials below it are pruned)"))
+    feasible_drop = spec.get("study", {}).get("feasible_drop")
+    if teacher.get("val_accuracy") is not None and feasible_drop is not None:
+        facts.append(("feasible", f"val ≥ {_pct(teacher['val_accuracy'] - feasible_drop)} (teacher val − "
+                                  f"feasible_drop {feasible_drop:g}); the Pareto front holds feasible trials only"))
     if spec.get("study", {}).get("sampler"):
         facts.append(("sampler", _esc(spec["study"]["sampler"])))
     facts += [("trials", states),

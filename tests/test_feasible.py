@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from slimtune.search import main
 from slimtune.search._objective import ACCURACY_CONSTRAINT
 from slimtune.spaces import SpecError, parse_spec
-from slimtune.studies import keys, pareto_trials
+from slimtune.studies import keys, pareto_trials, study_note, write_report
 
 from .conftest import SPEC_TOML, digits_spec_dict
 
@@ -46,3 +46,6 @@ def test_trials_below_the_feasible_floor_are_kept_but_left_off_the_front(tmp_pat
     front = {t.number for t in pareto_trials(study)}
     assert front <= feasible and (front or not feasible)
     assert infeasible, "the digits budget leaves some trials below teacher - 0.02: the case under test"
+    write_report(study, url, tmp_path / "report.html")  # the report and the dashboard note say so
+    assert "feasible_drop 0.02" in (tmp_path / "report.html").read_text()
+    assert "`feasible_drop` = 0.02" in (study_note(study) or "")

@@ -110,6 +110,14 @@ def test_half_biases_train_as_float16_values_and_pack_in_two_bytes() -> None:
     with pytest.raises(ValueError, match="bias_bits"):
         apply_plan(copy.deepcopy(model), plan, bias_bits=8)
 
+    class Doubled(nn.Module):
+        def forward(self, value: torch.Tensor) -> torch.Tensor:
+            return 2 * value
+
+    torch.nn.utils.parametrize.register_parametrization(half.get_submodule("2"), "bias", Doubled())
+    with pytest.raises(TypeError, match="HalfPrecision, Doubled"):
+        pack_model(half)  # a bias it cannot store as float16 is refused, not written wrong
+
 
 def test_mask_settings_are_validated_and_neutral_values_keep_the_fingerprint() -> None:
     base = parse_spec(digits_spec_dict())

@@ -21,7 +21,7 @@ compressed weights as plain parameters.
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> from slimtune.spaces import BIAS_BITS, QUANTIZERS, CompressionPlan, LayerPlan
+    >>> from slimtune.spaces import CompressionPlan, LayerPlan
     >>> layer = nn.Sequential(nn.Linear(8, 4))
     >>> plan = CompressionPlan({"0": LayerPlan(0.5, 4, 2.0)}, kd_alpha=0.9, feature_kd_weight=0.0, lr=1e-3)
     >>> _ = apply_plan(layer, plan)
@@ -116,8 +116,6 @@ class PruneMask(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         masked = weight * self.mask
         return _exactly(masked, weight) if self.straight_through else masked
-
-
 
 
 class HalfPrecision(nn.Module):

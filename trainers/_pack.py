@@ -59,7 +59,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._compress import FP16_SCALE_MAX_BITS, FakeQuant, PruneMask, dequantize
+from ._compress import FP16_SCALE_MAX_BITS, FakeQuant, HalfPrecision, PruneMask, dequantize
 from ._lowrank import Factorized, factorized_ranks, full_rank, weight_modules
 
 MAGIC = b"SLIM"
@@ -173,7 +173,11 @@ def pack_model(model: nn.Module, meta: dict[str, Any] | None = None) -> bytes:
     for key, tensor in model.state_dict().items():
         if key.endswith(_BIAS_SUFFIX):
             module_name = key[: -len(_BIAS_SUFFIX)]
-            bias = modules[module_name].bias.detach()  # HalfPrecision: float16 values
+            module = modules[module_name]
+            if [type(p) for p in module.parametrizations["bias"]] != [HalfPrecision]:
+                raise TypeError(f"cannot pack a bias parametrized by "
+                                f"{', '.join(type(p).__name__ for p in module.parametrizations['bias'])}")
+            bias = module.bias.detach()  # float16 values, as HalfPrecision rounds them
             entry = {"kind": "half", "name": f"{module_name}.bias" if module_name else "bias",
                      "shape": list(bias.shape)}
             parts = [bias.numpy().astype("<f2").tobytes()]
