@@ -33,10 +33,10 @@ import optuna
 import torch
 
 from results_md import write_section
-from slimtune.search._runner import _check_runtime, load_stored_spec
-from slimtune.spaces import CompressionPlan
-from slimtune.studies import get_blob, keys, open_storage, pareto_trials
-from slimtune.trainers import TrialContext, load_state_bytes, run_trial
+from slimtune.search import load_stored_spec
+from slimtune.spaces import CompressionPlan, SpecError, StudySpec
+from slimtune.studies import get_blob, keys, load_existing_study, open_storage, pareto_trials
+from slimtune.trainers import TrialContext, build_datamodule, build_model, load_state_bytes, run_trial
 
 HERE = Path(__file__).resolve().parent
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -48,14 +48,17 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def rerun(storage_url: str, study_name: str, plans: int, min_val: float) -> dict[str, Any]:
+def chosen_plans(study: optuna.Study, plans: int, min_val: float) -> list[optuna.trial.FrozenTrial]:
+    """The study's Pareto trials with at least ``min_val`` validation accuracy, smallest first."""
+    return [t for t in pareto_trials(study) if t.values[0] >= min_val][:plans]
+
+
+def rerun(spec: StudySpec, study: optuna.Study, chosen: list[optuna.trial.FrozenTrial]) -> dict[str, Any]:
     """Each chosen Pareto plan under each of ``SETTINGS``: accuracies and bytes."""
-    spec = load_stored_spec(study_name, storage_url)
-    storage = open_storage(storage_url, create=False)
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    model, dm = _check_runtime(spec, load_checkpoint=False)
-    teacher = load_state_bytes(model, get_blob(storage, study_name, keys.TEACHER_BLOB) or b"")
-    chosen = [t for t in pareto_trials(study) if t.values[0] >= min_val][:plans]
+    storage = open_storage(spec.storage, create=False)
+    dm = build_datamodule(spec.data)
+    teacher = load_state_bytes(build_model(spec.model, load_checkpoint=False),
+                               get_blob(storage, study.study_name, keys.TEACHER_BLOB) or b"")
     rows: list[dict[str, Any]] = []
     for label, setting in SETTINGS.items():
         ctx_spec = dataclasses.replace(spec, finetune=dataclasses.replace(spec.finetune, **setting))
@@ -67,7 +70,7 @@ def rerun(storage_url: str, study_name: str, plans: int, min_val: float) -> dict
                          "test_accuracy": result.test_accuracy, "bytes": result.size_bytes,
                          "ratio": result.compression_ratio})
             print(json.dumps(rows[-1]), flush=True)
-    return {"study": study_name, "teacher": study.user_attrs[keys.TEACHER], "rows": rows,
+    return {"study": study.study_name, "teacher": study.user_attrs[keys.TEACHER], "rows": rows,
             "plans": [t.number for t in chosen]}
 
 
@@ -103,10 +106,20 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "mask_choice.json"))
     parser.add_argument("--no-results-md", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:  # the study and its plans are checked before any run or any file is written
+        if args.plans < 1 or args.threads < 1:
+            raise ValueError(f"--plans {args.plans} / --threads {args.threads}: both must be at least 1")
+        spec = load_stored_spec(args.study, args.storage)
+        study = load_existing_study(args.study, args.storage)
+        chosen = chosen_plans(study, args.plans, args.min_val)
+        if not chosen:
+            raise ValueError(f"--min-val {args.min_val}: no Pareto trial of {args.study} is that accurate")
+    except (ValueError, SpecError) as exc:
+        parser.error(str(exc))  # exit 2
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    result = rerun(args.storage, args.study, args.plans, args.min_val)
+    result = rerun(spec, study, chosen)
     result.update(date=date.today().isoformat(), seconds=time.perf_counter() - started,
                   machine=f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)")
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

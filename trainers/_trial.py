@@ -91,15 +91,18 @@ class TrialContext:
         layer_names = select_layers(every_layer, spec.space)
         output_layer = every_layer[-1]  # the layer producing the logits (maybe not compressed)
         cache = None
+        train_x: torch.Tensor | None = None  # the training inputs, in index order, once read
         if getattr(dm, "deterministic_train", False):
-            x, y = materialize(dm.train_dataloader().dataset)
+            train_x, y = materialize(dm.train_dataloader().dataset)
             hidden = [n for n in layer_names if n != output_layer]
-            cache = TeacherCache.build(teacher, x, y, hidden, spec.cache_mb)
+            cache = TeacherCache.build(teacher, train_x, y, hidden, spec.cache_mb)
         input_scales = None
         if spec.finetune.prune_activation_power > 0:
-            dataset = dm.train_dataloader().dataset
-            x, _ = materialize(Subset(dataset, range(min(len(dataset), INPUT_SCALE_SAMPLES))))
-            input_scales = layer_input_scales(teacher, layer_names, x, spec.finetune.prune_activation_power)
+            if train_x is None:
+                dataset = dm.train_dataloader().dataset
+                train_x, _ = materialize(Subset(dataset, range(min(len(dataset), INPUT_SCALE_SAMPLES))))
+            input_scales = layer_input_scales(teacher, layer_names, train_x[:INPUT_SCALE_SAMPLES],
+                                              spec.finetune.prune_activation_power)
         return cls(spec, teacher.eval(), dm, layer_names, output_layer, floor, dense_parameter_bytes(teacher), cache,
                    input_scales)
 
@@ -153,10 +156,11 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
         train_batches = train_loader_for(ctx.datamodule, ft.batch_size, seed)
     floor = AccuracyFloor(ctx.floor)
     callbacks: list[pl.Callback] = [floor]
+    mask_steps = round(ft.prune_ramp * ft.epochs * len(train_batches))  # the base epochs' first prune_ramp
     if ft.prune_schedule == "gradual":
-        callbacks.append(GradualPruning(student, ramp_steps=round(ft.prune_ramp * ft.epochs * len(train_batches))))
+        callbacks.append(GradualPruning(student, ramp_steps=mask_steps))
     elif ft.prune_schedule == "dynamic":
-        callbacks.append(DynamicPruning(student, update_steps=round(ft.prune_ramp * ft.epochs * len(train_batches))))
+        callbacks.append(DynamicPruning(student, update_steps=mask_steps))
     gate = None
     if ft.promote_epochs > 0 and promote is not None:
         meta = ctx.artifact_meta()
