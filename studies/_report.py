@@ -277,6 +277,8 @@ def _heatmap_figure(ordered: list[FrozenTrial]) -> tuple[Any, int]:
                        .get("kd_temperature"))
     rank = grid(lambda t, l: t.user_attrs.get(keys.TRIAL_PLAN, {}).get("layers", {}).get(l, {})
                 .get("rank_ratio", 1.0))
+    units = grid(lambda t, l: t.user_attrs.get(keys.TRIAL_PLAN, {}).get("layers", {}).get(l, {})
+                 .get("unit_ratio", 1.0))
     show_text = len(layers) * len(ordered) <= 600
 
     def text(values: list[list[Any]], fmt: str) -> list[list[str]]:
@@ -296,6 +298,9 @@ def _heatmap_figure(ordered: list[FrozenTrial]) -> tuple[Any, int]:
     if any(v is not None and v < 1 for row in rank for v in row):  # low-rank factorization searched
         specs.append(("rank kept (plan rank_ratio)", rank, text(rank, ".2f"), "Greens", dict(tickformat=".1f"),
                       "rank ratio %{z:.2f}", (0.0, 1.0)))
+    if any(v is not None and v < 1 for row in units for v in row):  # unit pruning searched
+        specs.append(("units kept (plan unit_ratio)", units, text(units, ".2f"), "Purples", dict(tickformat=".1f"),
+                      "unit ratio %{z:.2f}", (0.0, 1.0)))
     panels = len(specs)
     fig = make_subplots(rows=1, cols=panels, shared_yaxes=True, horizontal_spacing=0.04,
                         subplot_titles=[spec[0] for spec in specs])

@@ -54,6 +54,75 @@ def magnitude_mask(weight: torch.Tensor, ratio: float) -> torch.Tensor:
     return mask.view_as(weight)
 
 
+def allowed_mask(score: torch.Tensor, ratio: float, allowed: torch.Tensor | None) -> torch.Tensor:
+    """:func:`magnitude_mask` of ``score`` that also zeroes every position where ``allowed`` is 0
+    (then at least ``round(ratio * numel)`` zeros).
+
+    >>> allowed_mask(torch.tensor([[3.0, 1.0], [2.0, 4.0]]), 0.25, torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    tensor([[1., 1.],
+            [0., 0.]])
+    """
+    if allowed is None:
+        return magnitude_mask(score, ratio)
+    return magnitude_mask(score * allowed, ratio) * allowed
+
+
+def _consumer_input_width(module: nn.Module) -> int:
+    """How many inputs the layer reads: ``in_features`` or ``in_channels``."""
+    return module.in_features if isinstance(module, nn.Linear) else module.in_channels  # type: ignore[return-value]
+
+
+def unit_keeps(model: nn.Module, plan: CompressionPlan,
+               input_rms: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[torch.Tensor, str]]:
+    """Which output units each layer planned with ``unit_ratio < 1`` keeps, and the layer that
+    reads them: ``{layer: (kept units as a bool vector, consumer name)}``.
+
+    The consumer is the next ``Linear``/``Conv2d`` of ``model`` (in registration order, the
+    data flow of a chain such as an MLP or a LeNet) when its input width is a multiple of the
+    layer's units: equal for a layer feeding a layer, ``units * positions`` for a convolution
+    feeding a ``Linear`` through a flatten (channel-major blocks). A unit ``j`` scores
+    ``rms(input j) * ||consumer weights reading j||``, with ``input_rms`` (the teacher's
+    root-mean-square input per consumer input; 1 when not given); the
+    ``max(1, round(unit_ratio * units))`` best are kept. A layer no next layer reads this way
+    (the logits) keeps every unit.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    keeps: dict[str, tuple[torch.Tensor, str]] = {}
+    for name, layer_plan in plan.layers.items():
+        if layer_plan.unit_ratio >= 1 or name not in names or names.index(name) + 1 >= len(names):
+            continue
+        producer, consumer_name = model.get_submodule(name), names[names.index(name) + 1]
+        consumer = model.get_submodule(consumer_name)
+        units = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+        width = _consumer_input_width(consumer)
+        if width % units or (isinstance(consumer, nn.Conv2d) and (width != units or consumer.groups != 1)):
+            continue
+        weight = consumer.weight.detach().abs()
+        rms = (input_rms or {}).get(consumer_name)
+        if rms is not None and rms.numel() == weight.shape[1]:
+            weight = weight * rms.view((1, -1) + (1,) * (weight.dim() - 2)).to(weight)
+        per_input = weight.pow(2).transpose(0, 1).flatten(1).sum(dim=1)  # (width,)
+        score = per_input.view(units, -1).sum(dim=1)
+        kept = torch.zeros(units, dtype=torch.bool)
+        kept[torch.argsort(score, descending=True, stable=True)[: max(1, round(layer_plan.unit_ratio * units))]] = True
+        keeps[name] = (kept, consumer_name)
+    return keeps
+
+
+def _allowed_weights(weight: torch.Tensor, rows: torch.Tensor | None, columns: torch.Tensor | None) -> torch.Tensor | None:
+    """0/1 tensor shaped like ``weight``: output rows in ``rows`` and inputs in ``columns`` (blocks
+    of ``in / len(columns)`` inputs per unit) kept; ``None`` when both are ``None``."""
+    if rows is None and columns is None:
+        return None
+    allowed = torch.ones_like(weight)
+    if rows is not None:
+        allowed = allowed * rows.to(weight.dtype).view((-1,) + (1,) * (weight.dim() - 1))
+    if columns is not None:
+        cols = columns.to(weight.dtype).repeat_interleave(weight.shape[1] // columns.numel())
+        allowed = allowed * cols.view((1, -1) + (1,) * (weight.dim() - 2))
+    return allowed
+
+
 FP16_SCALE_MAX_BITS = 8  # above this, scales stay float32 (float16 would cost the extra precision)
 
 
@@ -103,15 +172,18 @@ class PruneMask(nn.Module):
     chosen again (:meth:`reselect`).
     """
 
-    def __init__(self, mask: torch.Tensor, input_scale: torch.Tensor | None = None) -> None:
+    def __init__(self, mask: torch.Tensor, input_scale: torch.Tensor | None = None,
+                 allowed: torch.Tensor | None = None) -> None:
         super().__init__()
         self.register_buffer("mask", mask)
         self.straight_through = False
         self.input_scale = input_scale
+        self.allowed = allowed  # 0/1, the weights of kept units (``unit_ratio``); None: all
 
     def reselect(self, weight: torch.Tensor, ratio: float) -> None:
-        """Keep the ``1 - ratio`` share of ``weight`` with the highest importance."""
-        self.mask.copy_(magnitude_mask(importance(weight, self.input_scale), ratio))
+        """Keep the ``1 - ratio`` share of ``weight`` with the highest importance (never a
+        weight outside ``allowed``)."""
+        self.mask.copy_(allowed_mask(importance(weight, self.input_scale), ratio, self.allowed))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         masked = weight * self.mask
@@ -186,27 +258,39 @@ class FakeQuant(nn.Module):
 
 
 def apply_plan(model: nn.Module, plan: CompressionPlan, quantizer: str = "amax",
-               input_scales: dict[str, torch.Tensor] | None = None, bias_bits: int = 32) -> nn.Module:
+               input_scales: dict[str, torch.Tensor] | None = None, bias_bits: int = 32,
+               input_rms: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Factorize (``rank_ratio < 1``), then register mask and fake-quant parametrizations on every
     layer of ``plan`` (on both factors of a factorized one), in place. ``quantizer`` is
     ``"amax"`` or ``"lsq"`` (learned scales). ``input_scales`` (layer name: per-input scale,
     from :func:`layer_input_scales`) weights the magnitudes the masks keep; a factorized
     layer's second factor is pruned by magnitude alone. ``bias_bits=16`` rounds the layers'
-    biases to float16 values (:class:`HalfPrecision`), which the artifact stores in 2 bytes."""
+    biases to float16 values (:class:`HalfPrecision`), which the artifact stores in 2 bytes.
+
+    A layer planned with ``unit_ratio < 1`` keeps only the units :func:`unit_keeps` chooses
+    (scored with ``input_rms``): the weights of the other units, and the weights of the next
+    layer that read them when that layer is in the plan, are pruned; the layer's planned
+    ``prune_ratio`` share of weights is then chosen among the rest (it prunes at least that)."""
     if quantizer not in QUANTIZERS:
         raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {quantizer!r}")
     if bias_bits not in BIAS_BITS:
         raise ValueError(f"bias_bits must be one of {', '.join(map(str, BIAS_BITS))}, got {bias_bits!r}")
+    keeps = unit_keeps(model, plan, input_rms)
+    read_by = {consumer: kept for kept, consumer in keeps.values()}
     for name, layer_plan in plan.layers.items():
         layer = model.get_submodule(name)
         if layer_plan.rank_ratio < 1:
             layer = factorize(layer, rank_for(layer, layer_plan.rank_ratio))
             replace_submodule(model, name, layer)
-        for position, module in enumerate(weight_modules(layer)):
-            if layer_plan.prune_ratio > 0:
+        modules = weight_modules(layer)
+        for position, module in enumerate(modules):
+            allowed = _allowed_weights(module.weight.detach(),
+                                       keeps[name][0] if name in keeps and position == len(modules) - 1 else None,
+                                       read_by.get(name) if position == 0 else None)
+            if layer_plan.prune_ratio > 0 or allowed is not None:
                 scale = (input_scales or {}).get(name) if position == 0 else None
-                mask = magnitude_mask(importance(module.weight, scale), layer_plan.prune_ratio)
-                parametrize.register_parametrization(module, "weight", PruneMask(mask, scale))
+                mask = allowed_mask(importance(module.weight, scale), layer_plan.prune_ratio, allowed)
+                parametrize.register_parametrization(module, "weight", PruneMask(mask, scale, allowed))
             if layer_plan.weight_bits < 32:
                 learned = quantizer == "lsq"
                 parametrize.register_parametrization(

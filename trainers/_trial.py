@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from slimtune.spaces import CompressionPlan, StudySpec, select_layers
+from slimtune.spaces import CompressionPlan, SpaceSpec, StudySpec, select_layers
 
 from ._compress import apply_plan
 from ._data import build_datamodule, datamodule_info, materialize
@@ -81,6 +81,7 @@ class TrialContext:
     dense_bytes: int
     cache: TeacherCache | None
     input_scales: dict[str, torch.Tensor] | None = None  # finetune.prune_activation_power > 0
+    input_rms: dict[str, torch.Tensor] | None = None  # every layer's input RMS, when units may be pruned
 
     @classmethod
     def create(cls, spec: StudySpec, teacher: nn.Module, floor: float = 0.0,
@@ -96,15 +97,17 @@ class TrialContext:
             train_x, y = materialize(dm.train_dataloader().dataset)
             hidden = [n for n in layer_names if n != output_layer]
             cache = TeacherCache.build(teacher, train_x, y, hidden, spec.cache_mb)
-        input_scales = None
-        if spec.finetune.prune_activation_power > 0:
+        input_scales = input_rms = None
+        power = spec.finetune.prune_activation_power
+        if power > 0 or may_prune_units(spec.space):
             if train_x is None:
                 dataset = dm.train_dataloader().dataset
                 train_x, _ = materialize(Subset(dataset, range(min(len(dataset), INPUT_SCALE_SAMPLES))))
-            input_scales = layer_input_scales(teacher, layer_names, train_x[:INPUT_SCALE_SAMPLES],
-                                              spec.finetune.prune_activation_power)
+            input_rms = layer_input_scales(teacher, every_layer, train_x[:INPUT_SCALE_SAMPLES], 1.0)
+            if power > 0:
+                input_scales = {n: input_rms[n].pow(power) for n in layer_names if n in input_rms}
         return cls(spec, teacher.eval(), dm, layer_names, output_layer, floor, dense_parameter_bytes(teacher), cache,
-                   input_scales)
+                   input_scales, input_rms)
 
     def artifact_meta(self) -> dict[str, Any]:
         """What a loader needs besides weights: the model and data references from the spec, and
@@ -115,6 +118,12 @@ class TrialContext:
         if info:
             meta["data_info"] = info
         return meta
+
+
+def may_prune_units(space: SpaceSpec) -> bool:
+    """Whether some layer's ``unit_ratio`` can be below 1 (searched, fixed, or set per layer)."""
+    knob = space.knobs["unit_ratio"]
+    return knob.fixed != 1.0 or any(v.get("unit_ratio", 1.0) != 1.0 for v in space.overrides.values())
 
 
 PromotionRule = Callable[[float, int], bool]
@@ -134,7 +143,7 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     result = TrialResult()
     started = time.perf_counter()
     student = apply_plan(copy.deepcopy(ctx.teacher).train().requires_grad_(True), plan, ctx.spec.finetune.quantizer,
-                         ctx.input_scales, ctx.spec.finetune.bias_bits)
+                         ctx.input_scales, ctx.spec.finetune.bias_bits, ctx.input_rms)
     result.seconds["compress"] = time.perf_counter() - started
 
     hidden = [n for n in plan.layers if n != ctx.output_layer]
