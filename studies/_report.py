@@ -273,12 +273,12 @@ def _heatmap_figure(ordered: list[FrozenTrial]) -> tuple[Any, int]:
 
     bits = grid(lambda t, l: t.user_attrs.get(keys.TRIAL_LAYERS, {}).get(l, {}).get("bits"))
     sparsity = grid(lambda t, l: t.user_attrs.get(keys.TRIAL_LAYERS, {}).get(l, {}).get("sparsity"))
-    temperature = grid(lambda t, l: t.user_attrs.get(keys.TRIAL_PLAN, {}).get("layers", {}).get(l, {})
-                       .get("kd_temperature"))
-    rank = grid(lambda t, l: t.user_attrs.get(keys.TRIAL_PLAN, {}).get("layers", {}).get(l, {})
-                .get("rank_ratio", 1.0))
-    units = grid(lambda t, l: t.user_attrs.get(keys.TRIAL_PLAN, {}).get("layers", {}).get(l, {})
-                 .get("unit_ratio", 1.0))
+    def planned(knob: str, default: float | None = None) -> list[list[Any]]:
+        return grid(lambda t, l: t.user_attrs.get(keys.TRIAL_PLAN, {}).get("layers", {}).get(l, {}).get(knob, default))
+
+    temperature = planned("kd_temperature")
+    rank = planned("rank_ratio", 1.0)
+    units = planned("unit_ratio", 1.0)
     show_text = len(layers) * len(ordered) <= 600
 
     def text(values: list[list[Any]], fmt: str) -> list[list[str]]:

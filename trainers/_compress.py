@@ -97,10 +97,7 @@ def unit_keeps(model: nn.Module, plan: CompressionPlan,
         width = _consumer_input_width(consumer)
         if width % units or (isinstance(consumer, nn.Conv2d) and (width != units or consumer.groups != 1)):
             continue
-        weight = consumer.weight.detach().abs()
-        rms = (input_rms or {}).get(consumer_name)
-        if rms is not None and rms.numel() == weight.shape[1]:
-            weight = weight * rms.view((1, -1) + (1,) * (weight.dim() - 2)).to(weight)
+        weight = importance(consumer.weight, (input_rms or {}).get(consumer_name))  # |w| * rms(input)
         per_input = weight.pow(2).transpose(0, 1).flatten(1).sum(dim=1)  # (width,)
         score = per_input.view(units, -1).sum(dim=1)
         kept = torch.zeros(units, dtype=torch.bool)
