@@ -67,10 +67,13 @@ ANCHORS = {
 METHOD: dict[str, dict[str, Any]] = {
     "lenet300": {"finetune.quantizer": "lsq", "finetune.promote_epochs": 6, "finetune.promote_size_tolerance": 2.0,
                  "finetune.prune_activation_power": 0.5, "finetune.bias_bits": 16, "study.feasible_drop": 0.005,
-                 "space.unit_ratio": {"low": 0.3, "high": 1.0}},
+                 "space.unit_ratio": {"low": 0.3, "high": 1.0}, "finetune.refine_epochs": 10,
+                 "finetune.refine_top": 8, "finetune.refine_within": 0.001, "finetune.refine_share": 0.1},
     "lenet5": {"finetune.quantizer": "amax", "finetune.epochs": 2, "finetune.cache_mb": 2048,
                "finetune.prune_activation_power": 0.5, "finetune.bias_bits": 16, "study.feasible_drop": 0.005,
-               "space.weight_bits": {"choices": [2, 3, 4, 5, 6]}, "space.unit_ratio": {"low": 0.3, "high": 1.0}},
+               "space.weight_bits": {"choices": [2, 3, 4, 5, 6]}, "space.unit_ratio": {"low": 0.3, "high": 1.0},
+               "finetune.refine_epochs": 6, "finetune.refine_top": 6, "finetune.refine_within": 0.002,
+               "finetune.refine_share": 0.25},
 }
 
 
@@ -134,6 +137,7 @@ def measure(model: str, minutes: float, max_trials: int, storage: str, threads: 
         "study": spec.name,
         "torch_threads": threads,
         "promoted": sum(1 for t in study.trials if t.user_attrs.get(keys.TRIAL_PROMOTED)),
+        "refined": sum(1 for t in study.trials if keys.TRIAL_REFINES in t.user_attrs),
     }
     for label, extra in (("at_teacher_error", 0.0), ("within_0.1", 0.001), ("within_0.5", 0.005)):
         found = best_within(study, extra)
@@ -167,6 +171,9 @@ def render(results: dict[str, dict[str, Any]], minutes: float, args: argparse.Na
         ft = row["finetune"]
         schedule = (f"{ft['epochs']} fine-tune epochs per trial, +{ft['promote_epochs']} for promoted trials "
                     f"({row['promoted']})" if ft.get("promote_epochs") else f"{ft['epochs']} fine-tune epochs per trial")
+        if ft.get("refine_epochs"):
+            schedule += (f"; then +{ft['refine_epochs']} for refined Pareto plans ({row.get('refined', 0)}, "
+                         f"in the last {ft['refine_share']:.0%} of the time)")
         schedule += f", {ft.get('prune_schedule', 'oneshot')} pruning"
         if row["overrides"]:
             schedule += ", preset with " + ", ".join(f"`{k} = {json.dumps(v)}`" for k, v in row["overrides"].items())

@@ -85,10 +85,14 @@ class CompressionObjective:
         sample_seconds = time.perf_counter() - started
         try:
             with self.stop.trial_body():
-                result = run_trial(self.context, plan, seed=spec.seed + trial.number,
-                                   promote=beaten_by_completed(trial.study, spec.finetune.promote_margin,
-                                                               spec.finetune.epochs,
-                                                               spec.finetune.promote_size_tolerance))
+                if keys.TRIAL_REFINES in trial.user_attrs:  # the refinement stage: train the plan longer
+                    result = run_trial(self.context, plan, seed=spec.seed + trial.number,
+                                       promote=lambda accuracy, size: True, extra_epochs=spec.finetune.refine_epochs)
+                else:
+                    result = run_trial(self.context, plan, seed=spec.seed + trial.number,
+                                       promote=beaten_by_completed(trial.study, spec.finetune.promote_margin,
+                                                                   spec.finetune.epochs,
+                                                                   spec.finetune.promote_size_tolerance))
         except Interrupted:
             raise  # the trial loop marks it FAIL with reason "interrupted"
         except Exception as exc:  # the trial's own failure: record it, keep the study going

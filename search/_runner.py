@@ -40,6 +40,7 @@ from slimtune.trainers import (
 from ._cli import EXIT_INTERRUPTED, STORAGE_ENV
 from ._loop import every, run_until_target
 from ._objective import CompressionObjective
+from ._refine import run_refinement
 from ._signals import GracefulStop, Interrupted
 
 VERSION = "0.1.0"
@@ -246,12 +247,16 @@ def _prepare(spec: StudySpec, threads: int | None, load_checkpoint: bool = True)
 def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None, threads: int | None = None,
               progress: bool = True, log: Any = None, joining: bool = False) -> SearchSummary:
     """Run trials in this process until ``spec``'s study holds ``spec.trials`` finished trials,
-    counting those of every worker (or ``timeout`` s pass, or a signal arrives). ``joining``:
+    counting those of every worker (or ``timeout`` s pass, or a signal arrives), then the
+    refinement stage when ``finetune.refine_epochs`` is set (see ``_refine``). ``joining``:
     the study exists (resume, worker), so a teacher checkpoint file is not needed here."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     model, dm, storage = _prepare(spec, threads, load_checkpoint=not joining)
     started = time.perf_counter()
     deadline = None if timeout is None else time.monotonic() + timeout
+    search_deadline = deadline  # with a refinement stage, the search leaves it refine_share of the time
+    if deadline is not None and spec.finetune.refine_epochs > 0:
+        search_deadline = deadline - spec.finetune.refine_share * float(timeout or 0)
     ran = 0
     study: optuna.Study | None = None
     stopped: str | None = None
@@ -265,8 +270,9 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
                 None if spec.feasible_drop is None else teacher_val - spec.feasible_drop))
             bar, refresh = _progress(study, spec.trials, progress)
             with bar:
-                ran = run_until_target(study, storage, objective, spec.trials, stop, spec.storage, deadline,
+                ran = run_until_target(study, storage, objective, spec.trials, stop, spec.storage, search_deadline,
                                        callbacks=[refresh], sampler_for=lambda number: make_sampler(spec, number))
+                ran += run_refinement(study, storage, objective, spec, stop, teacher_val, deadline, callbacks=[refresh])
         except Interrupted as exc:
             stopped = str(exc)
         if stopped is None and stop.requested:

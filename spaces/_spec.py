@@ -104,7 +104,8 @@ BIAS_BITS = (32, 16)
 # values keeps its old fingerprint (stored studies stay resumable).
 NEUTRAL_FINETUNE: dict[str, Any] = {"prune_schedule": "oneshot", "prune_ramp": 0.5, "promote_epochs": 0,
                                     "promote_margin": 0.002, "promote_size_tolerance": 1.0, "quantizer": "amax",
-                                    "prune_activation_power": 0.0, "bias_bits": 32}
+                                    "prune_activation_power": 0.0, "bias_bits": 32, "refine_epochs": 0,
+                                    "refine_top": 4, "refine_within": 0.002, "refine_share": 0.25}
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,13 @@ class FinetuneSpec(TrainSpec):
       competitor too (fewer trials promoted).
     - ``quantizer``: ``"amax"`` scales each channel by its largest weight; ``"lsq"`` learns
       each channel's step size during the fine-tune (Esser et al., 2020).
+    - ``refine_epochs``: a refinement stage at the end of a search run (0: none). Up to
+      ``refine_top`` feasible Pareto plans whose validation accuracy is within
+      ``refine_within`` of the teacher's (the smallest first) are trained again as new trials,
+      with a fresh seed, for ``epochs`` plus ``refine_epochs`` more with a cosine decay. A
+      refined plan is then judged by its refinement only: the trial it came from leaves the
+      Pareto front. With a timeout, the search stops at ``1 - refine_share`` of it and the
+      stage gets the rest.
     """
 
     prune_schedule: str = "oneshot"
@@ -144,6 +152,10 @@ class FinetuneSpec(TrainSpec):
     quantizer: str = "amax"
     prune_activation_power: float = 0.0
     bias_bits: int = 32
+    refine_epochs: int = 0
+    refine_top: int = 4
+    refine_within: float = 0.002
+    refine_share: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -193,8 +205,9 @@ class StudySpec:
         # Knobs left at their neutral default do not change what a trial means: a spec written
         # before they existed keeps its fingerprint (and its stored studies stay resumable).
         body["space"] = {k: v for k, v in body["space"].items() if not (k in NEUTRAL_KNOBS and v == NEUTRAL_KNOBS[k])}
+        # The refinement stage adds trials but changes none: a study can gain one when resumed.
         body["finetune"] = {k: v for k, v in body["finetune"].items()
-                            if not (k in NEUTRAL_FINETUNE and v == NEUTRAL_FINETUNE[k])}
+                            if not (k in NEUTRAL_FINETUNE and v == NEUTRAL_FINETUNE[k]) and not k.startswith("refine_")}
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -414,6 +427,12 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
                                       finetune_raw.get("promote_size_tolerance", 1.0), 1.0, 100.0),
         prune_activation_power=_float("finetune.prune_activation_power",
                                       finetune_raw.get("prune_activation_power", 0.0), 0.0, 4.0),
+        refine_epochs=_int("finetune.refine_epochs", finetune_raw.get("refine_epochs", 0), 0, 10_000),
+        refine_top=_int("finetune.refine_top", finetune_raw.get("refine_top", NEUTRAL_FINETUNE["refine_top"]), 1, 10_000),
+        refine_within=_float("finetune.refine_within",
+                             finetune_raw.get("refine_within", NEUTRAL_FINETUNE["refine_within"]), 0.0, 1.0),
+        refine_share=_float("finetune.refine_share", finetune_raw.get("refine_share", NEUTRAL_FINETUNE["refine_share"]),
+                            0.0, 0.95),
     )
     cache_mb = _int("finetune.cache_mb", finetune_raw.get("cache_mb", 1024), 0, 1_000_000)
 
@@ -462,7 +481,9 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
                      "promote_size_tolerance": finetune.promote_size_tolerance,
                      "quantizer": finetune.quantizer,
                      "prune_activation_power": finetune.prune_activation_power,
-                     "bias_bits": finetune.bias_bits},
+                     "bias_bits": finetune.bias_bits, "refine_epochs": finetune.refine_epochs,
+                     "refine_top": finetune.refine_top, "refine_within": finetune.refine_within,
+                     "refine_share": finetune.refine_share},
         "space": {"layers": list(space.layers), "exclude": list(space.exclude),
                   **{k: v.to_dict() for k, v in knobs.items()},
                   "layer": {p: dict(v) for p, v in overrides.items()}},

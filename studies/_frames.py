@@ -17,13 +17,16 @@ from typing import Any
 
 import optuna
 import pandas as pd
+from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
+from optuna.study.study import _is_constrained_optimization
 from optuna.trial import FrozenTrial, TrialState
 
 from . import _keys as keys
 
 BASE_COLUMNS = ["trial", "state", "val_accuracy", "test_accuracy", "size_bytes", "compression_ratio", "mean_bits",
-                "sparsity", "kd_alpha", "feature_kd_weight", "lr", "l1_weight", "finetune_seconds", "reason"]
-PARETO_COLUMNS = ["trial", "val_accuracy", "test_accuracy", "size_bytes", "compression_ratio", "mean_bits", "sparsity"]
+                "sparsity", "kd_alpha", "feature_kd_weight", "lr", "l1_weight", "finetune_seconds", "reason", "refines"]
+PARETO_COLUMNS = ["trial", "val_accuracy", "test_accuracy", "size_bytes", "compression_ratio", "mean_bits", "sparsity",
+                  "refines"]
 
 
 def _row(trial: FrozenTrial) -> dict[str, Any]:
@@ -45,6 +48,7 @@ def _row(trial: FrozenTrial) -> dict[str, Any]:
         "l1_weight": plan.get("l1_weight", 0.0 if plan else None),
         "finetune_seconds": attrs.get(keys.TRIAL_SECONDS, {}).get("finetune"),
         "reason": attrs.get(keys.TRIAL_FAIL_REASON) or attrs.get(keys.TRIAL_STOP_REASON),
+        "refines": attrs.get(keys.TRIAL_REFINES),
     }
     for layer, knobs in plan.get("layers", {}).items():
         for knob, value in knobs.items():
@@ -71,12 +75,25 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return _frame(study.get_trials(deepcopy=False), list(BASE_COLUMNS))
 
 
+def refined_trials(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of the trials whose plan a finished (COMPLETE or PRUNED) refinement trial
+    trained again (``finetune.refine_epochs``): they are judged by that refinement instead."""
+    return {t.user_attrs[keys.TRIAL_REFINES] for t in trials
+            if keys.TRIAL_REFINES in t.user_attrs and t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+
+
 def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
     """The Pareto-optimal trials (val accuracy up, size down), smallest first (ties: more
-    accurate first, then by number)."""
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    accurate first, then by number). Feasible trials only when the study has constraints; a
+    refined trial is left out (its refinement stands for its plan)."""
+    trials = study.get_trials(deepcopy=False)
+    if not any(t.state == TrialState.COMPLETE for t in trials):
         return []
-    return sorted(study.best_trials, key=lambda t: (t.values[1], -t.values[0], t.number))
+    refined = refined_trials(trials)
+    kept = [t for t in trials if t.number not in refined]
+    front = _get_pareto_front_trials_by_trials(kept, study.directions,
+                                               consider_constraint=_is_constrained_optimization(trials))
+    return sorted(front, key=lambda t: (t.values[1], -t.values[0], t.number))
 
 
 def pareto_frame(study: optuna.Study) -> pd.DataFrame:

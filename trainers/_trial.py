@@ -131,12 +131,13 @@ PromotionRule = Callable[[float, int], bool]
 
 
 def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bool = True,
-              promote: PromotionRule | None = None) -> TrialResult:
+              promote: PromotionRule | None = None, extra_epochs: int | None = None) -> TrialResult:
     """Compress, fine-tune with distillation, pack and evaluate one plan.
 
     With ``finetune.promote_epochs > 0`` and a ``promote`` rule, the trial trains
     ``finetune.epochs``, then asks ``promote(val_accuracy, size_bytes)`` (the size of the
-    artifact it would pack now) whether to train ``promote_epochs`` more.
+    artifact it would pack now) whether to train ``promote_epochs`` more (``extra_epochs`` when
+    given: a refinement trains ``refine_epochs`` more, with ``promote`` always true).
     Raises ``FloatingPointError`` on a non-finite loss; returns with ``pruned_reason`` set when
     validation accuracy fell below ``ctx.floor`` after an epoch.
     """
@@ -171,11 +172,12 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     elif ft.prune_schedule == "dynamic":
         callbacks.append(DynamicPruning(student, update_steps=mask_steps))
     gate = None
-    if ft.promote_epochs > 0 and promote is not None:
+    extra = ft.promote_epochs if extra_epochs is None else extra_epochs
+    if extra > 0 and promote is not None:
         meta = ctx.artifact_meta()
         gate = PromotionGate(ft.epochs, lambda: promote(module.val_history[-1], len(pack_model(student, meta))))
         callbacks.append(gate)
-    trainer = quiet_trainer(ft.epochs + (ft.promote_epochs if gate else 0), seed, callbacks=callbacks)
+    trainer = quiet_trainer(ft.epochs + (extra if gate else 0), seed, callbacks=callbacks)
     result.teacher_source = "cache" if cached else "live"
     started = time.perf_counter()
     try:

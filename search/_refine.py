@@ -1,0 +1,77 @@
+"""The refinement stage (``finetune.refine_epochs``): the best plans of a search, trained again.
+
+A search trial is a short, noisy measurement: a few epochs, one seed. At the end of a search
+run, the stage takes the feasible Pareto plans whose validation accuracy is within
+``finetune.refine_within`` of the teacher's, smallest first, and runs each again as a new
+trial of the same study (same parameters, enqueued; a new trial number, so a fresh seed) that
+trains ``epochs`` plus ``refine_epochs`` more epochs with a cosine decay. The new trial carries
+``refines = <source trial number>``; once it has finished, :func:`~slimtune.studies.pareto_trials`
+judges the plan by it alone, so the front holds the longer, independent measurement and not the
+lucky short one. At most ``refine_top`` plans are refined per study, shared by every worker
+(the choice and the enqueue run under the study's slot lock).
+
+Example::
+
+    ran = run_refinement(study, storage, objective, spec, stop, teacher_val=0.9817)
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from slimtune.spaces import StudySpec
+from slimtune.studies import keys, pareto_trials
+
+from ._loop import run_one_trial, slot_lock
+from ._signals import GracefulStop
+
+
+def refine_candidates(study: optuna.Study, teacher_val: float, within: float, top: int) -> list[FrozenTrial]:
+    """The plans still to refine, in order: Pareto trials (not refinements themselves) with
+    validation accuracy at least ``teacher_val - within`` and no refinement yet (waiting,
+    running or finished), smallest first; none once ``top`` plans have been refined."""
+    trials = study.get_trials(deepcopy=False)
+    claimed = {t.user_attrs[keys.TRIAL_REFINES] for t in trials
+               if keys.TRIAL_REFINES in t.user_attrs and t.state != TrialState.FAIL}
+    room = top - len(claimed)
+    if room <= 0:
+        return []
+    front = [t for t in pareto_trials(study) if keys.TRIAL_REFINES not in t.user_attrs
+             and t.number not in claimed and t.values[0] >= teacher_val - within - 1e-12]
+    return front[:room]
+
+
+def run_refinement(study: optuna.Study, storage: optuna.storages.BaseStorage,
+                   objective: Callable[[optuna.Trial], object], spec: StudySpec, stop: GracefulStop,
+                   teacher_val: float, deadline: float | None = None,
+                   callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = None) -> int:
+    """Refine candidates one at a time until none is left, ``deadline`` (``time.monotonic``)
+    passes or a signal arrives; a plan whose refinement failed here is not tried again in
+    this run. Returns the number of refinement trials this process ran."""
+    ft = spec.finetune
+    ran = 0
+    tried: set[int] = set()
+    while ft.refine_epochs > 0 and not stop.requested:
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        with slot_lock(storage, spec.storage, study.study_name):
+            candidates = [t for t in refine_candidates(study, teacher_val, ft.refine_within, ft.refine_top)
+                          if t.number not in tried]
+            if not candidates:
+                break
+            source = candidates[0]
+            tried.add(source.number)
+            study.enqueue_trial(source.params, user_attrs={keys.TRIAL_REFINES: source.number})
+            with warnings.catch_warnings():  # the trial loop runs the heartbeat itself
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trial = study.ask()
+        frozen = run_one_trial(study, storage, objective, trial)
+        ran += 1
+        for callback in callbacks or []:
+            callback(study, frozen)
+    return ran

@@ -1,0 +1,109 @@
+"""``finetune.refine_epochs``: the refinement stage trains the best plans again, longer, as new
+trials, and the Pareto front then judges each refined plan by its refinement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from slimtune.search import main
+from slimtune.search._refine import refine_candidates
+from slimtune.spaces import SpecError, parse_spec
+from slimtune.studies import keys, pareto_trials
+
+from .conftest import SPEC_TOML, digits_spec_dict
+
+REFINE_TOML = SPEC_TOML.replace("epochs = 1\nbatch_size = 64", "epochs = 1\nbatch_size = 64\nrefine_epochs = 2\n"
+                                "refine_top = 2\nrefine_within = 0.5")
+
+
+def test_refine_settings_are_validated_and_neutral_by_default() -> None:
+    base = parse_spec(digits_spec_dict())
+    neutral = parse_spec({**digits_spec_dict(), "finetune": {"epochs": 1, "batch_size": 64, "refine_epochs": 0}})
+    assert base.finetune.refine_epochs == 0 and neutral.fingerprint() == base.fingerprint()
+    spec = parse_spec({**digits_spec_dict(), "finetune": {"epochs": 1, "batch_size": 64, "refine_epochs": 3}})
+    assert spec.finetune.refine_epochs == 3
+    assert spec.fingerprint() == base.fingerprint()  # it adds trials, changes none: a resume may add the stage
+    assert parse_spec(spec.to_dict()).finetune.refine_epochs == 3  # survives the stored round trip
+    for key, bad, allowed in (("refine_epochs", -1, "0"), ("refine_top", 0, "1"), ("refine_within", 2, "[0.0, 1.0]"),
+                              ("refine_share", 1.0, "[0.0, 0.95]")):
+        with pytest.raises(SpecError, match=f"finetune.{key}") as err:
+            parse_spec({**digits_spec_dict(), "finetune": {"epochs": 1, "batch_size": 64, key: bad}})
+        assert allowed in str(err.value)
+
+
+def test_the_stage_refines_front_plans_as_new_trials_and_the_front_judges_them_by_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    plain, refining = tmp_path / "plain.toml", tmp_path / "refine.toml"
+    plain.write_text(SPEC_TOML)
+    refining.write_text(REFINE_TOML)
+    assert main(["search", str(plain), "--storage", url, "--trials", "10", "--quiet"]) == 0
+    study = optuna.load_study(study_name="digits-test", storage=url)
+    teacher_val = study.user_attrs[keys.TEACHER]["val_accuracy"]
+    in_band = [t.number for t in pareto_trials(study) if t.values[0] >= teacher_val - 0.5]  # smallest first
+    assert len(in_band) >= 2, "the digits budget gives a front of two or more: the case under test"
+    # the same study resumed with a refinement stage: the target is met, so only the stage runs
+    assert main(["search", str(refining), "--storage", url, "--trials", "10", "--quiet"]) == 0
+    study = optuna.load_study(study_name="digits-test", storage=url)
+    refinements = [t for t in study.trials if keys.TRIAL_REFINES in t.user_attrs]
+    sources = [t.user_attrs[keys.TRIAL_REFINES] for t in refinements]
+    # the smallest first; the next from the front as it stands after that refinement
+    assert sources[0] == in_band[0] and set(sources) <= set(in_band) and len(sources) <= 2  # refine_top
+    assert refine_candidates(study, teacher_val, 0.5, 2) == []  # the stage stopped because none was left
+    for trial in refinements:
+        source = study.trials[trial.user_attrs[keys.TRIAL_REFINES]]
+        assert trial.params == source.params and trial.number >= 10  # the same plan, a new trial and seed
+        assert len(source.user_attrs[keys.TRIAL_VAL_HISTORY]) == 1
+        if trial.state == TrialState.COMPLETE:
+            assert len(trial.user_attrs[keys.TRIAL_VAL_HISTORY]) == 1 + 2  # epochs + refine_epochs
+    front = {t.number for t in pareto_trials(study)}
+    assert not front & set(sources)  # a refined plan stands on the front only through its refinement
+    assert front, "the refinements and the other trials still make a front"
+
+    # running again with the target met refines nothing more: refine_top plans per study
+    assert main(["search", str(refining), "--storage", url, "--trials", "10", "--quiet"]) == 0
+    assert len([t for t in optuna.load_study(study_name="digits-test", storage=url).trials
+                if keys.TRIAL_REFINES in t.user_attrs]) == len(refinements)
+    capsys.readouterr()
+    assert main(["pareto", "--study", "digits-test", "--storage", url, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    refined_on_front = {t.number: t.user_attrs[keys.TRIAL_REFINES] for t in refinements if t.number in front}
+    assert {r["trial"]: r["refines"] for r in rows if r["refines"] is not None} == refined_on_front
+
+
+def test_without_refine_epochs_no_trial_is_refined(tmp_path: Path) -> None:
+    spec_file = tmp_path / "s.toml"
+    spec_file.write_text(SPEC_TOML)
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    assert main(["search", str(spec_file), "--storage", url, "--trials", "3", "--quiet"]) == 0
+    study = optuna.load_study(study_name="digits-test", storage=url)
+    assert len(study.trials) == 3 and not any(keys.TRIAL_REFINES in t.user_attrs for t in study.trials)
+
+
+def test_a_refined_plan_leaves_the_front_even_when_its_refinement_is_worse() -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for values, attrs in (([0.95, 100.0], {}), ([0.94, 120.0], {}), ([0.93, 100.0], {keys.TRIAL_REFINES: 0})):
+        study.add_trial(optuna.trial.create_trial(values=values, user_attrs=attrs))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={keys.TRIAL_REFINES: 1}))
+    assert [t.number for t in study.best_trials] == [0]  # the lucky short measurement wins alone
+    # trial 0 is judged by its refinement (trial 2), so trial 1 is back on the front; a failed
+    # refinement (trial 3) leaves its source (trial 1) in place
+    assert [t.number for t in pareto_trials(study)] == [2, 1]
+
+
+def test_candidates_are_in_band_front_plans_smallest_first_up_to_refine_top() -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for values in ([0.97, 300.0], [0.96, 200.0], [0.955, 150.0], [0.90, 100.0]):
+        study.add_trial(optuna.trial.create_trial(values=values))
+    # teacher 0.97, band 0.02: trial 3 is too far below; smallest first
+    assert [t.number for t in refine_candidates(study, 0.97, 0.02, top=5)] == [2, 1, 0]
+    assert [t.number for t in refine_candidates(study, 0.97, 0.02, top=2)] == [2, 1]
+    study.add_trial(optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs={keys.TRIAL_REFINES: 2}))
+    assert [t.number for t in refine_candidates(study, 0.97, 0.02, top=2)] == [1]  # one claimed, one left
+    study.add_trial(optuna.trial.create_trial(values=[0.95, 150.0], user_attrs={keys.TRIAL_REFINES: 1}))
+    assert refine_candidates(study, 0.97, 0.02, top=2) == []  # refine_top reached
