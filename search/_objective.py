@@ -8,8 +8,9 @@ completed trial is stored in the study database (``trial/<n>/artifact``). With
 ``finetune.promote_epochs``, whether the trial earned its extra epochs is the ``promoted`` attr
 (rule: :func:`beaten_by_completed`). With ``study.feasible_drop`` set, each completed trial
 carries the Optuna constraint ``accuracy_drop`` = ``feasible_floor - val_accuracy`` (feasible
-when <= 0), so the samplers and the Pareto front (``study.best_trials``) keep to trials within
-that drop of the teacher.
+when <= 0), so the samplers and the Pareto front (:func:`~slimtune.studies.pareto_trials`) keep
+to trials within that drop of the teacher. A trial carrying the ``refines`` attr (enqueued by the
+refinement stage, ``_refine``) trains ``finetune.refine_epochs`` extra epochs, unconditionally.
 
 Example::
 

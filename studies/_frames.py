@@ -17,8 +17,6 @@ from typing import Any
 
 import optuna
 import pandas as pd
-from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
-from optuna.study.study import _is_constrained_optimization
 from optuna.trial import FrozenTrial, TrialState
 
 from . import _keys as keys
@@ -87,13 +85,16 @@ def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
     accurate first, then by number). Feasible trials only when the study has constraints; a
     refined trial is left out (its refinement stands for its plan)."""
     trials = study.get_trials(deepcopy=False)
-    if not any(t.state == TrialState.COMPLETE for t in trials):
-        return []
     refined = refined_trials(trials)
-    kept = [t for t in trials if t.number not in refined]
-    front = _get_pareto_front_trials_by_trials(kept, study.directions,
-                                               consider_constraint=_is_constrained_optimization(trials))
-    return sorted(front, key=lambda t: (t.values[1], -t.values[0], t.number))
+    candidates = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.number not in refined
+                         and all(v <= 0 for v in t.constraints.values())),
+                        key=lambda t: (t.values[1], -t.values[0], t.number))
+    front: list[FrozenTrial] = []
+    for trial in candidates:  # by size: on the front if more accurate than every smaller trial
+        best = front[-1] if front else None
+        if best is None or trial.values[0] > best.values[0] or tuple(trial.values) == tuple(best.values):
+            front.append(trial)
+    return front
 
 
 def pareto_frame(study: optuna.Study) -> pd.DataFrame:

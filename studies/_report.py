@@ -442,9 +442,10 @@ def _pareto_table(frame: pd.DataFrame) -> str:
                ("sparsity", "sparsity", lambda v: _pct(v, 1)),
                ("kd_alpha", "kd α", lambda v: "" if pd.isna(v) else f"{v:.2f}"),
                ("feature_kd_weight", "feature KD", lambda v: "" if pd.isna(v) else f"{v:.2f}"),
-               ("l1_weight", "L1", lambda v: "" if pd.isna(v) else f"{v:.3g}")]
-    columns = [c for c in columns if c[0] in frame.columns
-               and not (c[0] == "l1_weight" and not frame["l1_weight"].fillna(0).any())]  # L1 only if used
+               ("l1_weight", "L1", lambda v: "" if pd.isna(v) else f"{v:.3g}"),
+               ("refines", "refines", lambda v: "" if pd.isna(v) else f"#{int(v)}")]
+    used = {"l1_weight": lambda col: col.fillna(0).any(), "refines": lambda col: col.notna().any()}
+    columns = [c for c in columns if c[0] in frame.columns and used.get(c[0], lambda col: True)(frame[c[0]])]
     head = "".join(f"<th class=\"num\">{_esc(label)}</th>" for _, label, _ in columns)
     body = []
     for _, row in frame.iterrows():
@@ -515,6 +516,10 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
     if teacher.get("val_accuracy") is not None and feasible_drop is not None:
         facts.append(("feasible", f"val ≥ {_pct(teacher['val_accuracy'] - feasible_drop)} (teacher val − "
                                   f"feasible_drop {feasible_drop:g}); the Pareto front holds feasible trials only"))
+    refinements = [t for t in study.get_trials(deepcopy=False) if keys.TRIAL_REFINES in t.user_attrs]
+    if refinements:
+        facts.append(("refined", f"{len(refinements)} Pareto plan(s) trained again, longer, as new trials "
+                                 "(the Pareto table's <i>refines</i> column); each refined trial is off the front"))
     if spec.get("study", {}).get("sampler"):
         facts.append(("sampler", _esc(spec["study"]["sampler"])))
     facts += [("trials", states),

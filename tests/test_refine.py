@@ -4,6 +4,8 @@ trials, and the Pareto front then judges each refined plan by its refinement."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -69,11 +71,31 @@ def test_the_stage_refines_front_plans_as_new_trials_and_the_front_judges_them_b
     assert main(["search", str(refining), "--storage", url, "--trials", "10", "--quiet"]) == 0
     assert len([t for t in optuna.load_study(study_name="digits-test", storage=url).trials
                 if keys.TRIAL_REFINES in t.user_attrs]) == len(refinements)
+    report = tmp_path / "report.html"
+    assert main(["report", "--study", "digits-test", "--storage", url, "--out", str(report)]) == 0
+    html = report.read_text()
+    assert f"{len(refinements)} Pareto plan(s) trained again" in html
+    on_front = [t.number for t in refinements if t.number in front]
+    assert ("<th class=\"num\">refines</th>" in html) == bool(on_front)
     capsys.readouterr()
     assert main(["pareto", "--study", "digits-test", "--storage", url, "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     refined_on_front = {t.number: t.user_attrs[keys.TRIAL_REFINES] for t in refinements if t.number in front}
     assert {r["trial"]: r["refines"] for r in rows if r["refines"] is not None} == refined_on_front
+
+    # benchmarks/refinement_effect.py reads the pairs back (and refuses a study without any)
+    script = [sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "refinement_effect.py"),
+              "--storage", url, "--no-results-md"]
+    out = tmp_path / "effect.json"
+    done = subprocess.run(script + ["--study", "digits-test", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    pairs = json.loads(out.read_text())["results"]["digits-test"]["rows"]
+    complete = [t for t in refinements if t.state == TrialState.COMPLETE]
+    assert [(r["source"], r["refined"], r["test"]) for r in pairs] == [
+        (t.user_attrs[keys.TRIAL_REFINES], t.number, t.user_attrs[keys.TRIAL_TEST_ACCURACY]) for t in complete]
+    missing = subprocess.run(script + ["--study", "nope", "--out", str(tmp_path / "no.json")], capture_output=True,
+                             text=True)
+    assert missing.returncode == 2 and "--study nope" in missing.stderr and not (tmp_path / "no.json").exists()
 
 
 def test_without_refine_epochs_no_trial_is_refined(tmp_path: Path) -> None:
