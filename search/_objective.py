@@ -106,7 +106,7 @@ class CompressionObjective:
         trial.set_user_attr(keys.TRIAL_VAL_HISTORY, result.val_history)
         trial.set_user_attr(keys.TRIAL_MEAN_BITS, result.mean_bits)
         trial.set_user_attr(keys.TRIAL_SPARSITY, result.sparsity)
-        if result.promoted is not None:
+        if result.promoted is not None and keys.TRIAL_REFINES not in trial.user_attrs:
             trial.set_user_attr(keys.TRIAL_PROMOTED, result.promoted)
         if result.pruned_reason is not None:
             trial.set_user_attr(keys.TRIAL_STOP_REASON, result.pruned_reason)

@@ -61,6 +61,7 @@ def test_the_stage_refines_front_plans_as_new_trials_and_the_front_judges_them_b
         source = study.trials[trial.user_attrs[keys.TRIAL_REFINES]]
         assert trial.params == source.params and trial.number >= 10  # the same plan, a new trial and seed
         assert len(source.user_attrs[keys.TRIAL_VAL_HISTORY]) == 1
+        assert keys.TRIAL_PROMOTED not in trial.user_attrs  # not a promotion: counted apart
         if trial.state == TrialState.COMPLETE:
             assert len(trial.user_attrs[keys.TRIAL_VAL_HISTORY]) == 1 + 2  # epochs + refine_epochs
     front = {t.number for t in pareto_trials(study)}
