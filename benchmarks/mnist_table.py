@@ -72,8 +72,8 @@ METHOD: dict[str, dict[str, Any]] = {
     "lenet5": {"finetune.quantizer": "amax", "finetune.epochs": 2, "finetune.cache_mb": 2048,
                "finetune.prune_activation_power": 0.5, "finetune.bias_bits": 16, "study.feasible_drop": 0.005,
                "space.weight_bits": {"choices": [2, 3, 4, 5, 6]}, "space.unit_ratio": {"low": 0.3, "high": 1.0},
-               "finetune.refine_epochs": 6, "finetune.refine_top": 6, "finetune.refine_within": 0.002,
-               "finetune.refine_share": 0.25},
+               "finetune.refine_epochs": 6, "finetune.refine_top": 12, "finetune.refine_within": 0.003,
+               "finetune.refine_share": 0.4},
 }
 
 
@@ -175,6 +175,8 @@ def render(results: dict[str, dict[str, Any]], minutes: float, args: argparse.Na
             schedule += (f"; then +{ft['refine_epochs']} for refined Pareto plans ({row.get('refined', 0)}, "
                          f"in the last {ft['refine_share']:.0%} of the time)")
         schedule += f", {ft.get('prune_schedule', 'oneshot')} pruning"
+        if ft.get("weight_ema"):
+            schedule += f", weight average (decay {ft['weight_ema']})"
         if row["overrides"]:
             schedule += ", preset with " + ", ".join(f"`{k} = {json.dumps(v)}`" for k, v in row["overrides"].items())
         lines.append(f"| {name} | search budget | {row['trials']} trials ({row['trials_run_now']} this run), "

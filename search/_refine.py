@@ -10,6 +10,10 @@ judges the plan by it alone, so the front holds the longer, independent measurem
 lucky short one. At most ``refine_top`` plans are refined per study, shared by every worker
 (the choice and the enqueue run under the study's slot lock).
 
+With a deadline, :func:`refine_until_deadline` does not leave time unused: when the stage runs
+out of candidates early (one good refinement can dominate every other plan in the band), the
+search goes on one trial at a time, and each new in-band Pareto plan is refined as it appears.
+
 Example::
 
     ran = run_refinement(study, storage, objective, spec, stop, teacher_val=0.9817)
@@ -25,7 +29,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from slimtune.spaces import StudySpec
-from slimtune.studies import keys, pareto_trials
+from slimtune.studies import finished_count, keys, pareto_trials
 
 from ._loop import run_one_trial, slot_lock
 from ._signals import GracefulStop
@@ -74,4 +78,30 @@ def run_refinement(study: optuna.Study, storage: optuna.storages.BaseStorage,
         ran += 1
         for callback in callbacks or []:
             callback(study, frozen)
+    return ran
+
+
+def refine_until_deadline(study: optuna.Study, storage: optuna.storages.BaseStorage,
+                          objective: Callable[[optuna.Trial], object], spec: StudySpec, stop: GracefulStop,
+                          teacher_val: float, search: Callable[[int, float | None], int], deadline: float | None,
+                          callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] | None = None) -> int:
+    """The refinement stage, then, while time is left before ``deadline``: one more search trial
+    (``search(target, deadline)`` runs trials until the study holds ``target`` finished ones and
+    returns how many it ran) and the stage again, until the deadline, a signal, or the study's
+    trial target. Without a deadline the stage runs once. Returns the trials this process ran.
+
+    Example::
+
+        ran = refine_until_deadline(study, storage, objective, spec, stop, 0.9817,
+                                    search=lambda target, until: run_until_target(...), deadline=deadline)
+    """
+    ran = run_refinement(study, storage, objective, spec, stop, teacher_val, deadline, callbacks)
+    while spec.finetune.refine_epochs > 0 and deadline is not None and not stop.requested:
+        if time.monotonic() >= deadline:
+            break
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))  # other workers' trials
+        more = search(min(spec.trials, finished_count(study) + running + 1), deadline)
+        if more == 0:  # the trial target is met (or no slot is left to this worker)
+            break
+        ran += more + run_refinement(study, storage, objective, spec, stop, teacher_val, deadline, callbacks)
     return ran

@@ -40,7 +40,7 @@ from slimtune.trainers import (
 from ._cli import EXIT_INTERRUPTED, STORAGE_ENV
 from ._loop import every, run_until_target
 from ._objective import CompressionObjective
-from ._refine import run_refinement
+from ._refine import refine_until_deadline
 from ._signals import GracefulStop, Interrupted
 
 VERSION = "0.1.0"
@@ -248,7 +248,8 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
               progress: bool = True, log: Any = None, joining: bool = False) -> SearchSummary:
     """Run trials in this process until ``spec``'s study holds ``spec.trials`` finished trials,
     counting those of every worker (or ``timeout`` s pass, or a signal arrives), then the
-    refinement stage when ``finetune.refine_epochs`` is set (see ``_refine``). ``joining``:
+    refinement stage when ``finetune.refine_epochs`` is set (see ``_refine``; with a timeout, search
+    and refinement then alternate until it ends). ``joining``:
     the study exists (resume, worker), so a teacher checkpoint file is not needed here."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     model, dm, storage = _prepare(spec, threads, load_checkpoint=not joining)
@@ -270,9 +271,13 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
                 None if spec.feasible_drop is None else teacher_val - spec.feasible_drop))
             bar, refresh = _progress(study, spec.trials, progress)
             with bar:
-                ran = run_until_target(study, storage, objective, spec.trials, stop, spec.storage, search_deadline,
-                                       callbacks=[refresh], sampler_for=lambda number: make_sampler(spec, number))
-                ran += run_refinement(study, storage, objective, spec, stop, teacher_val, deadline, callbacks=[refresh])
+                def search(target: int, until: float | None) -> int:
+                    return run_until_target(study, storage, objective, target, stop, spec.storage, until,
+                                            callbacks=[refresh], sampler_for=lambda number: make_sampler(spec, number))
+
+                ran = search(spec.trials, search_deadline)
+                ran += refine_until_deadline(study, storage, objective, spec, stop, teacher_val, search, deadline,
+                                             callbacks=[refresh])
         except Interrupted as exc:
             stopped = str(exc)
         if stopped is None and stop.requested:

@@ -105,7 +105,8 @@ BIAS_BITS = (32, 16)
 NEUTRAL_FINETUNE: dict[str, Any] = {"prune_schedule": "oneshot", "prune_ramp": 0.5, "promote_epochs": 0,
                                     "promote_margin": 0.002, "promote_size_tolerance": 1.0, "quantizer": "amax",
                                     "prune_activation_power": 0.0, "bias_bits": 32, "refine_epochs": 0,
-                                    "refine_top": 4, "refine_within": 0.002, "refine_share": 0.25}
+                                    "refine_top": 4, "refine_within": 0.002, "refine_share": 0.25,
+                                    "weight_ema": 0.0}
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,8 @@ class FinetuneSpec(TrainSpec):
       refined plan is then judged by its refinement only: the trial it came from leaves the
       Pareto front. With a timeout, the search stops at ``1 - refine_share`` of it and the
       stage gets the rest.
+    - ``weight_ema``: 0 (off) or the decay, in (0, 1), of an exponential moving average of the
+      student's weights over the training steps; the trial packs the averaged weights.
     """
 
     prune_schedule: str = "oneshot"
@@ -156,6 +159,7 @@ class FinetuneSpec(TrainSpec):
     refine_top: int = 4
     refine_within: float = 0.002
     refine_share: float = 0.25
+    weight_ema: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -433,6 +437,8 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
                              finetune_raw.get("refine_within", NEUTRAL_FINETUNE["refine_within"]), 0.0, 1.0),
         refine_share=_float("finetune.refine_share", finetune_raw.get("refine_share", NEUTRAL_FINETUNE["refine_share"]),
                             0.0, 0.95),
+        weight_ema=_float("finetune.weight_ema", finetune_raw.get("weight_ema", NEUTRAL_FINETUNE["weight_ema"]),
+                          0.0, 0.9999),
     )
     cache_mb = _int("finetune.cache_mb", finetune_raw.get("cache_mb", 1024), 0, 1_000_000)
 
@@ -483,7 +489,7 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
                      "prune_activation_power": finetune.prune_activation_power,
                      "bias_bits": finetune.bias_bits, "refine_epochs": finetune.refine_epochs,
                      "refine_top": finetune.refine_top, "refine_within": finetune.refine_within,
-                     "refine_share": finetune.refine_share},
+                     "refine_share": finetune.refine_share, "weight_ema": finetune.weight_ema},
         "space": {"layers": list(space.layers), "exclude": list(space.exclude),
                   **{k: v.to_dict() for k, v in knobs.items()},
                   "layer": {p: dict(v) for p, v in overrides.items()}},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -13,7 +14,9 @@ import pytest
 from optuna.trial import TrialState
 
 from slimtune.search import main
-from slimtune.search._refine import refine_candidates
+from slimtune.search._loop import run_until_target
+from slimtune.search._refine import refine_candidates, refine_until_deadline
+from slimtune.search._signals import GracefulStop
 from slimtune.spaces import SpecError, parse_spec
 from slimtune.studies import keys, pareto_trials
 
@@ -130,3 +133,46 @@ def test_candidates_are_in_band_front_plans_smallest_first_up_to_refine_top() ->
     assert [t.number for t in refine_candidates(study, 0.97, 0.02, top=2)] == [1]  # one claimed, one left
     study.add_trial(optuna.trial.create_trial(values=[0.95, 150.0], user_attrs={keys.TRIAL_REFINES: 1}))
     assert refine_candidates(study, 0.97, 0.02, top=2) == []  # refine_top reached
+
+
+def _scripted_search(tmp_path: Path, with_deadline: bool) -> list[tuple[int | None, list[float]]]:
+    """Two search trials in band, then ``refine_until_deadline`` with a scripted objective: each
+    search trial takes the next pair of values from a list, a refinement its source's values with
+    +0.001 accuracy. Returns ``(refines, values)`` per trial, in order."""
+    tmp_path.mkdir()
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    spec = parse_spec({**digits_spec_dict(trials=6, storage=url),
+                       "finetune": {"epochs": 1, "batch_size": 64, "refine_epochs": 1, "refine_top": 10,
+                                    "refine_within": 0.05}})
+    storage = optuna.storages.RDBStorage(url)
+    study = optuna.create_study(study_name="scripted", storage=storage, directions=["maximize", "minimize"])
+    search_values = iter([(0.95, 100.0), (0.96, 200.0), (0.97, 50.0), (0.90, 10.0), (0.90, 9.0)])
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        trial.suggest_float("x", 0.0, 1.0)
+        source = trial.user_attrs.get(keys.TRIAL_REFINES)
+        if source is None:
+            return next(search_values)
+        accuracy, size = study.trials[source].values
+        return accuracy + 0.001, size
+
+    def search(target: int, until: float | None) -> int:
+        return run_until_target(study, storage, objective, target, GracefulStop(), url, until)
+
+    assert search(2, None) == 2
+    deadline = time.monotonic() + 600 if with_deadline else None
+    ran = refine_until_deadline(study, storage, objective, spec, GracefulStop(), teacher_val=0.97, search=search,
+                                deadline=deadline)
+    trials = study.get_trials()
+    assert ran == len(trials) - 2
+    return [(t.user_attrs.get(keys.TRIAL_REFINES), t.values) for t in trials]
+
+
+def test_with_time_left_the_search_goes_on_after_the_stage_and_new_front_plans_are_refined(tmp_path: Path) -> None:
+    # without a deadline the stage refines the two in-band plans (smallest first) and ends
+    assert [refines for refines, _ in _scripted_search(tmp_path / "a", with_deadline=False)] == [None, None, 0, 1]
+    # with time left, one more search trial (trial 4: in band and on the front), its refinement,
+    # and then the study's target of 6 finished trials ends the run before the deadline
+    order = _scripted_search(tmp_path / "b", with_deadline=True)
+    assert [refines for refines, _ in order] == [None, None, 0, 1, None, 4]
+    assert order[4][1] == [0.97, 50.0] and order[5][1] == [0.971, 50.0]

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from slimtune.search import main
@@ -16,7 +17,8 @@ from slimtune.search._objective import beaten_by_completed
 from slimtune.spaces import CompressionPlan, LayerPlan, SpecError, parse_spec
 from slimtune.studies import keys
 from slimtune.trainers import (
-    DistillationModule, GradualPruning, PromotionGate, apply_plan, cubic_sparsity, quiet_trainer,
+    DistillationModule, GradualPruning, PromotionGate, TrialContext, WeightAverage, apply_plan, cubic_sparsity,
+    quiet_trainer, run_trial,
 )
 
 from .conftest import SPEC_TOML, digits_spec_dict, toy_model_and_loader
@@ -162,3 +164,60 @@ def test_gradual_promoted_lsq_trials_end_to_end(tmp_path: Path, digits_teacher) 
             planned = trial.user_attrs[keys.TRIAL_PLAN]["layers"][name]["prune_ratio"]
             zeros = layer["sparsity"] * layer["weights"]
             assert zeros >= planned * layer["weights"] - 0.5 - 1e-6  # the ramp reached the plan
+
+
+class _RecordWeights(pl.Callback):
+    """The student's weights after every training step (a test probe)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.history = model, []  # type: ignore[var-annotated]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        self.history.append([p.detach().clone() for p in self.model.parameters()])
+
+
+def test_weight_average_hands_the_student_its_moving_average_when_training_ends() -> None:
+    model, loader = toy_model_and_loader()
+    teacher = copy.deepcopy(model).eval()
+    student = apply_plan(model, _plan(0.5, 4))
+    average = WeightAverage(student, decay=0.9)
+    probe = _RecordWeights(student)
+    module = DistillationModule(student, lr=5e-2, kd_alpha=1.0, logit_temperature=2.0, feature_kd_weight=0.0,
+                                feature_temperatures={}, teacher=teacher)
+    quiet_trainer(2, seed=0, callbacks=[probe, average]).fit(module, train_dataloaders=loader)
+    expected = probe.history[0]
+    for step, weights in enumerate(probe.history[1:], start=1):
+        keep = min(0.9, (1 + step) / (10 + step))
+        expected = [e * keep + w * (1 - keep) for e, w in zip(expected, weights)]
+    assert len(probe.history) == 16  # 2 epochs of 8 batches
+    for got, want, last in zip(student.parameters(), expected, probe.history[-1]):
+        assert torch.allclose(got, want, atol=1e-6)
+        assert not torch.allclose(got, last)  # the average, not the last step's weights
+    with pytest.raises(ValueError, match="decay must be in"):
+        WeightAverage(student, decay=1.0)
+
+
+def test_weight_ema_is_a_spec_setting_that_a_trial_uses(digits_teacher) -> None:  # type: ignore[no-untyped-def]
+    base = parse_spec(digits_spec_dict())
+    data = digits_spec_dict()
+    data["finetune"]["weight_ema"] = 0.99
+    spec = parse_spec(data)
+    assert spec.finetune.weight_ema == 0.99 and spec.fingerprint() != base.fingerprint()
+    assert parse_spec(spec.to_dict()).finetune.weight_ema == 0.99
+    data["finetune"]["weight_ema"] = 0.0
+    assert parse_spec(data).fingerprint() == base.fingerprint()  # off: old studies keep their fingerprint
+    data["finetune"]["weight_ema"] = 1.0
+    with pytest.raises(SpecError, match="finetune.weight_ema") as err:
+        parse_spec(data)
+    assert "[0.0, 0.9999]" in str(err.value)
+
+    teacher, dm = digits_teacher
+    results = {}
+    for name, which in (("plain", base), ("ema", spec)):
+        ctx = TrialContext.create(which, teacher, datamodule=dm)
+        results[name] = run_trial(ctx, CompressionPlan(
+            {n: LayerPlan(0.5, 4, 2.0) for n in ctx.layer_names}, 1.0, 0.0, 2e-3), seed=0)
+    # same seed, same live training (the validation history), different packed weights
+    assert results["ema"].val_history == results["plain"].val_history
+    assert results["ema"].artifact != results["plain"].artifact
+    assert results["ema"].size_bytes == len(results["ema"].artifact)

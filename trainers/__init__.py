@@ -21,12 +21,12 @@ from ._models import TableMLP, model_from_meta
 from ._data import datamodule_info
 from ._table import BreastCancerDataModule, TableDataModule, read_table
 from ._teacher import TeacherCache, evaluate, load_state_bytes, state_to_bytes, train_loader_for, train_teacher
-from ._schedule import DynamicPruning, GradualPruning, PromotionGate, cubic_sparsity
+from ._schedule import DynamicPruning, GradualPruning, PromotionGate, WeightAverage, cubic_sparsity
 from ._importance import importance, layer_input_scales
 from ._trial import PromotionRule, TrialContext, TrialResult, run_trial
 
 __all__ = [
-    "BIAS_BITS", "HalfPrecision", "QUANTIZERS", "DynamicPruning", "GradualPruning", "importance", "layer_input_scales", "PromotionGate", "PromotionRule", "cubic_sparsity",
+    "BIAS_BITS", "HalfPrecision", "QUANTIZERS", "DynamicPruning", "GradualPruning", "importance", "layer_input_scales", "PromotionGate", "PromotionRule", "WeightAverage", "cubic_sparsity",
     "AccuracyFloor", "ClassifierModule", "DigitsCNN", "DigitsDataModule", "DistillationModule", "FakeQuant",
     "LeNet300", "LeNet5", "MnistDataModule", "PruneMask", "TeacherCache", "TensorDataModule", "TrialContext",
     "TrialResult", "apply_plan", "artifact_datamodule", "bake", "batch_loader", "build_datamodule", "build_model",

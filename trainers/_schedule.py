@@ -4,6 +4,8 @@
   cubic ramp of Zhu & Gupta (2017), ``s_t = s * (1 - (1 - t / T) ** 3)`` over the first ``T``
   training steps, recomputing the magnitude mask of every pruned weight every few steps. At
   the end of training every mask holds exactly the planned ratio, also when a run stopped early.
+- :class:`WeightAverage` keeps an exponential moving average of the student's parameters and
+  hands the averages to the student when training ends (``finetune.weight_ema``).
 - :class:`PromotionGate` is slimtune's multi-fidelity rule: after ``base_epochs`` it asks
   ``decide()`` whether the trial earns more epochs, stops it if not, and otherwise decays the
   learning rate to 0 along a cosine over the extra epochs.
@@ -22,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -140,3 +143,55 @@ class PromotionGate(pl.Callback):
             self._base_lrs = [group["lr"] for group in optimizer.param_groups]
         for group, lr in zip(optimizer.param_groups, self._base_lrs):
             group["lr"] = lr * (1 + math.cos(math.pi * k / extra)) / 2
+
+
+class WeightAverage(pl.Callback):
+    """An exponential moving average of ``model``'s trainable parameters over the training
+    steps; when training ends (also when it stopped early), the model takes the averages.
+
+    After step ``t`` the average moves towards the weights by ``1 - d_t`` with
+    ``d_t = min(decay, (1 + t) / (10 + t))``: early steps (just after one-shot pruning and
+    quantization) are forgotten fast, later ones are averaged over about ``1 / (1 - decay)``
+    steps. Masks and quantizer scales are not averaged: they are derived from the averaged
+    weights at the next forward pass. Validation during training sees the live weights.
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> average = WeightAverage(model, decay=0.9)
+        >>> average.update(); _ = model.weight.data.add_(1.0); average.update()
+        >>> before = model.weight.detach().clone(); average.apply()
+        >>> bool(((before - model.weight) > 0.5).all())  # moved most of the way back
+        True
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.average: list[torch.Tensor] | None = None
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the current weights into the average (the first call starts it)."""
+        if self.average is None:
+            self.average = [p.detach().clone() for p in self.params]
+            return
+        self.steps += 1
+        keep = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for average, p in zip(self.average, self.params):
+            average.lerp_(p.detach(), 1.0 - keep)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Copy the averages into the parameters (nothing happens before the first update)."""
+        for average, p in zip(self.average or [], self.params):
+            p.copy_(average)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.update()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.apply()

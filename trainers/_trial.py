@@ -31,7 +31,7 @@ from ._importance import layer_input_scales
 from ._lightning import AccuracyFloor, DistillationModule, quiet_trainer
 from ._models import compressible_layers, dense_parameter_bytes, model_from_meta
 from ._pack import layer_stats, pack_model, unpack_model
-from ._schedule import DynamicPruning, GradualPruning, PromotionGate
+from ._schedule import DynamicPruning, GradualPruning, PromotionGate, WeightAverage
 from ._teacher import TeacherCache, evaluate, train_loader_for
 
 
@@ -166,6 +166,8 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
         train_batches = train_loader_for(ctx.datamodule, ft.batch_size, seed)
     floor = AccuracyFloor(ctx.floor)
     callbacks: list[pl.Callback] = [floor]
+    if ft.weight_ema > 0:  # first: at the end, the masks below are re-chosen on the averaged weights
+        callbacks.insert(0, WeightAverage(student, ft.weight_ema))
     mask_steps = round(ft.prune_ramp * ft.epochs * len(train_batches))  # the base epochs' first prune_ramp
     if ft.prune_schedule == "gradual":
         callbacks.append(GradualPruning(student, ramp_steps=mask_steps))
