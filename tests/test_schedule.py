@@ -4,6 +4,8 @@ gives extra epochs only to trials no completed trial beats, and both are reachab
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -221,3 +223,14 @@ def test_weight_ema_is_a_spec_setting_that_a_trial_uses(digits_teacher) -> None:
     assert results["ema"].val_history == results["plain"].val_history
     assert results["ema"].artifact != results["plain"].artifact
     assert results["ema"].size_bytes == len(results["ema"].artifact)
+
+
+def test_weight_average_benchmark_refuses_bad_input_before_running_anything(tmp_path: Path) -> None:
+    script = Path(__file__).parents[1] / "benchmarks" / "weight_average.py"
+    out = tmp_path / "wa.json"
+    for extra, message in ((["--decays", "0,1.5"], "--decays '0,1.5'"),
+                           (["--storage", f"sqlite:///{tmp_path / 'none.db'}"], "none.db does not exist")):
+        done = subprocess.run([sys.executable, str(script), "--out", str(out), "--no-results-md", *extra],
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not out.exists() and not (tmp_path / "none.db").exists()
