@@ -152,8 +152,9 @@ class WeightAverage(pl.Callback):
     After step ``t`` the average moves towards the weights by ``1 - d_t`` with
     ``d_t = min(decay, (1 + t) / (10 + t))``: early steps (just after one-shot pruning and
     quantization) are forgotten fast, later ones are averaged over about ``1 / (1 - decay)``
-    steps. Masks and quantizer scales are not averaged: they are derived from the averaged
-    weights at the next forward pass. Validation during training sees the live weights.
+    steps. Every trainable parameter is averaged (with ``lsq``, the learned step sizes too);
+    pruning masks are buffers and are not, and ``amax`` scales follow the averaged weights at
+    the next forward pass. Validation during training sees the live weights.
 
     Example:
         >>> model = nn.Linear(2, 1)
