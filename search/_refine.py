@@ -95,13 +95,13 @@ def refine_until_deadline(study: optuna.Study, storage: optuna.storages.BaseStor
         ran = refine_until_deadline(study, storage, objective, spec, stop, 0.9817,
                                     search=lambda target, until: run_until_target(...), deadline=deadline)
     """
-    ran = run_refinement(study, storage, objective, spec, stop, teacher_val, deadline, callbacks)
-    while spec.finetune.refine_epochs > 0 and deadline is not None and not stop.requested:
-        if time.monotonic() >= deadline:
-            break
+    ran = 0
+    while True:
+        ran += run_refinement(study, storage, objective, spec, stop, teacher_val, deadline, callbacks)
+        if spec.finetune.refine_epochs == 0 or deadline is None or stop.requested or time.monotonic() >= deadline:
+            return ran
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))  # other workers' trials
         more = search(min(spec.trials, finished_count(study) + running + 1), deadline)
         if more == 0:  # the trial target is met (or no slot is left to this worker)
-            break
-        ran += more + run_refinement(study, storage, objective, spec, stop, teacher_val, deadline, callbacks)
-    return ran
+            return ran
+        ran += more
