@@ -10,7 +10,8 @@ For each model it trains the teacher of the shipped preset (``lenet300-mnist``,
 ``METHOD`` (activation-weighted masks, float16 biases, a feasibility constraint at 0.5
 validation points below the teacher; on LeNet-300-100 learned step sizes, promotion of
 promising trials; on LeNet-5 two-epoch trials and bit widths 2 to 6; on both a searched share
-of units kept per layer; ``--plain`` leaves them out) for at most ``--minutes`` of wall time (or
+of units kept per layer and a refinement stage whose long runs train on images shifted by up to
+one pixel; ``--plain`` leaves them out) for at most ``--minutes`` of wall time (or
 ``--max-trials`` finished trials), then reads the study: the Pareto front is chosen on
 validation accuracy; test accuracy is only read afterwards. It reports the teacher's test error,
 the best compression ratio among Pareto trials whose **test** error is no worse than the
@@ -67,13 +68,14 @@ ANCHORS = {
 METHOD: dict[str, dict[str, Any]] = {
     "lenet300": {"finetune.quantizer": "lsq", "finetune.promote_epochs": 6, "finetune.promote_size_tolerance": 2.0,
                  "finetune.prune_activation_power": 0.5, "finetune.bias_bits": 16, "study.feasible_drop": 0.005,
-                 "space.unit_ratio": {"low": 0.3, "high": 1.0}, "finetune.refine_epochs": 10,
-                 "finetune.refine_top": 8, "finetune.refine_within": 0.001, "finetune.refine_share": 0.1},
+                 "space.unit_ratio": {"low": 0.3, "high": 1.0}, "finetune.refine_epochs": 22,
+                 "finetune.refine_top": 16, "finetune.refine_within": 0.003, "finetune.refine_share": 0.4,
+                 "finetune.augment_shift": 1, "finetune.augment_in": "refine"},
     "lenet5": {"finetune.quantizer": "amax", "finetune.epochs": 2, "finetune.cache_mb": 2048,
                "finetune.prune_activation_power": 0.5, "finetune.bias_bits": 16, "study.feasible_drop": 0.005,
                "space.weight_bits": {"choices": [2, 3, 4, 5, 6]}, "space.unit_ratio": {"low": 0.3, "high": 1.0},
-               "finetune.refine_epochs": 6, "finetune.refine_top": 12, "finetune.refine_within": 0.003,
-               "finetune.refine_share": 0.4},
+               "finetune.refine_epochs": 14, "finetune.refine_top": 12, "finetune.refine_within": 0.003,
+               "finetune.refine_share": 0.5, "finetune.augment_shift": 1, "finetune.augment_in": "refine"},
 }
 
 
@@ -177,6 +179,9 @@ def render(results: dict[str, dict[str, Any]], minutes: float, args: argparse.Na
         schedule += f", {ft.get('prune_schedule', 'oneshot')} pruning"
         if ft.get("weight_ema"):
             schedule += f", weight average (decay {ft['weight_ema']})"
+        if ft.get("augment_shift"):
+            where = "refinements" if ft.get("augment_in") == "refine" else "every fine-tune"
+            schedule += f", images shifted by up to {ft['augment_shift']} px in {where}"
         if row["overrides"]:
             schedule += ", preset with " + ", ".join(f"`{k} = {json.dumps(v)}`" for k, v in row["overrides"].items())
         lines.append(f"| {name} | search budget | {row['trials']} trials ({row['trials_run_now']} this run), "

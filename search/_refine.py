@@ -10,9 +10,14 @@ judges the plan by it alone, so the front holds the longer, independent measurem
 lucky short one. At most ``refine_top`` plans are refined per study, shared by every worker
 (the choice and the enqueue run under the study's slot lock).
 
+Candidates come from the search's own front (:func:`~slimtune.studies.search_front`), where
+every plan stands at the search's fidelity: a refinement, trained many more epochs, would
+otherwise dominate its short neighbours and leave the stage nothing to refine.
+
 With a deadline, :func:`refine_until_deadline` does not leave time unused: when the stage runs
-out of candidates early (one good refinement can dominate every other plan in the band), the
-search goes on one trial at a time, and each new in-band Pareto plan is refined as it appears.
+out of candidates early (``refine_top`` not reached, no other in-band plan on the search's
+front), the search goes on one trial at a time, and each new in-band plan on that front is
+refined as it appears.
 
 Example::
 
@@ -29,14 +34,15 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from slimtune.spaces import StudySpec
-from slimtune.studies import finished_count, keys, pareto_trials
+from slimtune.studies import finished_count, keys, search_front
 
 from ._loop import run_one_trial, slot_lock
 from ._signals import GracefulStop
 
 
 def refine_candidates(study: optuna.Study, teacher_val: float, within: float, top: int) -> list[FrozenTrial]:
-    """The plans still to refine, in order: Pareto trials (not refinements themselves) with
+    """The plans still to refine, in order: the search's own Pareto trials (:func:`search_front`:
+    refinements left out, so a refined plan's long run does not hide its short neighbours) with
     validation accuracy at least ``teacher_val - within`` and no refinement yet (waiting,
     running or finished), smallest first; none once ``top`` plans have been refined."""
     trials = study.get_trials(deepcopy=False)
@@ -45,8 +51,7 @@ def refine_candidates(study: optuna.Study, teacher_val: float, within: float, to
     room = top - len(claimed)
     if room <= 0:
         return []
-    front = [t for t in pareto_trials(study) if keys.TRIAL_REFINES not in t.user_attrs
-             and t.number not in claimed and t.values[0] >= teacher_val - within - 1e-12]
+    front = [t for t in search_front(study) if t.number not in claimed and t.values[0] >= teacher_val - within - 1e-12]
     return front[:room]
 
 

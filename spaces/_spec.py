@@ -90,23 +90,27 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """How to train: ``epochs``, ``lr`` (teacher only: the student's lr is a knob) and batch size."""
+    """How to train: ``epochs``, ``lr`` (teacher only: the student's lr is a knob), batch size, and
+    ``augment_shift``: 0, or k (1 to 8) to train on images moved by a random offset of up to k
+    pixels each way (see :class:`FinetuneSpec` for the student's use of it)."""
 
     epochs: int
     batch_size: int
     lr: float = 1e-3
+    augment_shift: int = 0
 
 
 PRUNE_SCHEDULES = ("oneshot", "gradual", "dynamic")
 QUANTIZERS = ("amax", "lsq")
 BIAS_BITS = (32, 16)
+AUGMENT_STAGES = ("all", "refine")
 # Fine-tune settings whose default leaves a trial as it was before they existed: a spec at these
 # values keeps its old fingerprint (stored studies stay resumable).
 NEUTRAL_FINETUNE: dict[str, Any] = {"prune_schedule": "oneshot", "prune_ramp": 0.5, "promote_epochs": 0,
                                     "promote_margin": 0.002, "promote_size_tolerance": 1.0, "quantizer": "amax",
                                     "prune_activation_power": 0.0, "bias_bits": 32, "refine_epochs": 0,
                                     "refine_top": 4, "refine_within": 0.002, "refine_share": 0.25,
-                                    "weight_ema": 0.0}
+                                    "weight_ema": 0.0, "augment_shift": 0, "augment_in": "all"}
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,8 @@ class FinetuneSpec(TrainSpec):
     - ``quantizer``: ``"amax"`` scales each channel by its largest weight; ``"lsq"`` learns
       each channel's step size during the fine-tune (Esser et al., 2020).
     - ``refine_epochs``: a refinement stage at the end of a search run (0: none). Up to
-      ``refine_top`` feasible Pareto plans whose validation accuracy is within
+      ``refine_top`` feasible plans on the search's own Pareto front (refinements left out)
+      whose validation accuracy is within
       ``refine_within`` of the teacher's (the smallest first) are trained again as new trials,
       with a fresh seed, for ``epochs`` plus ``refine_epochs`` more with a cosine decay. A
       refined plan is then judged by its refinement only: the trial it came from leaves the
@@ -145,6 +150,12 @@ class FinetuneSpec(TrainSpec):
       stage gets the rest.
     - ``weight_ema``: 0 (off) or the decay, in (0, 1), of an exponential moving average of the
       student's weights over the training steps; the trial packs the averaged weights.
+    - ``augment_shift``: 0 (off) or k, 1 to 8: the student trains on its images moved by a
+      random offset of up to k pixels each way (zero fill), with the original image's label
+      and teacher logits as targets (the feature-KD term is left out of such a fine-tune).
+      It needs image data (batches shaped N, C, H, W). ``augment_in`` says which fine-tunes
+      shift: ``"all"`` (every trial) or ``"refine"`` (only the refinement stage's long runs;
+      shifted images pay off over many epochs and cost accuracy over two).
     """
 
     prune_schedule: str = "oneshot"
@@ -160,6 +171,7 @@ class FinetuneSpec(TrainSpec):
     refine_within: float = 0.002
     refine_share: float = 0.25
     weight_ema: float = 0.0
+    augment_in: str = "all"
 
 
 @dataclass(frozen=True)
@@ -400,11 +412,12 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
 
     data_spec = _data_spec(_table(data, "data", {"preset", "module", "kwargs", "table"} | set(TABLE_KEYS)))
 
-    teacher_raw = _table(data, "teacher", {"epochs", "lr", "batch_size"})
+    teacher_raw = _table(data, "teacher", {"epochs", "lr", "batch_size", "augment_shift"})
     teacher = TrainSpec(
         epochs=_int("teacher.epochs", teacher_raw.get("epochs", 10), 1, 10_000),
         batch_size=_int("teacher.batch_size", teacher_raw.get("batch_size", 128), 1, 1_000_000),
         lr=_float("teacher.lr", teacher_raw.get("lr", 1e-3), 0.0, 1.0, low_open=True),
+        augment_shift=_int("teacher.augment_shift", teacher_raw.get("augment_shift", 0), 0, 8),
     )
     finetune_raw = _table(data, "finetune", {"epochs", "batch_size", "cache_mb", *NEUTRAL_FINETUNE})
     schedule = finetune_raw.get("prune_schedule", NEUTRAL_FINETUNE["prune_schedule"])
@@ -416,6 +429,9 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
     bias_bits = finetune_raw.get("bias_bits", NEUTRAL_FINETUNE["bias_bits"])
     if isinstance(bias_bits, bool) or bias_bits not in BIAS_BITS:
         raise SpecError("finetune.bias_bits", bias_bits, " or ".join(map(str, BIAS_BITS)))
+    augment_in = finetune_raw.get("augment_in", NEUTRAL_FINETUNE["augment_in"])
+    if augment_in not in AUGMENT_STAGES:
+        raise SpecError("finetune.augment_in", augment_in, ", ".join(AUGMENT_STAGES))
     finetune = FinetuneSpec(
         quantizer=quantizer,
         bias_bits=int(bias_bits),
@@ -439,6 +455,8 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
                             0.0, 0.95),
         weight_ema=_float("finetune.weight_ema", finetune_raw.get("weight_ema", NEUTRAL_FINETUNE["weight_ema"]),
                           0.0, 0.9999),
+        augment_shift=_int("finetune.augment_shift", finetune_raw.get("augment_shift", 0), 0, 8),
+        augment_in=augment_in,
     )
     cache_mb = _int("finetune.cache_mb", finetune_raw.get("cache_mb", 1024), 0, 1_000_000)
 
@@ -480,7 +498,9 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
         "data": ({k: v for k, v in {"preset": data_spec.preset, "module": data_spec.module,
                                     "kwargs": data_spec.kwargs}.items() if v is not None}
                  if data_spec.table is None else data_spec.table_options()),
-        "teacher": {"epochs": teacher.epochs, "lr": teacher.lr, "batch_size": teacher.batch_size},
+        # augment_shift only when set: specs written before it existed keep their fingerprint
+        "teacher": {"epochs": teacher.epochs, "lr": teacher.lr, "batch_size": teacher.batch_size,
+                    **({"augment_shift": teacher.augment_shift} if teacher.augment_shift else {})},
         "finetune": {"epochs": finetune.epochs, "batch_size": finetune.batch_size, "cache_mb": cache_mb,
                      "prune_schedule": finetune.prune_schedule, "prune_ramp": finetune.prune_ramp,
                      "promote_epochs": finetune.promote_epochs, "promote_margin": finetune.promote_margin,
@@ -489,7 +509,8 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
                      "prune_activation_power": finetune.prune_activation_power,
                      "bias_bits": finetune.bias_bits, "refine_epochs": finetune.refine_epochs,
                      "refine_top": finetune.refine_top, "refine_within": finetune.refine_within,
-                     "refine_share": finetune.refine_share, "weight_ema": finetune.weight_ema},
+                     "refine_share": finetune.refine_share, "weight_ema": finetune.weight_ema,
+                     "augment_shift": finetune.augment_shift, "augment_in": finetune.augment_in},
         "space": {"layers": list(space.layers), "exclude": list(space.exclude),
                   **{k: v.to_dict() for k, v in knobs.items()},
                   "layer": {p: dict(v) for p, v in overrides.items()}},

@@ -14,7 +14,7 @@ from . import _keys as keys
 from ._blobs import claim_blob, delete_blobs, drop_blob, engine_of, get_blob, put_blob, touch_blob
 from ._dashboard import annotate_studies, serve_dashboard, study_note
 from ._format import FORMATS, render
-from ._frames import PARETO_COLUMNS, best_ratio_within, finished_count, pareto_frame, pareto_trials, studies_frame, trials_frame
+from ._frames import PARETO_COLUMNS, best_ratio_within, finished_count, pareto_frame, pareto_trials, search_front, studies_frame, trials_frame
 from ._presets import load_preset, preset_names
 from ._report import write_report
 from ._storage import StorageError, folder_lock, load_existing_study, mask_url, open_storage, sqlite_lock, sqlite_path
@@ -22,7 +22,7 @@ from ._storage import StorageError, folder_lock, load_existing_study, mask_url, 
 __all__ = [
     "claim_blob", "drop_blob", "engine_of", "folder_lock", "touch_blob",
     "FORMATS", "PARETO_COLUMNS", "StorageError", "best_ratio_within", "delete_blobs", "finished_count", "get_blob", "keys",
-    "load_existing_study", "load_preset", "mask_url", "open_storage", "pareto_frame", "pareto_trials", "preset_names", "put_blob", "render",
+    "load_existing_study", "load_preset", "mask_url", "open_storage", "pareto_frame", "pareto_trials", "preset_names", "search_front", "put_blob", "render",
     "sqlite_lock", "sqlite_path", "studies_frame", "trials_frame",
     "annotate_studies", "serve_dashboard", "study_note",
     "write_report",

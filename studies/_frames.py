@@ -86,7 +86,20 @@ def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
     refined trial is left out (its refinement stands for its plan)."""
     trials = study.get_trials(deepcopy=False)
     refined = refined_trials(trials)
-    candidates = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.number not in refined
+    return _front([t for t in trials if t.number not in refined])
+
+
+def search_front(study: optuna.Study) -> list[FrozenTrial]:
+    """The Pareto front of the search's own trials, refinements left out and the trials they
+    re-trained kept: every plan judged at the search's fidelity, smallest first (as
+    :func:`pareto_trials`). The refinement stage picks its candidates here, so that one long
+    refinement does not push the neighbouring short plans off the front it chooses from."""
+    return _front([t for t in study.get_trials(deepcopy=False) if keys.TRIAL_REFINES not in t.user_attrs])
+
+
+def _front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The complete, feasible trials of ``trials`` that no other one beats, smallest first."""
+    candidates = sorted((t for t in trials if t.state == TrialState.COMPLETE
                          and all(v <= 0 for v in t.constraints.values())),
                         key=lambda t: (t.values[1], -t.values[0], t.number))
     front: list[FrozenTrial] = []

@@ -18,7 +18,7 @@ from slimtune.search._loop import run_until_target
 from slimtune.search._refine import refine_candidates, refine_until_deadline
 from slimtune.search._signals import GracefulStop
 from slimtune.spaces import SpecError, parse_spec
-from slimtune.studies import keys, pareto_trials
+from slimtune.studies import keys, pareto_trials, search_front
 
 from .conftest import SPEC_TOML, digits_spec_dict
 
@@ -176,3 +176,12 @@ def test_with_time_left_the_search_goes_on_after_the_stage_and_new_front_plans_a
     order = _scripted_search(tmp_path / "b", with_deadline=True)
     assert [refines for refines, _ in order] == [None, None, 0, 1, None, 4]
     assert order[4][1] == [0.97, 50.0] and order[5][1] == [0.971, 50.0]
+
+
+def test_a_dominant_refinement_does_not_hide_its_short_neighbours_from_the_stage() -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for values, attrs in (([0.95, 100.0], {}), ([0.96, 200.0], {}), ([0.99, 90.0], {keys.TRIAL_REFINES: 0})):
+        study.add_trial(optuna.trial.create_trial(values=values, user_attrs=attrs))
+    assert [t.number for t in pareto_trials(study)] == [2]  # the long run beats every short plan
+    assert [t.number for t in search_front(study)] == [0, 1]  # at the search's fidelity both stand
+    assert [t.number for t in refine_candidates(study, 0.97, 0.02, top=5)] == [1]  # trial 0 is taken

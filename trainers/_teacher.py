@@ -50,9 +50,10 @@ def train_loader_for(dm: pl.LightningDataModule, batch_size: int, seed: int) -> 
 
 
 def train_teacher(model: nn.Module, dm: pl.LightningDataModule, spec: TrainSpec, seed: int) -> nn.Module:
-    """Train ``model`` with cross-entropy for ``spec.epochs`` (Adam, cosine schedule); in place."""
+    """Train ``model`` with cross-entropy for ``spec.epochs`` (Adam, cosine schedule; images shifted
+    by up to ``spec.augment_shift`` pixels when it is set); in place."""
     trainer = quiet_trainer(spec.epochs, seed)
-    trainer.fit(ClassifierModule(model, spec.lr), train_dataloaders=train_loader_for(dm, spec.batch_size, seed),
+    trainer.fit(ClassifierModule(model, spec.lr, spec.augment_shift, seed), train_dataloaders=train_loader_for(dm, spec.batch_size, seed),
                 val_dataloaders=dm.val_dataloader())
     return model.eval()
 

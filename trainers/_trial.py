@@ -138,6 +138,8 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     ``finetune.epochs``, then asks ``promote(val_accuracy, size_bytes)`` (the size of the
     artifact it would pack now) whether to train ``promote_epochs`` more (``extra_epochs`` when
     given: a refinement trains ``refine_epochs`` more, with ``promote`` always true).
+    ``finetune.augment_shift`` shifts the student's training images in every trial
+    (``augment_in = "all"``) or in refinements only (``"refine"``: when ``extra_epochs`` is given).
     Raises ``FloatingPointError`` on a non-finite loss; returns with ``pruned_reason`` set when
     validation accuracy fell below ``ctx.floor`` after an epoch.
     """
@@ -151,14 +153,16 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     logit_temperature = (plan.logit_temperature if plan.logit_temperature is not None
                          else plan.layers[ctx.output_layer].kd_temperature)
     feature_temperatures = {n: plan.layers[n].kd_temperature for n in hidden}
-    cached = use_cache and ctx.cache is not None and (
-        plan.feature_kd_weight == 0 or ctx.cache.has_features(hidden))
     ft = ctx.spec.finetune
+    # A refinement is the run given ``extra_epochs``; shifted images leave the feature term out.
+    shift = ft.augment_shift if ft.augment_in == "all" or extra_epochs is not None else 0
+    cached = use_cache and ctx.cache is not None and (
+        plan.feature_kd_weight == 0 or shift > 0 or ctx.cache.has_features(hidden))
     module = DistillationModule(
         student, lr=plan.lr, kd_alpha=plan.kd_alpha, logit_temperature=logit_temperature,
         feature_kd_weight=plan.feature_kd_weight, feature_temperatures=feature_temperatures,
         teacher=None if cached else ctx.teacher, cache=ctx.cache if cached else None,
-        l1_weight=plan.l1_weight, l1_layers=list(plan.layers))
+        l1_weight=plan.l1_weight, l1_layers=list(plan.layers), augment_shift=shift, augment_seed=seed)
     if cached:
         assert ctx.cache is not None
         train_batches = ctx.cache.loader(ft.batch_size, seed)
