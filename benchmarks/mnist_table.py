@@ -82,9 +82,13 @@ METHOD: dict[str, dict[str, Any]] = {
 def best_within(study: optuna.Study, extra_error: float) -> tuple[float, int, int] | None:
     """(ratio, bytes, trial) of the most compressed Pareto trial whose test error is at most the
     teacher's plus ``extra_error`` (a fraction: 0.001 = 0.1 point); ``None`` if there is none."""
-    teacher_test = study.user_attrs[keys.TEACHER]["test_accuracy"]
-    fits = [t for t in pareto_trials(study)
-            if t.user_attrs.get(keys.TRIAL_TEST_ACCURACY, -1) >= teacher_test - extra_error - 1e-12]
+    return best_at_test_accuracy(study, study.user_attrs[keys.TEACHER]["test_accuracy"] - extra_error)
+
+
+def best_at_test_accuracy(study: optuna.Study, min_test: float) -> tuple[float, int, int] | None:
+    """(ratio, bytes, trial) of the most compressed Pareto trial (chosen on validation) whose test
+    accuracy is at least ``min_test``; ``None`` if there is none."""
+    fits = [t for t in pareto_trials(study) if t.user_attrs.get(keys.TRIAL_TEST_ACCURACY, -1) >= min_test - 1e-12]
     if not fits:
         return None
     best = max(fits, key=lambda t: t.user_attrs[keys.TRIAL_RATIO])

@@ -30,23 +30,14 @@ from typing import Any
 import optuna
 import torch
 
+from mnist_table import best_at_test_accuracy
 from results_md import write_section
 from slimtune.search import load_stored_spec
 from slimtune.spaces import SpecError
-from slimtune.studies import keys, load_existing_study, pareto_trials
+from slimtune.studies import keys, load_existing_study
 from slimtune.trainers import build_datamodule, build_model, evaluate, train_teacher
 
 HERE = Path(__file__).resolve().parent
-
-
-def best_at_error(study: optuna.Study, error: float) -> tuple[float, int, int] | None:
-    """(ratio, bytes, trial) of the most compressed Pareto trial whose test error is at most
-    ``error`` (a fraction); ``None`` if there is none."""
-    fits = [t for t in pareto_trials(study) if 1 - t.user_attrs.get(keys.TRIAL_TEST_ACCURACY, -1) <= error + 1e-12]
-    if not fits:
-        return None
-    best = max(fits, key=lambda t: t.user_attrs[keys.TRIAL_RATIO])
-    return best.user_attrs[keys.TRIAL_RATIO], int(best.values[1]), best.number
 
 
 def parse_epochs(text: str) -> list[int]:
@@ -93,7 +84,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     for row in rows:
         for label, extra in (("at", 0.0), ("within_0.1", 0.001), ("within_0.5", 0.005)):
-            found = best_at_error(study, row["test_error"] + extra)
+            found = best_at_test_accuracy(study, 1 - row["test_error"] - extra)
             row[f"ratio_{label}"], row[f"bytes_{label}"], row[f"trial_{label}"] = found or (None, None, None)
     result = {"study": args.study, "shift": args.shift, "rows": rows, "date": date.today().isoformat(),
               "seconds": time.perf_counter() - started,

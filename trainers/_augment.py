@@ -13,6 +13,8 @@ Example:
     (torch.Size([1, 1, 3, 3]), 1.0)
     >>> random_shift(x, 0, torch.Generator()) is x
     True
+    >>> ImageShift(1, seed=0)(x).shape  # the seeded form the training modules hold
+    torch.Size([1, 1, 3, 3])
 """
 
 from __future__ import annotations
@@ -39,3 +41,17 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     cols = dx[:, None] + torch.arange(width)[None, :]  # (N, W)
     picked = padded[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
     return picked.permute(0, 3, 1, 2).contiguous()
+
+
+class ImageShift:
+    """:func:`random_shift` by up to ``max_shift`` pixels with its own generator seeded by
+    ``seed``: each call draws the next offsets. ``max_shift`` 0 returns batches unchanged."""
+
+    def __init__(self, max_shift: int, seed: int = 0) -> None:
+        if max_shift < 0:
+            raise ValueError(f"augment_shift must be >= 0, got {max_shift}")
+        self.max_shift = max_shift
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return random_shift(x, self.max_shift, self._generator)

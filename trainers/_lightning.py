@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._augment import random_shift
+from ._augment import ImageShift
 from ._distill import feature_kd_loss, logit_kd_loss
 from ._lowrank import weight_modules
 
@@ -76,24 +76,21 @@ class _AccuracyMixin:
 
 class ClassifierModule(_AccuracyMixin, pl.LightningModule):
     """Plain supervised training (the teacher); ``augment_shift`` k > 0 trains on images moved
-    by a random offset of up to k pixels (:func:`random_shift`, seeded by ``augment_seed``)."""
+    by a random offset of up to k pixels (:class:`ImageShift`, seeded by ``augment_seed``)."""
 
     def __init__(self, model: nn.Module, lr: float, augment_shift: int = 0, augment_seed: int = 0) -> None:
         super().__init__()
         self.model = model
         self.lr = lr
         self.val_history = []
-        if augment_shift < 0:
-            raise ValueError(f"augment_shift must be >= 0, got {augment_shift}")
-        self.augment_shift = augment_shift
-        self._augment_generator = torch.Generator().manual_seed(augment_seed)
+        self.augment = ImageShift(augment_shift, augment_seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(self.model(random_shift(x, self.augment_shift, self._augment_generator)), y)
+        return F.cross_entropy(self.model(self.augment(x)), y)
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr)
@@ -139,7 +136,7 @@ class DistillationModule(_AccuracyMixin, pl.LightningModule):
     leaves the term out. :meth:`l1_penalty` is ``sum_l mean(|W_l|)``.
 
     ``augment_shift`` k > 0 moves each training image of the student's batch by a random
-    offset of up to k pixels (:func:`random_shift`, seeded by ``augment_seed``); the labels and
+    offset of up to k pixels (:class:`ImageShift`, seeded by ``augment_seed``); the labels and
     the teacher's logits stay those of the original image, and the feature term is left out
     (the teacher's hidden outputs describe the unshifted image).
     """
@@ -161,10 +158,7 @@ class DistillationModule(_AccuracyMixin, pl.LightningModule):
         self.logit_temperature = logit_temperature
         self.feature_kd_weight = feature_kd_weight
         self.feature_temperatures = feature_temperatures if feature_kd_weight > 0 and augment_shift == 0 else {}
-        if augment_shift < 0:
-            raise ValueError(f"augment_shift must be >= 0, got {augment_shift}")
-        self.augment_shift = augment_shift
-        self._augment_generator = torch.Generator().manual_seed(augment_seed)
+        self.augment = ImageShift(augment_shift, augment_seed)
         if l1_weight < 0:
             raise ValueError(f"l1_weight must be >= 0, got {l1_weight}")
         self.l1_weight = l1_weight
@@ -197,7 +191,7 @@ class DistillationModule(_AccuracyMixin, pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch[-2], batch[-1]
         teacher_logits, teacher_features = self._teacher_outputs(batch)
-        logits = self.student(random_shift(x, self.augment_shift, self._augment_generator))
+        logits = self.student(self.augment(x))
         loss = self.kd_alpha * logit_kd_loss(logits, teacher_logits, self.logit_temperature)
         if self.kd_alpha < 1:
             loss = loss + (1 - self.kd_alpha) * F.cross_entropy(logits, y)
