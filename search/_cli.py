@@ -1,7 +1,9 @@
 """The ``slimtune`` command line.
 
-Exit codes: 0 done, 1 an unexpected error, 2 bad input (nothing written), 130 interrupted
-(the running trial is marked FAIL with reason ``interrupted``; ``slimtune resume`` goes on).
+Exit codes: 0 done, 1 a search that could not finish (too many failed trials) or an unexpected
+error, 2 bad input or a database fault (a message says what and what to do; bad input writes
+nothing), 130 interrupted (the running trial is marked FAIL with reason ``interrupted``;
+``slimtune resume`` goes on). No error prints a Python traceback unless ``SLIMTUNE_TRACEBACK=1``.
 
 Example::
 
@@ -21,14 +23,15 @@ import sys
 from types import ModuleType
 from typing import Any, Callable, Sequence
 
-from slimtune.spaces import DEFAULT_STORAGE, SpecError
-from slimtune.studies import FORMATS, load_existing_study, open_storage, preset_names, render
+from slimtune.spaces import DEFAULT_STORAGE, TRUST_ENV, SpecError, trust
+from slimtune.studies import STORAGE_ERRORS, FORMATS, load_existing_study, open_storage, preset_names, render, storage_fault
 
 from ._signals import SearchFailed
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 STORAGE_ENV = "SLIMTUNE_STORAGE"
+TRACEBACK_ENV = "SLIMTUNE_TRACEBACK"
 
 
 def number_in(kind: type, low: float, high: float, allowed: str) -> Callable[[str], Any]:
@@ -63,6 +66,14 @@ def add_storage_option(parser: argparse.ArgumentParser) -> None:
                         help=f"SQLAlchemy URL (default: ${STORAGE_ENV}, else {DEFAULT_STORAGE})")
 
 
+def add_trust_option(parser: argparse.ArgumentParser) -> None:
+    """``--trust MODULE`` (repeatable): let this command import code of MODULE named by data
+    (a stored spec, an artifact); see ``slimtune.spaces.require_trusted``."""
+    parser.add_argument("--trust", action="append", default=[], metavar="MODULE",
+                        help=f"import the model factory or data module of MODULE (or a package holding it) even "
+                        f"when a study database or a .slim file names it (also: ${TRUST_ENV}=MOD1,MOD2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimtune", description="Per-layer compression search: pruning, "
                                      "quantization and distillation, with a shared Optuna study database.")
@@ -73,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=_positive_float, help="stop starting new trials after this many seconds")
         p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: all cores)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        add_trust_option(p)
 
     search = sub.add_parser("search", help="launch a search (or continue the same study)")
     search.add_argument("spec", nargs="?", help="a study spec in TOML")
@@ -134,6 +146,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     else:
         spec = resolve_spec(args.spec, args.preset, name=args.study, storage=args.storage, trials=args.trials,
                             seed=args.seed)
+        args.storage, args.study = spec.storage, spec.name  # for the messages of main()
         if args.workers > 1:
             summary = run_workers(spec, args.workers, force=args.force, **options)
         else:
@@ -160,7 +173,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_studies(args: argparse.Namespace) -> int:
     from slimtune.studies import studies_frame
 
-    print(render(studies_frame(open_storage(args.storage, create=False)), args.format), end="")
+    print(render(studies_frame(open_storage(args.storage, read_only=True)), args.format), end="")
     return 0
 
 
@@ -174,6 +187,8 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``slimtune`` console script."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "trust", None):
+        trust(args.trust)
     try:
         return args.handler(args)
     except SpecError as exc:
@@ -185,6 +200,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slimtune: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except STORAGE_ERRORS as exc:
+        _traceback_if_asked()
+        url = getattr(args, "storage", None) or DEFAULT_STORAGE
+        print(f"slimtune: error: {storage_fault(exc, url, getattr(args, 'study', None))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # a file that cannot be read or written: a full disk, a permission
+        _traceback_if_asked()
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"slimtune: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # a bug: one line, not a traceback (SLIMTUNE_TRACEBACK=1 shows it)
+        _traceback_if_asked()
+        print(f"slimtune: error: unexpected {type(exc).__name__}: {str(exc).strip()[:500]} (this is a slimtune bug; "
+              f"please report it, with the traceback that {TRACEBACK_ENV}=1 prints)", file=sys.stderr)
+        return 1
+
+
+def _traceback_if_asked() -> None:
+    if os.environ.get(TRACEBACK_ENV, "").lower() in ("1", "true", "yes"):
+        import traceback
+
+        traceback.print_exc()
 
 
 if __name__ == "__main__":

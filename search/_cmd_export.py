@@ -29,7 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from slimtune.spaces import SpecError
 from slimtune.studies import get_blob, keys, load_existing_study, mask_url, open_storage, pareto_trials
 
-from ._cli import add_storage_option, number_in
+from ._cli import add_storage_option, add_trust_option, number_in
 
 SPLITS = ("val", "test")
 _SLACK = 1e-12  # float noise allowed in "accuracy >= teacher - drop"
@@ -51,12 +51,14 @@ def add_parser(subparsers: Any) -> None:
     export.add_argument("--out", required=True, help="the .slim file to write")
     export.add_argument("--onnx", metavar="PATH", help="also write the dequantized model as ONNX (checked with "
                         "onnxruntime)")
+    add_trust_option(export)
     export.set_defaults(handler=_cmd_export)
 
     evaluate = subparsers.add_parser("evaluate", help="accuracy of a model file written by export")
     evaluate.add_argument("artifact", metavar="MODEL", help="a .slim file")
     evaluate.add_argument("--split", choices=SPLITS, default="test")
     evaluate.add_argument("--json", action="store_true", help='print {"split", "accuracy", "size_bytes"}')
+    add_trust_option(evaluate)
     evaluate.set_defaults(handler=_cmd_evaluate)
 
 
@@ -130,22 +132,23 @@ def _staged(path: Path) -> Iterator[Path]:
 
 
 def _artifact(storage_url: str, study: optuna.Study, trial: FrozenTrial) -> bytes:
-    blob = get_blob(open_storage(storage_url, create=False), study.study_name, keys.artifact_blob_key(trial.number))
+    blob = get_blob(open_storage(storage_url, read_only=True), study.study_name, keys.artifact_blob_key(trial.number))
     if blob is None:
         raise SpecError("--trial", trial.number, f"a complete trial of study {study.study_name}: {_complete_list(study)}",
                         f"has no stored artifact in {mask_url(storage_url)}")
     if len(blob) != int(trial.values[1]):
-        raise RuntimeError(f"the stored artifact of trial {trial.number} has {len(blob)} bytes but the trial "
-                           f"recorded {int(trial.values[1])}")
+        raise SpecError("--trial", trial.number, "a trial whose stored artifact has the size it recorded",
+                        f"has a stored artifact of {len(blob):,} bytes in {mask_url(storage_url)} but recorded "
+                        f"{int(trial.values[1]):,} (the database was changed after the trial)")
     return blob
 
 
-def _write_onnx(blob: bytes, path: Path) -> str:
+def _write_onnx(blob: bytes, path: Path, name: str) -> str:
     from slimtune.trainers import artifact_datamodule, example_batch, export_onnx, load_artifact, silence_lightning
 
     silence_lightning()
-    model, meta = load_artifact(blob)
-    x = example_batch(artifact_datamodule(meta))
+    model, meta = load_artifact(blob, name)
+    x = example_batch(artifact_datamodule(meta, name))
     try:
         diff = export_onnx(model, x, path)
     except SpecError:
@@ -157,7 +160,27 @@ def _write_onnx(blob: bytes, path: Path) -> str:
             f"(max abs diff {diff:.2g}, same classes)")
 
 
+ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+
+
+def require_onnx_extra(option: str, value: str) -> None:
+    """A :class:`SpecError` naming the install command unless the onnx extra's packages import."""
+    import importlib
+
+    missing = []
+    for name in ONNX_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise SpecError(option, value, "slimtune's onnx extra: pip install 'slimtune[onnx]'",
+                        f"needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed")
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
+    if args.onnx:
+        require_onnx_extra("--onnx", args.onnx)
     out = _output_path(args.out, "--out")
     onnx_path = _output_path(args.onnx, "--onnx") if args.onnx else None
     if onnx_path is not None and onnx_path.resolve() == out.resolve():
@@ -177,7 +200,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         with contextlib.ExitStack() as stack:
             tmp_out = stack.enter_context(_staged(out))
             if onnx_path is not None:
-                check = _write_onnx(blob, stack.enter_context(_staged(onnx_path)))
+                check = _write_onnx(blob, stack.enter_context(_staged(onnx_path)),
+                                    f"the stored artifact of trial {trial.number} of study {study.study_name}")
             tmp_out.write_bytes(blob)
     except OSError as exc:
         raise SpecError("--out/--onnx", str(exc.filename or out), "a writable file path",

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import warnings
@@ -32,7 +33,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import text
 
-from slimtune.studies import engine_of, keys, sqlite_lock
+from slimtune.studies import STORAGE_ERRORS, engine_of, keys, sqlite_lock
 
 from ._objective import TrialFailed, describe_failure
 from ._signals import GracefulStop, Interrupted, SearchFailed
@@ -126,6 +127,15 @@ def run_one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage,
         except (Interrupted, KeyboardInterrupt):
             _record_failure(trial, "interrupted")
             _tell(study, trial, state=TrialState.FAIL)
+            raise
+        except STORAGE_ERRORS as exc:  # the database itself failed (full, damaged, gone): stop the study
+            _record_failure(trial, f"storage: {describe_failure(exc.__cause__ or exc)}")
+            try:
+                _tell(study, trial, state=TrialState.FAIL)
+            except STORAGE_ERRORS as again:  # its heartbeat stops with this process: the next worker fails it
+                print(f"slimtune: trial {trial.number} could not be marked FAIL either ({describe_failure(again)}); "
+                      "the next worker or `slimtune resume` fails it once its heartbeat is older than "
+                      "study.heartbeat_grace", file=sys.stderr)
             raise
         except Exception as exc:  # outside the fine-tune: sampling, a storage write, ...
             # e.g. another worker already failed this trial as stale (its heartbeats stopped

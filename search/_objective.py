@@ -20,6 +20,8 @@ Example::
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable
 
@@ -27,7 +29,7 @@ import optuna
 import torch
 
 from slimtune.spaces import sample_plan
-from slimtune.studies import keys, put_blob
+from slimtune.studies import STORAGE_ERRORS, keys, put_blob
 from slimtune.trainers import TrialContext, run_trial
 
 from ._signals import GracefulStop, Interrupted
@@ -72,14 +74,16 @@ class CompressionObjective:
     """Callable objective bound to one study's shared trial context."""
 
     def __init__(self, context: TrialContext, storage: optuna.storages.BaseStorage, stop: GracefulStop,
-                 feasible_floor: float | None = None) -> None:
+                 feasible_floor: float | None = None, run: str = "") -> None:
         self.context = context
         self.storage = storage
         self.stop = stop
         self.feasible_floor = feasible_floor
+        self.worker = {"host": socket.gethostname(), "pid": os.getpid(), "run": run}
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         started = time.perf_counter()
+        trial.set_user_attr(keys.TRIAL_WORKER, self.worker)
         spec = self.context.spec
         plan = sample_plan(trial, spec.space, self.context.layer_names, self.context.output_layer)
         trial.set_user_attr(keys.TRIAL_PLAN, plan.to_dict())
@@ -94,8 +98,8 @@ class CompressionObjective:
                                        promote=beaten_by_completed(trial.study, spec.finetune.promote_margin,
                                                                    spec.finetune.epochs,
                                                                    spec.finetune.promote_size_tolerance))
-        except Interrupted:
-            raise  # the trial loop marks it FAIL with reason "interrupted"
+        except (Interrupted, *STORAGE_ERRORS):
+            raise  # the trial loop marks it FAIL ("interrupted", or the database's fault) and stops
         except Exception as exc:  # the trial's own failure: record it, keep the study going
             reason = describe_failure(exc)
             trial.set_user_attr(keys.TRIAL_FAIL_REASON, reason)

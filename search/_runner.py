@@ -22,31 +22,34 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
 
-from slimtune.spaces import SpecError, StudySpec, load_spec_file, parse_spec, select_layers
+from slimtune.spaces import TRUST_ENV, SpecError, StudySpec, load_spec_file, module_of, parse_spec, select_layers
 from slimtune.studies import (
-    best_ratio_within, claim_blob, delete_blobs, drop_blob, finished_count, touch_blob, get_blob, keys, load_existing_study, load_preset,
-    mask_url, open_storage,
+    annotate_study, best_ratio_within, claim_blob, delete_blobs, drop_blob, finished_count, touch_blob, get_blob, is_in_memory, keys,
+    load_existing_study, load_preset, mask_url, open_storage,
 )
 from slimtune.trainers import (
-    TrialContext, build_datamodule, build_model, compressible_layers, datamodule_info, dense_parameter_bytes, evaluate,
-    load_state_bytes, silence_lightning, state_to_bytes, train_teacher,
+    TrialContext, build_datamodule, build_model, check_finite_weights, check_model_and_data, compressible_layers,
+    datamodule_info, dense_parameter_bytes, evaluate, load_state_bytes, silence_lightning, state_to_bytes, train_teacher,
 )
 
 from ._cli import EXIT_INTERRUPTED, STORAGE_ENV
 from ._loop import every, run_until_target
 from ._objective import CompressionObjective
 from ._refine import refine_until_deadline
-from ._signals import GracefulStop, Interrupted
+from ._signals import GracefulStop, Interrupted, SearchFailed
 
 VERSION = "0.1.0"
 STUDY_SETUP_WAIT_S = 30.0
-TEACHER_LOCK_STALE_S = 300.0
 TEACHER_LOCK_REFRESH_S = 30.0
+# A lock of another host is stale once it has not changed for this long, on this host's clock.
+TEACHER_LOCK_STALE_S = 3 * TEACHER_LOCK_REFRESH_S
+RUN_ENV = "SLIMTUNE_RUN"  # the run id a parent gives its workers, so it counts the trials they ran
 
 
 @dataclass
@@ -94,6 +97,7 @@ def _check_runtime(spec: StudySpec, load_checkpoint: bool = True) -> tuple[torch
     torch.manual_seed(spec.seed)  # the teacher's initial weights follow the spec's seed
     model = build_model(spec.model, data_info=datamodule_info(dm), load_checkpoint=load_checkpoint)
     select_layers(compressible_layers(model), spec.space)
+    check_model_and_data(model, dm, loaded_weights=load_checkpoint and spec.model.checkpoint is not None)
     return model, dm
 
 
@@ -105,8 +109,9 @@ def stored_spec(spec: StudySpec) -> dict[str, Any]:
     return data
 
 
-def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, force: bool) -> optuna.Study:
-    """Create the study, or load it and check that it was made from this spec."""
+def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, force: bool, log: Any) -> optuna.Study:
+    """Create the study, or load it and check that it was made from this spec. A ``trials``
+    below the stored target does not lower it (this run then stops at ``spec.trials``)."""
     try:
         study = optuna.create_study(study_name=spec.name, storage=storage, directions=keys.DIRECTIONS)
     except optuna.exceptions.DuplicatedStudyError:
@@ -129,8 +134,14 @@ def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, force: bo
         raise SpecError("spec", spec.name, "the spec the study was created with (or --force to continue anyway, "
                         "or a new study name)",
                         f"differs from the study's stored spec (fingerprint {spec.fingerprint()} != {stored})")
-    if study.user_attrs.get(keys.SPEC) != stored_spec(spec):  # e.g. a new target trial count
-        study.set_user_attr(keys.SPEC, stored_spec(spec))
+    keep = stored_spec(spec)
+    stored_target = (study.user_attrs.get(keys.SPEC) or {}).get("study", {}).get("trials")
+    if isinstance(stored_target, int) and spec.trials < stored_target:
+        keep["study"]["trials"] = stored_target
+        log(f"study {spec.name} keeps its target of {stored_target} trials: --trials {spec.trials} does not lower "
+            f"it; this run stops once {spec.trials} have finished")
+    if study.user_attrs.get(keys.SPEC) != keep:  # e.g. a new target trial count
+        study.set_user_attr(keys.SPEC, keep)
         study.set_user_attr(keys.FINGERPRINT, spec.fingerprint())
     return study
 
@@ -139,17 +150,27 @@ def _teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spec: St
              dm: Any, stop: GracefulStop, log: Any) -> torch.nn.Module:
     """The study's teacher: from the database if stored, else trained (or the checkpoint) and stored.
 
-    Exactly one worker trains it: it claims the ``teacher.lock`` blob and refreshes it while it
-    trains; the others wait for the weights. A lock not refreshed for ``TEACHER_LOCK_STALE_S``
-    (its worker died) is taken over. The weights are published insert-if-absent, so a study
-    never holds two teachers.
+    Exactly one worker trains it: it claims the ``teacher.lock`` blob and refreshes it every
+    ``TEACHER_LOCK_REFRESH_S`` while it trains; the others wait for the weights. A lock whose
+    process is gone is taken over at once when it was held on this host, and otherwise once it
+    has not changed for ``TEACHER_LOCK_STALE_S`` (measured on this host's clock, so clocks of
+    other hosts do not matter). The weights are published insert-if-absent, so a study never
+    holds two teachers.
     """
     waiting_said = False
+    watched = _LockWatch()
     while True:
         blob = get_blob(storage, spec.name, keys.TEACHER_BLOB)
         if blob is not None:
             _wait_for(lambda: keys.TEACHER in study.user_attrs, "the teacher's accuracy record")
-            return load_state_bytes(model, blob)
+            try:
+                teacher = load_state_bytes(model, blob)
+            except Exception as exc:  # a blob that is not this model's state_dict
+                raise SpecError("teacher", f"the stored teacher of study {spec.name}",
+                                "the teacher's weights as slimtune stored them (a state_dict of this model)",
+                                f"cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+            check_finite_weights(teacher, f"the stored teacher of study {spec.name}")
+            return teacher
         token = uuid.uuid4().hex
         if claim_blob(storage, spec.name, keys.TEACHER_LOCK, _lock_bytes(token)):
             try:
@@ -160,10 +181,12 @@ def _teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spec: St
                     return _make_teacher(study, storage, spec, model, dm, stop, log)
             finally:
                 lock = get_blob(storage, spec.name, keys.TEACHER_LOCK)
-                if lock is not None and json.loads(lock)["token"] == token:
+                if lock is not None and _lock_field(lock, "token") == token:
                     drop_blob(storage, spec.name, keys.TEACHER_LOCK)
         lock = get_blob(storage, spec.name, keys.TEACHER_LOCK)
-        if lock is not None and time.time() - json.loads(lock)["time"] > TEACHER_LOCK_STALE_S:
+        if lock is not None and watched.abandoned(lock):
+            log(f"taking over the teacher lock of {_lock_field(lock, 'host')} pid {_lock_field(lock, 'pid')}, "
+                "whose process is gone")
             drop_blob(storage, spec.name, keys.TEACHER_LOCK)
             continue
         if not waiting_said:
@@ -174,16 +197,60 @@ def _teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spec: St
         time.sleep(1.0)
 
 
+def _host_id() -> str:
+    """This host: its name and, where Linux tells it, its boot id (a pid means nothing after a reboot)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
 def _lock_bytes(token: str) -> bytes:
-    return json.dumps({"token": token, "time": time.time(), "host": socket.gethostname(),
+    return json.dumps({"token": token, "time": time.time(), "host": socket.gethostname(), "host_id": _host_id(),
                        "pid": os.getpid()}).encode()
+
+
+def _lock_field(lock: bytes, name: str) -> Any:
+    try:
+        data = json.loads(lock)
+    except ValueError:
+        return None
+    return data.get(name) if isinstance(data, dict) else None
+
+
+def _process_gone(pid: Any) -> bool:
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, but another user's
+        return False
+    return False
+
+
+class _LockWatch:
+    """Tells when a teacher lock someone else holds is abandoned (see :func:`_teacher`)."""
+
+    def __init__(self) -> None:
+        self._seen: bytes | None = None
+        self._since = time.monotonic()
+
+    def abandoned(self, lock: bytes) -> bool:
+        if _lock_field(lock, "host_id") == _host_id() and _process_gone(_lock_field(lock, "pid")):
+            return True
+        if lock != self._seen:  # refreshed (or new): watch it afresh
+            self._seen, self._since = lock, time.monotonic()
+        return time.monotonic() - self._since > TEACHER_LOCK_STALE_S
 
 
 def _wait_for(condition: Any, what: str, limit: float = STUDY_SETUP_WAIT_S) -> None:
     deadline = time.monotonic() + limit
     while not condition():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"gave up waiting {limit:.0f} s for {what}")
+            raise SearchFailed(f"gave up waiting {limit:.0f} s for {what}")
         time.sleep(0.2)
 
 
@@ -244,6 +311,28 @@ def _prepare(spec: StudySpec, threads: int | None, load_checkpoint: bool = True)
     return model, dm, _open(spec)
 
 
+def _write_note(storage: optuna.storages.BaseStorage, name: str, log: Any) -> None:
+    """The study's note for optuna-dashboard (teacher, spec, how to read it); a failure only warns."""
+    try:
+        annotate_study(storage, name)
+    except SpecError as exc:  # optuna-dashboard missing
+        log(f"warning: no dashboard note written ({exc})")
+
+
+def run_id() -> str:
+    """A new id for a run: the trials it starts carry it (``worker`` user attr), so that its
+    summary counts exactly them. Workers started by ``run_workers`` carry their parent's
+    (``SLIMTUNE_RUN``)."""
+    return os.environ.get(RUN_ENV) or uuid.uuid4().hex
+
+
+def _ran_by(study: optuna.Study | None, run: str) -> int:
+    """The trials of ``study`` this run started (finished, failed or cut short)."""
+    if study is None:
+        return 0
+    return sum((t.user_attrs.get(keys.TRIAL_WORKER) or {}).get("run") == run for t in study.get_trials(deepcopy=False))
+
+
 def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None, threads: int | None = None,
               progress: bool = True, log: Any = None, joining: bool = False) -> SearchSummary:
     """Run trials in this process until ``spec``'s study holds ``spec.trials`` finished trials,
@@ -258,55 +347,77 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
     search_deadline = deadline  # with a refinement stage, the search leaves it refine_share of the time
     if deadline is not None and spec.finetune.refine_epochs > 0:
         search_deadline = deadline - spec.finetune.refine_share * float(timeout or 0)
-    ran = 0
+    run = run_id()
     study: optuna.Study | None = None
     stopped: str | None = None
     with GracefulStop() as stop:
         try:
-            study = _open_study(spec, storage, force)
+            study = _open_study(spec, storage, force, log)
             teacher = _teacher(study, storage, spec, model, dm, stop, log)
+            _write_note(storage, spec.name, log)
             teacher_val = study.user_attrs[keys.TEACHER]["val_accuracy"]
+            if finished_count(study) >= spec.trials and spec.finetune.refine_epochs == 0:
+                log(f"study {spec.name} already holds {finished_count(study)} finished trials (--trials "
+                    f"{spec.trials}): nothing to run")
             context = TrialContext.create(spec, teacher, floor=teacher_val - spec.max_accuracy_drop, datamodule=dm)
             objective = CompressionObjective(context, storage, stop, feasible_floor=(
-                None if spec.feasible_drop is None else teacher_val - spec.feasible_drop))
+                None if spec.feasible_drop is None else teacher_val - spec.feasible_drop), run=run)
             bar, refresh = _progress(study, spec.trials, progress)
             with bar:
                 def search(target: int, until: float | None) -> int:
                     return run_until_target(study, storage, objective, target, stop, spec.storage, until,
                                             callbacks=[refresh], sampler_for=lambda number: make_sampler(spec, number))
 
-                ran = search(spec.trials, search_deadline)
-                ran += refine_until_deadline(study, storage, objective, spec, stop, teacher_val, search, deadline,
-                                             callbacks=[refresh])
+                search(spec.trials, search_deadline)
+                refine_until_deadline(study, storage, objective, spec, stop, teacher_val, search, deadline,
+                                      callbacks=[refresh])
         except Interrupted as exc:
             stopped = str(exc)
         if stopped is None and stop.requested:
             stopped = f"interrupted by {stop.signal_name}"
     finished = finished_count(study) if study is not None else 0
-    return SearchSummary(spec.name, mask_url(spec.storage), finished, spec.trials, ran,
+    return SearchSummary(spec.name, mask_url(spec.storage), finished, spec.trials, _ran_by(study, run),
                          time.perf_counter() - started, stopped_by=stopped)
+
+
+def trusted_for_workers(spec: StudySpec) -> list[str]:
+    """The modules a worker must trust to import what the user's own spec names (a worker reads
+    the spec from the database, where it is data)."""
+    if spec.source is not None:
+        return []
+    return [module_of(ref) for ref in (spec.model.factory, spec.data.module) if ref]
 
 
 def run_workers(spec: StudySpec, workers: int, force: bool = False, timeout: float | None = None,
                 threads: int | None = None, progress: bool = True, log: Any = None) -> SearchSummary:
     """Prepare the study and its teacher here, then run ``workers`` local worker processes
     (``slimtune worker``), each with its share of the CPU threads, until the target is met.
-    ``failed_workers`` in the result counts workers that ended with an error."""
+    ``failed_workers`` in the result counts workers that ended with an error. An in-memory
+    database is refused: it lives in this process only."""
+    if is_in_memory(spec.storage):
+        raise SpecError("--workers", workers, "1 with an in-memory database, or a database file or server the "
+                        "workers can share (e.g. --storage sqlite:///slimtune.db)",
+                        f"needs a shared database, and {mask_url(spec.storage)} lives in one process's memory")
     log = log or (lambda msg: print(msg, file=sys.stderr))
     model, dm, storage = _prepare(spec, threads)
     started = time.perf_counter()
+    run = uuid.uuid4().hex
+    study: optuna.Study | None = None
     with GracefulStop() as stop:
         try:
-            study = _open_study(spec, storage, force)
+            study = _open_study(spec, storage, force, log)
             _teacher(study, storage, spec, model, dm, stop, log)
+            _write_note(storage, spec.name, log)
         except Interrupted as exc:
-            return SearchSummary(spec.name, mask_url(spec.storage), finished_count(study), spec.trials, 0,
-                                 time.perf_counter() - started, stopped_by=str(exc))
+            return SearchSummary(spec.name, mask_url(spec.storage), finished_count(study) if study else 0,
+                                 spec.trials, 0, time.perf_counter() - started, stopped_by=str(exc))
     share = max(1, (threads or os.cpu_count() or 1) // workers)
     command = [sys.executable, "-m", "slimtune.search._cli", "worker", "--study", spec.name, "--threads", str(share),
                "--quiet"] + (["--timeout", str(timeout)] if timeout else [])
-    env = {**os.environ, STORAGE_ENV: spec.storage}  # not on the command line: it may hold a password
-    before = len(study.get_trials(deepcopy=False))
+    env = {**os.environ, STORAGE_ENV: spec.storage, RUN_ENV: run}  # the URL not on the command line: a password
+    trusted = trusted_for_workers(spec)
+    if trusted:
+        env[TRUST_ENV] = ",".join(sorted(set(trusted) | set(filter(None, env.get(TRUST_ENV, "").split(",")))))
     procs: list[subprocess.Popen] = []
     received: list[int] = []
 
@@ -340,14 +451,17 @@ def run_workers(spec: StudySpec, workers: int, force: bool = False, timeout: flo
     failed = sum(code not in (0, EXIT_INTERRUPTED) for code in codes)
     if failed:
         log(f"{failed} of {workers} workers ended with an error (exit codes {codes})")
-    return SearchSummary(spec.name, mask_url(spec.storage), finished_count(study), spec.trials,
-                         len(study.get_trials(deepcopy=False)) - before, time.perf_counter() - started,
-                         stopped_by=stopped, failed_workers=failed)
+    return SearchSummary(spec.name, mask_url(spec.storage), finished_count(study), spec.trials, _ran_by(study, run),
+                         time.perf_counter() - started, stopped_by=stopped, failed_workers=failed)
 
 
 def load_stored_spec(study_name: str, storage_url: str) -> StudySpec:
-    """The spec stored in an existing study; the storage URL given here replaces the stored one."""
+    """The spec stored in an existing study; the storage URL given here replaces the stored one.
+
+    The spec is data read from the database: the model factory and data module it names are
+    imported only if trusted (``--trust`` / ``SLIMTUNE_TRUST``; see ``slimtune.spaces``)."""
     attrs = load_existing_study(study_name, storage_url).user_attrs
     if keys.SPEC not in attrs:
         raise SpecError("--study", study_name, "a study created by slimtune", "has no slimtune spec")
-    return parse_spec(attrs[keys.SPEC]).with_overrides(storage=storage_url)
+    source = f"the spec stored in study {study_name!r} of {mask_url(storage_url)}"
+    return parse_spec(attrs[keys.SPEC], source=source).with_overrides(storage=storage_url)

@@ -52,6 +52,9 @@ class ModelSpec:
     factory: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    # Where ``factory`` was read: None for the user's own input (imported), else the data that
+    # named it (imported only if trusted; see ``slimtune.spaces.require_trusted``).
+    source: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class DataSpec:
     test_fraction: float | None = None
     split_seed: int | None = None
     batch_size: int | None = None
+    source: str | None = field(default=None, compare=False)  # where ``module`` was read (see ModelSpec)
 
     def __post_init__(self) -> None:
         if self.categorical is not None and not isinstance(self.categorical, tuple):
@@ -209,6 +213,7 @@ class StudySpec:
     heartbeat_grace: int
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
     feasible_drop: float | None = None  # see parse_spec: val accuracy constraint, None = none
+    source: str | None = field(default=None, compare=False)  # None: the user's own spec (see ModelSpec)
 
     def to_dict(self) -> dict[str, Any]:
         """The normalized spec (defaults filled in) as plain data; ``parse_spec`` reads it back."""
@@ -233,7 +238,7 @@ class StudySpec:
         for key, value in changes.items():
             if value is not None:
                 raw["study"][key] = value
-        return parse_spec(raw)
+        return parse_spec(raw, source=self.source)
 
 
 def load_spec_file(path: str | Path) -> StudySpec:
@@ -292,7 +297,7 @@ def _kwargs(key: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-def _data_spec(raw: dict[str, Any]) -> DataSpec:
+def _data_spec(raw: dict[str, Any], source: str | None) -> DataSpec:
     """The ``[data]`` section: exactly one of ``preset``, ``module`` or ``table`` (with its keys).
 
     Only the keys are checked here; the table file itself is read (and its columns checked) by
@@ -312,6 +317,7 @@ def _data_spec(raw: dict[str, Any]) -> DataSpec:
             preset=raw.get("preset"),
             module=_ref("data.module", raw["module"], "DataModuleClass") if "module" in raw else None,
             kwargs=_kwargs("data.kwargs", raw.get("kwargs", {})),
+            source=source,
         )
     if "kwargs" in raw:
         raise SpecError("data.kwargs", raw["kwargs"], f"the table keys {sorted(TABLE_KEYS)}",
@@ -362,8 +368,24 @@ def _data_spec(raw: dict[str, Any]) -> DataSpec:
     )
 
 
-def parse_spec(data: dict[str, Any]) -> StudySpec:
-    """Validate a spec given as plain data (parsed TOML) and fill in defaults."""
+_DATA_KEYS = {"preset", "module", "kwargs", "table"} | set(TABLE_KEYS)
+
+
+def parse_data_section(raw: Any, source: str | None = None) -> DataSpec:
+    """A ``[data]`` section alone (as an artifact's meta holds it), validated as in a spec.
+
+    >>> parse_data_section({"preset": "digits"}).preset
+    'digits'
+    """
+    return _data_spec(_table({"data": raw}, "data", _DATA_KEYS), source)
+
+
+def parse_spec(data: dict[str, Any], source: str | None = None) -> StudySpec:
+    """Validate a spec given as plain data (parsed TOML) and fill in defaults.
+
+    ``source`` says where the data was read when it is not the user's own input (the spec stored
+    in a study): its model factory and data module are then imported only if trusted.
+    """
     if not isinstance(data, dict):
         raise SpecError("spec", data, "a table")
     top = {"study", "model", "data", "teacher", "finetune", "space"}
@@ -408,9 +430,10 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
         factory=_ref("model.factory", model_raw["factory"], "factory") if "factory" in model_raw else None,
         kwargs=_kwargs("model.kwargs", model_raw.get("kwargs", {})),
         checkpoint=checkpoint,
+        source=source,
     )
 
-    data_spec = _data_spec(_table(data, "data", {"preset", "module", "kwargs", "table"} | set(TABLE_KEYS)))
+    data_spec = _data_spec(_table(data, "data", _DATA_KEYS), source)
 
     teacher_raw = _table(data, "teacher", {"epochs", "lr", "batch_size", "augment_shift"})
     teacher = TrainSpec(
@@ -520,4 +543,5 @@ def parse_spec(data: dict[str, Any]) -> StudySpec:
     except (TypeError, ValueError):
         raise SpecError("model.kwargs / data.kwargs", "(a value)", "plain TOML values (strings, numbers, lists, tables)") from None
     return StudySpec(name, storage, trials, seed, sampler, drop, model, data_spec, teacher, finetune, space,
-                     cache_mb, heartbeat_interval, heartbeat_grace, raw=normalized, feasible_drop=feasible_drop)
+                     cache_mb, heartbeat_interval, heartbeat_grace, raw=normalized, feasible_drop=feasible_drop,
+                     source=source)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import weakref
 
 import optuna
-from sqlalchemy import Column, LargeBinary, MetaData, String, Table, delete, insert, select, update
+from sqlalchemy import Column, LargeBinary, MetaData, String, Table, delete, insert, inspect, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -32,35 +32,49 @@ BLOBS = Table(
 
 
 def engine_of(storage: optuna.storages.BaseStorage) -> Engine:
-    """The SQLAlchemy engine of an RDB storage (also through Optuna's cache wrapper); creates
-    the blob table on first use."""
+    """The SQLAlchemy engine of an RDB storage (also through Optuna's cache wrapper)."""
     inner = getattr(storage, "_backend", storage)  # unwrap optuna's cached storage
     engine = getattr(inner, "engine", None)
     if engine is None:
         raise TypeError(f"blob storage needs an RDB storage, got {type(storage).__name__}")
+    return engine
+
+
+def create_blob_table(storage: optuna.storages.BaseStorage) -> Engine:
+    """The storage's engine, with the blob table created if it is not there (writers call this)."""
+    engine = engine_of(storage)
     if engine not in _ready:
         _metadata.create_all(engine, checkfirst=True)
         _ready.add(engine)
     return engine
 
 
+def _has_blob_table(engine: Engine) -> bool:
+    if engine not in _ready and inspect(engine).has_table(BLOBS.name):
+        _ready.add(engine)
+    return engine in _ready
+
+
 def put_blob(storage: optuna.storages.BaseStorage, study_name: str, key: str, data: bytes) -> None:
     """Store ``data`` under ``(study_name, key)``, replacing what was there, in one transaction."""
-    with engine_of(storage).begin() as conn:
+    with create_blob_table(storage).begin() as conn:
         conn.execute(delete(BLOBS).where(BLOBS.c.study_name == study_name, BLOBS.c.key == key))
         conn.execute(insert(BLOBS).values(study_name=study_name, key=key, data=data))
 
 
 def get_blob(storage: optuna.storages.BaseStorage, study_name: str, key: str) -> bytes | None:
     """The bytes under ``(study_name, key)``, or ``None``."""
-    with engine_of(storage).connect() as conn:
+    engine = engine_of(storage)
+    if not _has_blob_table(engine):  # a database slimtune never wrote to (read-only commands create nothing)
+        return None
+    with engine.connect() as conn:
         row = conn.execute(select(BLOBS.c.data).where(BLOBS.c.study_name == study_name, BLOBS.c.key == key)).first()
     return bytes(row[0]) if row is not None else None
 
 
 def delete_blobs(storage: optuna.storages.BaseStorage, study_name: str) -> None:
     """Remove every blob of a study (used when a study is deleted)."""
-    with engine_of(storage).begin() as conn:
+    with create_blob_table(storage).begin() as conn:
         conn.execute(delete(BLOBS).where(BLOBS.c.study_name == study_name))
 
 
@@ -68,7 +82,7 @@ def claim_blob(storage: optuna.storages.BaseStorage, study_name: str, key: str, 
     """Insert ``data`` under ``(study_name, key)`` only if nothing is there: ``True`` for the one
     caller that succeeds (a lock that works across processes and machines)."""
     try:
-        with engine_of(storage).begin() as conn:
+        with create_blob_table(storage).begin() as conn:
             conn.execute(insert(BLOBS).values(study_name=study_name, key=key, data=data))
         return True
     except IntegrityError:
@@ -77,11 +91,11 @@ def claim_blob(storage: optuna.storages.BaseStorage, study_name: str, key: str, 
 
 def drop_blob(storage: optuna.storages.BaseStorage, study_name: str, key: str) -> None:
     """Remove one blob (no error if it is not there)."""
-    with engine_of(storage).begin() as conn:
+    with create_blob_table(storage).begin() as conn:
         conn.execute(delete(BLOBS).where(BLOBS.c.study_name == study_name, BLOBS.c.key == key))
 
 
 def touch_blob(storage: optuna.storages.BaseStorage, study_name: str, key: str, data: bytes) -> None:
     """Replace the bytes of an existing blob in place (no moment without it, unlike put_blob)."""
-    with engine_of(storage).begin() as conn:
+    with create_blob_table(storage).begin() as conn:
         conn.execute(update(BLOBS).where(BLOBS.c.study_name == study_name, BLOBS.c.key == key).values(data=data))

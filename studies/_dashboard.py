@@ -4,7 +4,9 @@
 note that the dashboard shows on the study's page: the teacher's accuracy and size, a short
 summary of the spec, and how to read the two objectives. A note is rewritten only when its
 text changes, and never over a note that someone edited in the dashboard.
-:func:`serve_dashboard` annotates, then serves the dashboard until Ctrl-C (or SIGTERM).
+:func:`serve_dashboard` serves the dashboard until Ctrl-C (or SIGTERM), read-only unless told
+otherwise (then it refreshes the notes first). The search writes its own study's note
+(:func:`annotate_study`), so that a read-only dashboard shows it.
 
 Example:
     >>> import optuna
@@ -140,6 +142,32 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def annotate_study(storage: optuna.storages.BaseStorage, study_name: str) -> str | None:
+    """Write or refresh the dashboard note of one study; its status (see :func:`annotate_studies`),
+    or ``None`` for a study that is not slimtune's."""
+    dashboard = _dashboard()
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    text = study_note(study)
+    if text is None:
+        return None
+    study_id = storage.get_study_id_from_name(study_name)
+    system_attrs = storage.get_study_system_attrs(study_id)
+    current = dashboard.get_note(study)
+    if current == text:
+        status = "unchanged"
+    elif current and _sha(current) != system_attrs.get(NOTE_HASH_ATTR):
+        status = "kept"
+    else:
+        dashboard.save_note(study, text)
+        storage.set_study_system_attr(study_id, NOTE_HASH_ATTR, _sha(text))
+        status = "written"
+    if study.metric_names is None and len(study.directions) == len(keys.METRIC_NAMES):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(keys.METRIC_NAMES)
+    return status
+
+
 def annotate_studies(storage: optuna.storages.BaseStorage) -> dict[str, str]:
     """Write or refresh the dashboard note of every slimtune study in ``storage``.
 
@@ -147,32 +175,35 @@ def annotate_studies(storage: optuna.storages.BaseStorage) -> dict[str, str]:
     ``written`` (new or changed text), ``unchanged`` (nothing written), ``kept`` (the note was
     edited in the dashboard since slimtune wrote it; it is left as it is). Other studies are
     skipped. A slimtune study without metric names gets ``val_accuracy`` / ``size_bytes``.
+    The search calls :func:`annotate_study` on its own study, so a read-only dashboard shows notes too.
     """
-    dashboard = _dashboard()
     statuses: dict[str, str] = {}
     for frozen in storage.get_all_studies():
         if keys.SPEC not in frozen.user_attrs:
             continue
-        study = optuna.load_study(study_name=frozen.study_name, storage=storage)
-        text = study_note(study)
-        if text is None:
-            continue
-        study_id = storage.get_study_id_from_name(frozen.study_name)
-        system_attrs = storage.get_study_system_attrs(study_id)
-        current = dashboard.get_note(study)
-        if current == text:
-            statuses[frozen.study_name] = "unchanged"
-        elif current and _sha(current) != system_attrs.get(NOTE_HASH_ATTR):
-            statuses[frozen.study_name] = "kept"
-        else:
-            dashboard.save_note(study, text)
-            storage.set_study_system_attr(study_id, NOTE_HASH_ATTR, _sha(text))
-            statuses[frozen.study_name] = "written"
-        if study.metric_names is None and len(study.directions) == len(keys.METRIC_NAMES):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names(keys.METRIC_NAMES)
+        status = annotate_study(storage, frozen.study_name)
+        if status is not None:
+            statuses[frozen.study_name] = status
     return statuses
+
+
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def read_only_app(app: Any) -> Any:
+    """A WSGI wrapper refusing every request that could change a study (anything but GET, HEAD,
+    OPTIONS) with ``403`` and a line saying how to allow it: the dashboard's create, delete and edit
+    buttons then do nothing to the database."""
+    body = b"slimtune dashboard is read-only: restart it with --allow-write to create, edit or delete studies\n"
+
+    def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("REQUEST_METHOD", "GET").upper() in _SAFE_METHODS:
+            return app(environ, start_response)
+        start_response("403 Forbidden", [("Content-Type", "text/plain; charset=utf-8"),
+                                          ("Content-Length", str(len(body)))])
+        return [body]
+
+    return guarded
 
 
 def _check_port(port: Any) -> int:
@@ -241,8 +272,14 @@ def _serve_until_signal(server: WSGIServer) -> None:
             signal.signal(sig, handler)
 
 
-def serve_dashboard(storage_url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
-    """Annotate the slimtune studies at ``storage_url`` and serve optuna-dashboard on them.
+def serve_dashboard(storage_url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                    allow_write: bool = False) -> None:
+    """Serve optuna-dashboard on the studies at ``storage_url``.
+
+    Read-only unless ``allow_write``: the database is opened read-only (see
+    ``open_storage(read_only=True)``) and the page cannot create, edit or delete studies
+    (:func:`read_only_app`); notes are what the searches wrote. With ``allow_write`` the page may
+    change studies, and slimtune first refreshes every study's note (:func:`annotate_studies`).
 
     Blocks until Ctrl-C or SIGTERM, then returns. A missing SQLite file, an unreachable database,
     a port in use or an address that is not this machine's raise :class:`SpecError` (the CLI
@@ -253,25 +290,32 @@ def serve_dashboard(storage_url: str, host: str = DEFAULT_HOST, port: int = DEFA
     if not isinstance(host, str) or not host:
         raise SpecError("--host", host, "an address of this machine such as 127.0.0.1")
     dashboard = _dashboard()
-    storage = open_storage(storage_url, create=False)
-    server = _make_server(host, port, dashboard.wsgi(storage))
+    storage = open_storage(storage_url, read_only=not allow_write, create=False)
+    app = dashboard.wsgi(storage)
+    server = _make_server(host, port, app if allow_write else read_only_app(app))
     try:
-        statuses: dict[str, str] | None
-        try:
-            statuses = annotate_studies(storage)
-        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as exc:  # e.g. read-only
-            print(f"warning: study notes not written ({type(exc).__name__}); serving the studies as they are",
-                  file=sys.stderr)
-            statuses = None
         where = mask_url(storage_url)
-        if statuses:
-            notes = ", ".join(f"{name} ({status})" for name, status in statuses.items())
-            print(f"study notes: {notes}", file=sys.stderr)
-        elif statuses is not None:
-            print(f"no slimtune studies in {where} yet; the dashboard shows them as searches create them",
-                  file=sys.stderr)
+        if allow_write:
+            statuses: dict[str, str] | None
+            try:
+                statuses = annotate_studies(storage)
+            except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as exc:
+                print(f"warning: study notes not written ({type(exc).__name__}); serving the studies as they are",
+                      file=sys.stderr)
+                statuses = None
+            if statuses:
+                notes = ", ".join(f"{name} ({status})" for name, status in statuses.items())
+                print(f"study notes: {notes}", file=sys.stderr)
+            elif statuses is not None:
+                print(f"no slimtune studies in {where} yet; the dashboard shows them as searches create them",
+                      file=sys.stderr)
+            print("serving with --allow-write: the page can create, edit and delete studies", file=sys.stderr)
+        else:
+            print("serving read-only: the page cannot create, edit or delete studies (restart with --allow-write "
+                  "to let it)", file=sys.stderr)
         if not _is_loopback(host):
-            print(f"warning: serving on {host}: anyone who reaches it can read, edit and delete the studies "
+            what = "read, edit and delete" if allow_write else "read"
+            print(f"warning: serving on {host}: anyone who reaches it can {what} the studies "
                   "(optuna-dashboard has no login)", file=sys.stderr)
         shown = f"[{host}]" if ":" in host else host
         print(f"optuna-dashboard for {where}: http://{shown}:{port}/dashboard  (Ctrl-C to stop)", flush=True)

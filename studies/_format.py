@@ -5,6 +5,11 @@ Example:
     >>> print(render(pd.DataFrame({"trial": [3], "size_bytes": [1234]}), "csv").strip())
     trial,size_bytes
     3,1234
+    >>> print(render(pd.DataFrame({"trial": [3, 4], "refines": [None, 3]}, dtype=object), "table"))
+     trial refines
+         3
+         4       3
+    <BLANKLINE>
 """
 
 from __future__ import annotations
@@ -38,4 +43,7 @@ def render(frame: pd.DataFrame, fmt: str, table_columns: list[str] | None = None
             shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
         elif shown[column].dtype.kind == "f":
             shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
+        else:  # a missing value is an empty cell, never "None"
+            shown[column] = shown[column].map(lambda v: "" if v is None or (isinstance(v, float) and pd.isna(v))
+                                              else v)
     return shown.to_string(index=False) + "\n"

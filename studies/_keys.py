@@ -29,6 +29,7 @@ TRIAL_VAL_HISTORY = "val_history"
 TRIAL_STOP_REASON = "stop_reason"
 TRIAL_FAIL_REASON = "fail_reason"
 TRIAL_PROMOTED = "promoted"
+TRIAL_WORKER = "worker"  # {"host", "pid", "run"}: who ran the trial (a run counts its own trials by "run")
 TRIAL_REFINES = "refines"  # on a refinement trial: the number of the trial whose plan it trains again
 
 TEACHER_BLOB = "teacher"

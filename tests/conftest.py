@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import sqlite3
+from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -90,6 +93,27 @@ def digits_teacher() -> tuple[Any, Any]:
     dm = build_datamodule(spec.data)
     teacher = train_teacher(build_model(spec.model), dm, spec.teacher, seed=0)
     return teacher, dm
+
+
+def copy_database(source: Path, target: Path) -> Path:
+    """A consistent copy of a SQLite study database (WAL folded in), in its own file."""
+    with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(target)) as dst:
+        src.backup(dst)
+    return target
+
+
+@pytest.fixture(scope="session")
+def digits_study_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 3-trial digits search (one torch thread), searched once per session: copy it
+    (:func:`copy_database`) before changing it."""
+    from slimtune.search import main
+
+    folder = tmp_path_factory.mktemp("digits-study")
+    spec = folder / "study.toml"
+    spec.write_text(SPEC_TOML)
+    db = folder / "studies.db"
+    assert main(["search", str(spec), "--storage", f"sqlite:///{db}", "--threads", "1", "--quiet"]) == 0
+    return db
 
 
 from .postgres import postgres  # noqa: E402,F401  (the session-wide throwaway PostgreSQL cluster)

@@ -88,7 +88,15 @@ def _wait_until_serving(proc: subprocess.Popen, port: int, out: Path, log: Path)
             time.sleep(0.2)
 
 
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_dashboard_serves_the_study_with_metric_names_and_note(db_copy: Path, tmp_path: Path) -> None:
+    """Read-only by default: the note is the one the search wrote, and the file does not change."""
+    before = _sha(db_copy)
     port = _free_port()
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with out.open("w") as stdout, err.open("w") as stderr:
@@ -129,7 +137,65 @@ def test_dashboard_serves_the_study_with_metric_names_and_note(db_copy: Path, tm
             proc.kill()
             proc.wait()
     assert f"http://127.0.0.1:{port}/dashboard" in out.read_text()
-    assert "digits-test (written)" in err.read_text()
+    assert "serving read-only" in err.read_text()
+    assert _sha(db_copy) == before
+
+
+def _request(port: int, method: str, path: str, body: bytes | None = None) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with _OPENER.open(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _serve(db: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, int, Path, Path]:
+    port = _free_port()
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "slimtune.search._cli", "dashboard", "--storage", _url(db),
+                                 "--port", str(port), *extra], stdout=stdout, stderr=stderr, cwd=tmp_path)
+    _wait_until_serving(proc, port, out, err)
+    return proc, port, out, err
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_read_only_dashboard_refuses_to_delete_or_create_a_study(db_copy: Path, tmp_path: Path) -> None:
+    study_id = open_storage(_url(db_copy), read_only=True).get_study_id_from_name("digits-test")
+    before = _sha(db_copy)
+    proc, port, _, _ = _serve(db_copy, tmp_path)
+    try:
+        assert _request(port, "DELETE", f"/api/studies/{study_id}") == 403
+        assert _request(port, "POST", "/api/studies", json.dumps({"study_name": "new", "directions": ["minimize"]})
+                        .encode()) == 403
+        assert _request(port, "GET", f"/api/studies/{study_id}") == 200
+    finally:
+        _stop(proc)
+    assert optuna.get_all_study_names(_url(db_copy)) == ["digits-test"] and _sha(db_copy) == before
+
+
+def test_allow_write_lets_the_page_change_studies_and_refreshes_notes(db_copy: Path, tmp_path: Path) -> None:
+    study_id = open_storage(_url(db_copy), read_only=True).get_study_id_from_name("digits-test")
+    proc, port, _, err = _serve(db_copy, tmp_path, "--allow-write")
+    try:
+        assert _request(port, "POST", "/api/studies", json.dumps({"study_name": "new", "directions": ["minimize"]})
+                        .encode()) == 201
+        assert _request(port, "DELETE", f"/api/studies/{study_id}") == 204
+    finally:
+        _stop(proc)
+    assert "digits-test (unchanged)" in err.read_text()  # the search wrote it
+    assert optuna.get_all_study_names(_url(db_copy)) == ["new"]
 
 
 def test_sigterm_stops_the_server_with_exit_0(db_copy: Path, tmp_path: Path) -> None:
@@ -159,13 +225,14 @@ def test_missing_sqlite_file_exits_2_and_creates_nothing(tmp_path: Path, capsys:
 
 
 def test_port_in_use_exits_2_and_writes_no_note(db_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = _sha(db_copy)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert main(["dashboard", "--storage", _url(db_copy), "--port", str(port)]) == 2
+        assert main(["dashboard", "--storage", _url(db_copy), "--port", str(port), "--allow-write"]) == 2
     assert f"--port: {port} is in use on 127.0.0.1; allowed: a free port" in capsys.readouterr().err
-    assert _note_version(db_copy) is None
+    assert _note_version(db_copy) == 1 and _sha(db_copy) == before  # the search's note, untouched
 
 
 @pytest.mark.parametrize("port", ["0", "65536", "http"])
@@ -180,7 +247,8 @@ def test_annotate_is_idempotent_and_keeps_a_note_edited_in_the_dashboard(db_copy
     from optuna_dashboard import get_note, save_note
 
     storage = open_storage(_url(db_copy), create=False)
-    assert annotate_studies(storage) == {"digits-test": "written"}
+    assert _note_version(db_copy) == 1  # the search wrote it
+    assert annotate_studies(storage) == {"digits-test": "unchanged"}
     assert annotate_studies(storage) == {"digits-test": "unchanged"}
     assert _note_version(db_copy) == 1
     study = optuna.load_study(study_name="digits-test", storage=storage)

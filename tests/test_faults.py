@@ -51,6 +51,7 @@ def test_signal_marks_the_running_trial_failed_and_resume_goes_on(tmp_path: Path
         proc.kill()
     assert proc.returncode == 130, err
     assert "slimtune resume --study digits-test" in err
+    assert "0/1 finished trials (1 run now" in err  # the trial it cut short counts as run
     study = optuna.load_study(study_name="digits-test", storage=url)
     states = [t.state for t in study.trials]
     assert states == [TrialState.FAIL]

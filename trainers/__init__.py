@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+from ._checks import check_finite_weights, check_model_and_data
 from ._compress import BIAS_BITS, QUANTIZERS, FakeQuant, HalfPrecision, PruneMask, apply_plan, bake, channel_scales, dequantize, magnitude_mask, quantize
 from ._data import DigitsDataModule, MnistDataModule, TensorDataModule, batch_loader, build_datamodule, materialize
 from ._distill import feature_kd_loss, logit_kd_loss
@@ -26,7 +27,7 @@ from ._importance import importance, layer_input_scales
 from ._trial import PromotionRule, TrialContext, TrialResult, run_trial
 
 __all__ = [
-    "BIAS_BITS", "HalfPrecision", "QUANTIZERS", "DynamicPruning", "GradualPruning", "importance", "layer_input_scales", "PromotionGate", "PromotionRule", "WeightAverage", "cubic_sparsity",
+    "check_finite_weights", "check_model_and_data", "BIAS_BITS", "HalfPrecision", "QUANTIZERS", "DynamicPruning", "GradualPruning", "importance", "layer_input_scales", "PromotionGate", "PromotionRule", "WeightAverage", "cubic_sparsity",
     "AccuracyFloor", "ClassifierModule", "DigitsCNN", "DigitsDataModule", "DistillationModule", "FakeQuant",
     "LeNet300", "LeNet5", "MnistDataModule", "PruneMask", "TeacherCache", "TensorDataModule", "TrialContext",
     "TrialResult", "apply_plan", "artifact_datamodule", "bake", "batch_loader", "build_datamodule", "build_model",

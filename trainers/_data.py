@@ -143,16 +143,19 @@ def build_datamodule(spec: DataSpec) -> pl.LightningDataModule:
         cls: Any = TableDataModule
     else:
         key, ref = ("data.preset", spec.preset) if spec.preset else ("data.module", spec.module)
-        cls = _preset_class(spec.preset) if spec.preset else import_ref(str(spec.module), "data.module")
+        cls = _preset_class(spec.preset) if spec.preset else import_ref(str(spec.module), "data.module", spec.source)
         kwargs = spec.kwargs
     try:
         dm = cls(**kwargs)
         if not isinstance(dm, pl.LightningDataModule):
             raise TypeError(f"{type(dm).__name__} is not a lightning.pytorch.LightningDataModule")
         dm.prepare_data()
+        # The stage that matches each split, as Lightning's fit and test call them.
         dm.setup("fit")
-        for name in ("train_dataloader", "val_dataloader", "test_dataloader"):
-            getattr(dm, name)()
+        dm.train_dataloader()
+        dm.val_dataloader()
+        dm.setup("test")
+        dm.test_dataloader()
     except SpecError:
         raise
     except Exception as exc:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimtune.spaces import DataSpec, ModelSpec, SpecError
+from slimtune.spaces import DataSpec, SpecError, parse_data_section
 
 from ._data import build_datamodule
 from ._models import model_from_meta
@@ -39,32 +39,38 @@ ONNX_ATOL = 1e-4  # allowed |onnxruntime - PyTorch| per logit, relative to max(1
 _ARTIFACT = "a file written by slimtune export (a packed slimtune artifact)"
 
 
-def _read(source: str | os.PathLike[str] | bytes) -> tuple[bytes, str]:
+def _read(source: str | os.PathLike[str] | bytes, name: str | None = None) -> tuple[bytes, str]:
     if isinstance(source, (bytes, bytearray)):
-        return bytes(source), "<bytes>"
+        return bytes(source), name or "<bytes>"
     path = Path(source)
     if not path.is_file():
         raise SpecError("artifact", str(path), _ARTIFACT, "is not a file" if path.exists() else "does not exist")
     return path.read_bytes(), str(path)
 
 
-def _reference(meta: dict[str, Any], key: str, cls: type, name: str) -> Any:
-    if not isinstance(meta.get(key), dict):
-        raise SpecError("artifact", name, f"an artifact whose meta holds the {key} reference (written by this "
-                        "slimtune version)", f"has no {key} reference")
-    try:
-        return cls(**meta[key])
-    except TypeError as exc:
-        raise SpecError("artifact", name, _ARTIFACT, f"has an unreadable {key} reference ({exc})") from None
+def _data_reference(meta: dict[str, Any], name: str) -> DataSpec:
+    """The data reference of an artifact's meta, read as data: the ``[data]`` section of a spec,
+    validated as one (a module it names is imported only if trusted)."""
+    if not isinstance(meta.get("data"), dict):
+        raise SpecError("artifact", name, "an artifact whose meta holds the data reference (written by this "
+                        "slimtune version)", "has no data reference")
+    return parse_data_section(meta["data"], source=_source(name))
+
+
+def _source(name: str) -> str:
+    """Where an artifact's references were read, for messages: a file, or bytes the caller described."""
+    return name if name.startswith("the ") else f"artifact {name}"
 
 
 def _load(data: bytes, name: str) -> tuple[nn.Module, dict[str, Any]]:
     try:
         state, meta = unpack_model(data)
-    except (ValueError, lzma.LZMAError, struct.error, KeyError, IndexError, TypeError, EOFError) as exc:
+    except (ValueError, lzma.LZMAError, struct.error, KeyError, IndexError, TypeError, EOFError,
+            MemoryError, OverflowError) as exc:
         raise SpecError("artifact", name, _ARTIFACT, f"is not a readable slimtune artifact ({exc})") from None
-    _reference(meta, "model", ModelSpec, name)  # a clear message for an artifact without one
-    model = model_from_meta(meta)
+    if not isinstance(meta, dict):
+        raise SpecError("artifact", name, _ARTIFACT, "has no meta table")
+    model = model_from_meta(meta, source=_source(name), state=state)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -73,18 +79,21 @@ def _load(data: bytes, name: str) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), meta
 
 
-def load_artifact(source: str | os.PathLike[str] | bytes) -> tuple[nn.Module, dict[str, Any]]:
-    """The dequantized model (in eval mode) and the ``meta`` of an artifact file or its bytes.
+def load_artifact(source: str | os.PathLike[str] | bytes, name: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The dequantized model (in eval mode) and the ``meta`` of an artifact file or its bytes
+    (``name`` says what the bytes are, in messages).
 
     The architecture is rebuilt from ``meta["model"]`` (never its checkpoint: the artifact
-    holds every weight). Anything that is not a readable artifact is a :class:`SpecError`.
+    holds every weight); a model factory it names is imported only if trusted (see
+    :func:`slimtune.spaces.require_trusted`). Anything that is not a readable artifact is a
+    :class:`SpecError`.
     """
-    return _load(*_read(source))
+    return _load(*_read(source, name))
 
 
 def artifact_datamodule(meta: dict[str, Any], name: str = "artifact") -> Any:
     """The data module named by an artifact's ``meta["data"]``, set up."""
-    return build_datamodule(_reference(meta, "data", DataSpec, name))
+    return build_datamodule(_data_reference(meta, name))
 
 
 def evaluate_artifact(source: str | os.PathLike[str] | bytes, split: str = "test") -> float:

@@ -27,12 +27,13 @@ Example:
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from slimtune.spaces import MODEL_PRESETS, ModelSpec, SpecError
+from slimtune.spaces import MODEL_PRESETS, TRUST_ENV, ModelSpec, SpecError, require_trusted
 
 from ._lowrank import FACTORIZABLE, factorized_shell, full_rank, replace_submodule
 
@@ -128,9 +129,22 @@ DATA_SIZED_PRESETS = {"mlp": ("input_dim", "num_classes")}
 assert set(PRESET_MODELS) == set(MODEL_PRESETS)
 
 
-def import_ref(ref: str, key: str) -> object:
-    """Import ``package.module:name``; a failure is a :class:`SpecError` naming ``key``."""
+_ANNOUNCED: set[tuple[str, str | None]] = set()  # (reference, source) already said in this process
+
+
+def import_ref(ref: str, key: str, source: str | None) -> object:
+    """Import ``package.module:name``; a failure is a :class:`SpecError` naming ``key``.
+
+    ``source`` is where the reference was read: ``None`` for the user's own input; anything else
+    (a stored spec, an artifact) is imported only if its module is trusted (see
+    :func:`slimtune.spaces.require_trusted`). Each import is announced once on stderr.
+    """
+    require_trusted(ref, key, source)
     module_name, _, attr = ref.partition(":")
+    if (ref, source) not in _ANNOUNCED:
+        why = "from your own spec" if source is None else f"named by {source}, trusted by {TRUST_ENV}"
+        print(f"slimtune: importing {key} {ref} ({why})", file=sys.stderr)
+        _ANNOUNCED.add((ref, source))
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import-time failure is the user's to fix
@@ -164,7 +178,7 @@ def build_model(spec: ModelSpec, load_checkpoint: bool = True,
                             f"are not accepted ({exc})") from None
     else:
         assert spec.factory is not None
-        factory = import_ref(spec.factory, "model.factory")
+        factory = import_ref(spec.factory, "model.factory", spec.source)
         try:
             model = factory(**spec.kwargs)  # type: ignore[operator]
         except Exception as exc:
@@ -185,13 +199,49 @@ def build_model(spec: ModelSpec, load_checkpoint: bool = True,
     return model
 
 
-def model_from_meta(meta: Mapping[str, Any], data_info: Mapping[str, int] | None = None) -> nn.Module:
+ARTIFACT_SOURCE = "a packed artifact"
+_REFERENCE_KEYS = {"preset", "factory", "kwargs", "checkpoint"}
+
+
+def _reference_in(meta: Mapping[str, Any], source: str | None) -> ModelSpec:
+    """The model reference of ``meta``, checked as data: known keys and types only."""
+    reference = meta.get("model") if isinstance(meta, Mapping) else None
+    if not isinstance(reference, Mapping):
+        raise SpecError("artifact", "meta", "an artifact whose meta holds the model reference",
+                        "has no model reference")
+    unknown = sorted(set(reference) - _REFERENCE_KEYS)
+    preset, factory, kwargs = reference.get("preset"), reference.get("factory"), reference.get("kwargs", {})
+    problem = None
+    if unknown:
+        problem = f"has unknown keys {unknown}"
+    elif (preset is None) == (factory is None):
+        problem = "names neither exactly one preset nor one factory"
+    elif preset is not None and preset not in PRESET_MODELS:
+        problem = f"names an unknown preset {preset!r}"
+    elif factory is not None and (not isinstance(factory, str) or ":" not in factory):
+        problem = f"has a factory {factory!r} that is not 'package.module:name'"
+    elif not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        problem = "has keyword arguments that are not a table"
+    if problem:
+        raise SpecError("artifact", "meta.model", f"a model reference written by slimtune (presets: "
+                        f"{', '.join(MODEL_PRESETS)})", problem)
+    return ModelSpec(preset=preset, factory=factory, kwargs=dict(kwargs), source=source)
+
+
+def model_from_meta(meta: Mapping[str, Any], data_info: Mapping[str, int] | None = None,
+                    source: str | None = ARTIFACT_SOURCE,
+                    state: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """The architecture of a packed artifact, with placeholder weights to load its state into.
 
     ``meta`` is what ``unpack_model`` returns: ``meta["model"]`` names the model (its
     checkpoint is never loaded), ``meta["factorized"]`` (if any) maps layer names to the rank
     of their low-rank factorization, and ``meta["data_info"]`` sizes data-dependent presets
     unless ``data_info`` is given. Bad meta is a :class:`SpecError` (key ``artifact``).
+
+    ``source`` says where ``meta`` was read: a factory it names is imported only if trusted
+    (``None``: meta slimtune just wrote from the user's own spec). With ``state``, the model is
+    first built without memory (``torch.device("meta")``) and its parameter shapes compared with
+    the state's, so meta cannot make it allocate more than the artifact holds.
 
     Example:
         >>> from slimtune.trainers import pack_model, unpack_model
@@ -202,26 +252,34 @@ def model_from_meta(meta: Mapping[str, Any], data_info: Mapping[str, int] | None
         >>> plan = CompressionPlan({"fc1": LayerPlan(0.0, 8, 1.0, 0.5)}, 1.0, 0.0, 1e-3)
         >>> net = apply_plan(model_from_meta(meta), plan)
         >>> state, meta = unpack_model(pack_model(net, meta))
-        >>> meta["factorized"], sorted(model_from_meta(meta).load_state_dict(state).missing_keys)
+        >>> meta["factorized"], sorted(model_from_meta(meta, state=state).load_state_dict(state).missing_keys)
         ({'fc1': 2}, [])
     """
-    reference = meta.get("model") if isinstance(meta, Mapping) else None
-    if not isinstance(reference, Mapping):
-        raise SpecError("artifact", "meta", "an artifact whose meta holds the model reference",
-                        "has no model reference")
-    try:
-        spec = ModelSpec(**reference)
-    except TypeError as exc:
-        raise SpecError("artifact", "meta.model", "a model reference written by slimtune",
-                        f"is unreadable ({exc})") from None
-    model = build_model(spec, load_checkpoint=False, data_info=data_info if data_info is not None
-                        else meta.get("data_info"))
+    spec = _reference_in(meta, source)
+    sizes = data_info if data_info is not None else meta.get("data_info")
+    if sizes is not None and (not isinstance(sizes, Mapping) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31 for v in sizes.values())):
+        raise SpecError("artifact", "meta.data_info", "positive integer sizes", "is unreadable")
+    if state is not None:
+        with torch.device("meta"):
+            shell = _architecture(spec, meta, sizes)
+        wanted = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+        given = {k: tuple(v.shape) for k, v in state.items()}
+        if wanted != given:
+            differ = sorted(set(wanted) ^ set(given)) or sorted(k for k in wanted if wanted[k] != given[k])
+            raise SpecError("artifact", "meta.model", "an artifact whose tensors fit the model it names",
+                            f"does not fit its tensors (first difference: {differ[0]})")
+    return _architecture(spec, meta, sizes)
+
+
+def _architecture(spec: ModelSpec, meta: Mapping[str, Any], data_info: Mapping[str, int] | None) -> nn.Module:
+    model = build_model(spec, load_checkpoint=False, data_info=data_info)
     factorized = meta.get("factorized", {})
     if not isinstance(factorized, Mapping):
         raise SpecError("artifact", "meta.factorized", "a table of layer names and ranks", "is unreadable")
     for name, rank in factorized.items():
         try:
-            layer = model.get_submodule(name)
+            layer = model.get_submodule(name) if isinstance(name, str) and name else None
         except AttributeError:
             layer = None
         if (not isinstance(layer, FACTORIZABLE) or isinstance(rank, bool) or not isinstance(rank, int)

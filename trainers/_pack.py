@@ -200,41 +200,100 @@ def pack_model(model: nn.Module, meta: dict[str, Any] | None = None) -> bytes:
     return MAGIC + bytes([version]) + lzma.compress(payload, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
 
 
+MAX_PAYLOAD_BYTES = 4 * 2**30  # an artifact unpacking to more is refused (a crafted file could claim terabytes)
+_RAW_DTYPES = {"<f4", "<f2", "<f8", "<i8", "<i4", "<i2", "|i1", "|u1", "|b1", "<u2", "<u4", "<u8"}
+_KINDS = {"raw": 1, "half": 1, "sparse32": 2, "quant": None}
+
+
+def _decompress(data: bytes, version: int) -> bytes:
+    """The payload, refusing one larger than :data:`MAX_PAYLOAD_BYTES` before it is all in memory."""
+    decompressor = (lzma.LZMADecompressor() if version == 1
+                    else lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS))
+    payload = decompressor.decompress(data, max_length=MAX_PAYLOAD_BYTES + 1)
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ValueError(f"the artifact unpacks to more than {MAX_PAYLOAD_BYTES:,} bytes")
+    if not decompressor.eof and version != 1:
+        raise ValueError("the compressed stream is cut short")
+    return payload
+
+
+def _checked_entry(entry: Any, seen: set[str]) -> tuple[str, tuple[int, ...], int]:
+    """``(name, shape, element count)`` of a manifest entry, whose fields are checked as data."""
+    if not isinstance(entry, dict) or entry.get("kind") not in _KINDS:
+        raise ValueError(f"a manifest entry is not one of the kinds {sorted(_KINDS)}")
+    name, shape, blocks = entry.get("name"), entry.get("shape"), entry.get("blocks")
+    if not isinstance(name, str) or name in seen:
+        raise ValueError(f"a manifest entry has a missing or repeated name ({name!r})")
+    if (not isinstance(shape, list) or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):
+        raise ValueError(f"tensor {name} has an unreadable shape {shape!r}")
+    if not isinstance(blocks, list) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0
+                                               for b in blocks):
+        raise ValueError(f"tensor {name} has unreadable block lengths")
+    count = int(np.prod(shape, dtype=object)) if shape else 1
+    if count > MAX_PAYLOAD_BYTES:
+        raise ValueError(f"tensor {name} claims {count:,} values")
+    kind = entry["kind"]
+    if kind == "raw" and entry.get("dtype") not in _RAW_DTYPES:
+        raise ValueError(f"tensor {name} has dtype {entry.get('dtype')!r}; allowed: {sorted(_RAW_DTYPES)}")
+    if kind == "quant":
+        bits = entry.get("bits")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+            raise ValueError(f"tensor {name} has {bits!r} bits; allowed: 2..16")
+        if entry.get("layout") not in ("gaps", "bytes", "sparse", "dense") or not shape:
+            raise ValueError(f"tensor {name} has an unknown layout {entry.get('layout')!r}")
+    expected_blocks = _KINDS[kind] or (3 if entry.get("layout") in ("gaps", "sparse") else 2)
+    if len(blocks) != expected_blocks:
+        raise ValueError(f"tensor {name} has {len(blocks)} blocks; a {kind} entry has {expected_blocks}")
+    seen.add(name)
+    return name, tuple(shape), count
+
+
 def unpack_model(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read :func:`pack_model` bytes back into a plain ``state_dict`` and the ``meta`` dict."""
+    """Read :func:`pack_model` bytes back into a plain ``state_dict`` and the ``meta`` dict.
+
+    The bytes are read as untrusted data: anything that does not describe tensors consistently
+    (unknown kinds or dtypes, block lengths that do not fit the shapes, a payload over
+    :data:`MAX_PAYLOAD_BYTES`) is a ``ValueError``; nothing in the file is executed.
+    """
     if data[:4] != MAGIC or len(data) < 5:
         raise ValueError("not a slimtune artifact (missing SLIM header)")
     if data[4] not in READABLE_VERSIONS:
         raise ValueError(f"slimtune artifact version {data[4]} is not supported (this reader knows "
                          f"{', '.join(map(str, READABLE_VERSIONS))})")
-    payload = (lzma.decompress(data[5:]) if data[4] == 1
-               else lzma.decompress(data[5:], format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS))
+    payload = _decompress(data[5:], data[4])
     (length,) = struct.unpack_from("<I", payload)
     manifest = json.loads(payload[4: 4 + length])
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("tensors"), list):
+        raise ValueError("the manifest holds no tensor list")
     manifest_version = data[4]
     pos = 4 + length
     state: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
     for entry in manifest["tensors"]:
+        name, shape, count = _checked_entry(entry, seen)
         parts = []
         for size in entry["blocks"]:
+            if pos + size > len(payload):
+                raise ValueError(f"tensor {name}'s blocks run past the end of the payload")
             parts.append(payload[pos: pos + size])
             pos += size
-        shape = tuple(entry["shape"])
-        count = int(np.prod(shape)) if shape else 1
         if entry["kind"] == "raw":
             array = np.frombuffer(parts[0], dtype=np.dtype(entry["dtype"])).reshape(shape)
-            state[entry["name"]] = torch.from_numpy(array.copy())
+            state[name] = torch.from_numpy(array.copy())
         elif entry["kind"] == "half":
-            state[entry["name"]] = torch.from_numpy(np.frombuffer(parts[0], dtype="<f2").astype(np.float32).reshape(shape))
+            state[name] = torch.from_numpy(np.frombuffer(parts[0], dtype="<f2").astype(np.float32).reshape(shape))
         elif entry["kind"] == "sparse32":
             nonzero = (_positions(parts[0], count) if manifest_version > 1
                        else np.unpackbits(np.frombuffer(parts[0], dtype=np.uint8))[:count].astype(bool))
             values = np.zeros(count, dtype=np.float32)
             values[nonzero] = np.frombuffer(parts[1], dtype="<f4")
-            state[entry["name"]] = torch.from_numpy(values.reshape(shape))
+            state[name] = torch.from_numpy(values.reshape(shape))
         else:
             bits = entry["bits"]
             scale = torch.from_numpy(np.frombuffer(parts[0], dtype=_scale_dtype(bits)).astype(np.float32))
+            if scale.numel() != shape[0]:
+                raise ValueError(f"tensor {name} has {scale.numel()} scales for {shape[0]} output channels")
             codes = np.zeros(count, dtype=np.int64)
             offset = 2 ** (bits - 1)
             layout = entry["layout"]
@@ -247,8 +306,10 @@ def unpack_model(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                 codes[nonzero] = _bitunpack(parts[2], bits, int(nonzero.sum())) - offset
             else:  # version 1 "dense"
                 codes = _bitunpack(parts[1], bits, count) - offset
-            state[entry["name"]] = dequantize(torch.from_numpy(codes.reshape(shape)), scale)
-    return state, manifest["meta"]
+            state[name] = dequantize(torch.from_numpy(codes.reshape(shape)), scale)
+    if pos != len(payload):
+        raise ValueError(f"the payload holds {len(payload) - pos} bytes that no tensor reads")
+    return state, manifest.get("meta", {})
 
 
 def layer_stats(model: nn.Module, layer_names: list[str]) -> dict[str, dict[str, float]]:

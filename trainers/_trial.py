@@ -208,7 +208,7 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     # Accuracy is measured on the model read back from the artifact: what a user would load.
     started = time.perf_counter()
     state, meta = unpack_model(result.artifact)
-    restored = model_from_meta(meta)
+    restored = model_from_meta(meta, source=ctx.spec.model.source)  # as trusted as the spec that named it
     restored.load_state_dict(state)
     result.val_accuracy = evaluate(restored, ctx.datamodule.val_dataloader())
     result.test_accuracy = evaluate(restored, ctx.datamodule.test_dataloader())
