@@ -26,7 +26,7 @@ def _wait_for_running_trial(url: str, proc: subprocess.Popen, limit: float = 120
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         try:
             study = optuna.load_study(study_name="digits-test", storage=url)
-            if any(t.state == TrialState.RUNNING for t in study.trials):
+            if any(t.state == TrialState.RUNNING and t.params for t in study.trials):  # planned, training
                 return
         except (KeyError, Exception):
             pass
@@ -44,7 +44,6 @@ def test_signal_marks_the_running_trial_failed_and_resume_goes_on(tmp_path: Path
                              "--quiet", "--threads", "1"], stderr=subprocess.PIPE, text=True, env=env)
     try:
         _wait_for_running_trial(url, proc)
-        time.sleep(0.5)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
