@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TRIALS ?= 20
 
-.PHONY: install demo test clean
+.PHONY: install demo test system-deps clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,7 +23,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/slimtune search --preset lenet300-mnist --trials $(TRIALS)
 
-test: $(STAMP)
+# Debian's chromium and PostgreSQL server for the browser and multi-worker tests, if missing.
+system-deps:
+	bash tests/system-deps.sh
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest
 
 clean:

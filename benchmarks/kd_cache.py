@@ -29,11 +29,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache-mb", type=int, default=2048, help="feature-cache budget (finetune.cache_mb)")
+    parser.add_argument("--cache-mb", type=int, default=2048, help="feature-cache budget (runtime.cache_mb)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = parse_spec({"study": {"name": "kd-cache"}, "model": {"preset": args.model}, "data": {"preset": "mnist"},
-                       "teacher": {"epochs": 3}, "finetune": {"epochs": args.epochs, "cache_mb": args.cache_mb}})
+                       "teacher": {"epochs": 3}, "finetune": {"epochs": args.epochs},
+                       "runtime": {"cache_mb": args.cache_mb}})
     dm = build_datamodule(spec.data)
     teacher = train_teacher(build_model(spec.model), dm, spec.teacher, seed=0)
     started = time.perf_counter()
@@ -41,8 +42,8 @@ def main() -> None:
     cache_seconds = time.perf_counter() - started
     results: dict[str, dict[str, list[float]]] = {}
     for feature_kd in (0.0, 0.5):
-        plan = CompressionPlan({n: LayerPlan(0.8, 4, 4.0) for n in context.layer_names}, kd_alpha=0.9,
-                               feature_kd_weight=feature_kd, lr=1e-3)
+        plan = CompressionPlan({n: LayerPlan(prune_ratio=0.8, weight_bits=4, kd_temperature=4.0)
+                                for n in context.layer_names}, kd_alpha=0.9, feature_kd_weight=feature_kd, lr=1e-3)
         label = "logits+features" if feature_kd else "logits only"
         results[label] = {"cached": [], "live": []}
         for repeat in range(args.repeats):

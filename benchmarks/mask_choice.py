@@ -10,18 +10,21 @@ script removes the sampler: it takes the stored Pareto plans of a study (at leas
 validation accuracy, up to ``--plans`` of them, smallest first) and runs each again, with the
 study's own teacher, data and fine-tune budget (every trial promoted, so each gets all its
 epochs), under each setting in ``SETTINGS``: plain magnitude masks with float32 biases (the
-stored trials' own setting), activation-weighted masks (``finetune.prune_activation_power``
-0.5 and 1), power 0.5 with float16 biases (``finetune.bias_bits = 16``), and magnitude masks
-re-chosen during the base epochs (``finetune.prune_schedule = "dynamic"``). It prints, for each
-plan and setting, validation and test accuracy and the artifact's bytes, writes
-``benchmarks/mask_choice.json`` and replaces the ``mask_choice`` section of RESULTS.md.
+stored trials' own setting; ``BASELINE`` states it in full, ``method.prune.schedule =
+"oneshot"``, ``method.prune.activation_power = 0``, ``method.quantize.bias_bits = 32``, since
+the defaults are now the recipe's power 0.5 and float16 biases), activation-weighted masks
+(``method.prune.activation_power`` 0.5 and 1), power 0.5 with float16 biases
+(``method.quantize.bias_bits = 16``), and magnitude masks re-chosen during the base epochs
+(``method.prune.schedule = "dynamic"``). Everything else (the quantizer among it) is the
+study's own spec. It prints, for each plan and setting, validation and test accuracy and the
+artifact's bytes, writes ``benchmarks/mask_choice.json`` and replaces the ``mask_choice``
+section of RESULTS.md.
 The plans were chosen as Pareto under the first setting, so the comparison favours it.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import time
@@ -32,47 +35,54 @@ from typing import Any, Callable
 import optuna
 import torch
 
+from mnist_table import with_settings
 from results_md import write_section
 from slimtune.search import load_stored_spec
 from slimtune.spaces import CompressionPlan, SpecError, StudySpec
-from slimtune.studies import get_blob, keys, load_existing_study, open_storage, pareto_trials
+from slimtune.studies import TrialRecord, get_blob, keys, load_existing_study, open_storage, pareto_trials
 from slimtune.trainers import TrialContext, build_datamodule, build_model, load_state_bytes, run_trial
 
 HERE = Path(__file__).resolve().parent
-SETTINGS: dict[str, dict[str, Any]] = {
-    "magnitude, fp32 biases": {"prune_activation_power": 0.0, "bias_bits": 32},
-    "activation^0.5, fp32 biases": {"prune_activation_power": 0.5, "bias_bits": 32},
-    "activation^1, fp32 biases": {"prune_activation_power": 1.0, "bias_bits": 32},
-    "activation^0.5, fp16 biases": {"prune_activation_power": 0.5, "bias_bits": 16},
-    "surgery (dynamic masks), fp32 biases": {"prune_schedule": "dynamic", "prune_ramp": 1.0},
+# The plain setting every other one is compared with, stated in full (the defaults are the recipe).
+BASELINE: dict[str, Any] = {"method.prune.schedule": "oneshot", "method.prune.activation_power": 0.0,
+                            "method.quantize.bias_bits": 32}
+SETTINGS: dict[str, dict[str, Any]] = {  # spec keys (any depth) over the study's own spec
+    "magnitude, fp32 biases": dict(BASELINE),
+    "activation^0.5, fp32 biases": {**BASELINE, "method.prune.activation_power": 0.5},
+    "activation^1, fp32 biases": {**BASELINE, "method.prune.activation_power": 1.0},
+    "activation^0.5, fp16 biases": {**BASELINE, "method.prune.activation_power": 0.5, "method.quantize.bias_bits": 16},
+    "surgery (dynamic masks), fp32 biases": {**BASELINE, "method.prune.schedule": "dynamic", "method.prune.ramp": 1.0},
 }
 
 
-def chosen_plans(study: optuna.Study, plans: int, min_val: float) -> list[optuna.trial.FrozenTrial]:
+def chosen_plans(study: optuna.Study, plans: int, min_val: float) -> list[TrialRecord]:
     """The study's Pareto trials with at least ``min_val`` validation accuracy, smallest first."""
-    return [t for t in pareto_trials(study) if t.values[0] >= min_val][:plans]
+    front = (TrialRecord.of(t) for t in pareto_trials(study))
+    return [r for r in front if (r.val_accuracy or 0.0) >= min_val][:plans]
 
 
 PlanChange = Callable[[CompressionPlan, str], CompressionPlan]
 """``change(plan, output_layer) -> plan``: how a setting alters the stored plan (identity: none)."""
 
 
-def rerun(spec: StudySpec, study: optuna.Study, chosen: list[optuna.trial.FrozenTrial],
+def rerun(spec: StudySpec, study: optuna.Study, chosen: list[TrialRecord],
           settings: dict[str, dict[str, Any]] | None = None,
           plan_changes: dict[str, PlanChange] | None = None) -> dict[str, Any]:
-    """Each chosen Pareto plan under each of ``settings`` (fine-tune settings, default
-    ``SETTINGS``), the plan first altered by ``plan_changes[label]`` when given: accuracies and bytes."""
-    storage = open_storage(spec.storage, create=False)
+    """Each chosen Pareto plan under each of ``settings`` (``{label: {"path.to.key": value}}``
+    over the study's spec, default ``SETTINGS``), the plan first altered by ``plan_changes[label]``
+    when given: accuracies and bytes."""
+    chosen_settings = settings if settings is not None else SETTINGS
+    specs = {label: with_settings(spec, setting) for label, setting in chosen_settings.items()}  # all checked first
+    storage = open_storage(spec.storage, read_only=True)
     dm = build_datamodule(spec.data)
     teacher = load_state_bytes(build_model(spec.model, load_checkpoint=False),
                                get_blob(storage, study.study_name, keys.TEACHER_BLOB) or b"")
     rows: list[dict[str, Any]] = []
-    for label, setting in (settings if settings is not None else SETTINGS).items():
-        ctx_spec = dataclasses.replace(spec, finetune=dataclasses.replace(spec.finetune, **setting))
+    for label, ctx_spec in specs.items():
         ctx = TrialContext.create(ctx_spec, teacher, datamodule=dm)
         change = (plan_changes or {}).get(label)
         for trial in chosen:
-            plan = CompressionPlan.from_dict(trial.user_attrs[keys.TRIAL_PLAN])
+            plan = CompressionPlan.from_dict(trial.plan)
             if change is not None:
                 plan = change(plan, ctx.output_layer)
             result = run_trial(ctx, plan, seed=spec.seed + trial.number, promote=lambda accuracy, size: True)
@@ -117,10 +127,11 @@ def add_plan_arguments(parser: argparse.ArgumentParser, study: str, min_val: flo
     parser.add_argument("--no-results-md", action="store_true")
 
 
-def load_plans(args: argparse.Namespace, parser: argparse.ArgumentParser,
-               check: Callable[[], None] | None = None) -> tuple[StudySpec, optuna.Study, list[optuna.trial.FrozenTrial]]:
+def load_plans(args: argparse.Namespace, parser: argparse.ArgumentParser, check: Callable[[], None] | None = None,
+               settings: dict[str, dict[str, Any]] | None = None) -> tuple[StudySpec, optuna.Study, list[TrialRecord]]:
     """The stored spec, the study and its chosen plans, all checked (with ``check`` too, which
-    raises ``ValueError``) before any run or any file is written: a bad value exits 2."""
+    raises ``ValueError``, and ``settings``, default ``SETTINGS``, applied to the spec) before any
+    run or any file is written: a bad value exits 2."""
     try:
         if args.plans < 1 or args.threads < 1:
             raise ValueError(f"--plans {args.plans} / --threads {args.threads}: both must be at least 1")
@@ -131,6 +142,8 @@ def load_plans(args: argparse.Namespace, parser: argparse.ArgumentParser,
         chosen = chosen_plans(study, args.plans, args.min_val)
         if not chosen:
             raise ValueError(f"--min-val {args.min_val}: no Pareto trial of {args.study} is that accurate")
+        for setting in (settings if settings is not None else SETTINGS).values():
+            with_settings(spec, setting)
     except (ValueError, SpecError) as exc:
         parser.error(str(exc))  # exit 2
     torch.set_num_threads(args.threads)

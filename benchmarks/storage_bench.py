@@ -9,7 +9,8 @@ Run by hand (about 2 minutes on 2 cores; needs the PostgreSQL 15 server binaries
 Every worker is a separate process (multiprocessing, spawn) that opens the storage with
 ``slimtune.studies.open_storage`` (our real engine settings: SQLite WAL journal and 60 s busy
 timeout, heartbeats on) and runs ``--trials`` trials on one shared two-objective study, as a
-real trial does: ``ask``, the ``plan`` user attr, the trial body (a sleep of
+real trial does, its record written through ``slimtune.studies.TrialWriter`` as the objective
+writes it: ``ask``, the worker and ``plan`` user attrs, the trial body (a sleep of
 ``--trial-seconds``, not counted as storage time), the result attrs (per-layer stats, timings,
 ...), ``tell`` with two values. The schema and the study are created once, before the
 workers start, and all workers begin together; every run gets a fresh database, and the
@@ -50,34 +51,28 @@ WORKER_TIMEOUT_S = 300
 # --------------------------------------------------------------------------------------------
 # the per-trial workload (in the worker processes)
 def _plan(rng: Any) -> dict[str, Any]:
-    return {
-        "layers": {name: {"prune_ratio": rng.uniform(0, 0.95), "weight_bits": rng.choice([2, 3, 4, 5, 6, 8, 32]),
-                          "kd_temperature": rng.uniform(1, 8)} for name in LAYERS},
-        "kd_alpha": rng.uniform(0.5, 1.0), "feature_kd_weight": rng.uniform(0, 1), "lr": 1e-3,
-    }
+    """A plan as ``CompressionPlan.to_dict`` writes it (every knob of every layer)."""
+    from slimtune.spaces import CompressionPlan, LayerPlan
+
+    layers = {name: LayerPlan(prune_ratio=rng.uniform(0, 0.95), weight_bits=rng.choice([2, 3, 4, 5, 6, 8, 32]),
+                              kd_temperature=rng.uniform(1, 8)) for name in LAYERS}
+    return CompressionPlan(layers, kd_alpha=rng.uniform(0.5, 1.0), feature_kd_weight=rng.uniform(0, 1),
+                           lr=1e-3).to_dict()
 
 
-def _results(rng: Any, plan: dict[str, Any]) -> dict[str, Any]:
-    """The result attrs a completed trial stores (same names and shapes as search/_objective.py)."""
-    layers = {name: {"sparsity": p["prune_ratio"] + rng.uniform(-1e-3, 1e-3), "weight_bits": p["weight_bits"],
-                     "weights": rng.randint(1_000, 300_000), "packed_bytes": rng.randint(500, 120_000),
-                     "kind": "Conv2d" if name.startswith("conv") else "Linear"}
+def _write_results(writer: Any, rng: Any, plan: dict[str, Any]) -> None:
+    """What a completed trial records after its body, through ``TrialWriter`` as the objective does
+    (per-layer stats of the same names and shapes as ``layer_stats``)."""
+    layers = {name: {"weights": rng.randint(1_000, 300_000), "rank": rng.randint(6, 100), "units": 1.0,
+                     "sparsity": p["prune_ratio"] + rng.uniform(-1e-3, 1e-3), "bits": p["weight_bits"]}
               for name, p in plan["layers"].items()}
     seconds = {"sample": rng.uniform(0, 0.01), "compress": rng.uniform(0, 0.1), "finetune": rng.uniform(2, 4),
                "pack": rng.uniform(0, 0.2), "evaluate": rng.uniform(0, 0.3), "storage": rng.uniform(0, 0.05),
                "total": rng.uniform(3, 5)}
-    return {
-        "layers": layers,
-        "val_history": [rng.uniform(0.9, 0.99) for _ in range(2)],
-        "mean_bits": rng.uniform(2, 32),
-        "sparsity": rng.uniform(0, 0.95),
-        "test_accuracy": rng.uniform(0.9, 0.99),
-        "compression_ratio": rng.uniform(1, 60),
-        "stop_reason": "completed",
-        "seconds": seconds,
-        "teacher_outputs": "cache",
-        "torch_threads": 1,
-    }
+    writer.trained(layers=layers, val_history=[rng.uniform(0.9, 0.99) for _ in range(2)],
+                   mean_bits=rng.uniform(2, 32), sparsity=rng.uniform(0, 0.95), promoted=None)
+    writer.completed(test_accuracy=rng.uniform(0.9, 0.99), compression_ratio=rng.uniform(1, 60), seconds=seconds,
+                     teacher_source="cache", threads=1)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -92,11 +87,13 @@ def worker(url: str, worker_id: int, n_trials: int, trial_seconds: float, barrie
 
     import optuna
 
-    from slimtune.studies import open_storage
+    from slimtune.spaces import CompressionPlan  # noqa: F401 (imported here, before any trial is timed)
+    from slimtune.studies import TrialWriter, open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore")
     rng = random.Random(worker_id)
+    who = {"host": platform.node(), "pid": os.getpid(), "run": f"storage-bench-{worker_id}"}
     out: dict[str, Any] = {"worker": worker_id, "trials": [], "errors": []}
     try:
         storage = open_storage(url, create=False)
@@ -122,13 +119,13 @@ def worker(url: str, worker_id: int, n_trials: int, trial_seconds: float, barrie
             t_ask = time.perf_counter()
             phase = "attrs"
             plan = _plan(rng)
-            trial.set_user_attr("plan", plan)
+            writer = TrialWriter(trial)
+            writer.started(who, plan)
             t_body = time.perf_counter()
             if trial_seconds > 0:
                 time.sleep(trial_seconds)
             t_body_end = time.perf_counter()
-            for key, value in _results(rng, plan).items():
-                trial.set_user_attr(key, value)
+            _write_results(writer, rng, plan)
             t_attrs = time.perf_counter()
             phase = "tell"
             study.tell(trial, [rng.uniform(0.9, 0.99), float(rng.randint(5_000, 300_000))])
@@ -191,7 +188,7 @@ def _check_counts(url: str) -> dict[str, int]:
 
     from slimtune.studies import open_storage
 
-    storage = open_storage(url, create=False)
+    storage = open_storage(url, read_only=True)
     study = optuna.load_study(study_name=STUDY, storage=storage)
     counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
     storage.engine.dispose()
@@ -357,7 +354,8 @@ def main() -> None:
         "sqlite": sqlite3.sqlite_version,
         "workload": {"trials_per_worker": args.trials, "repeats": args.repeats, "trial_seconds": args.trial_seconds,
                      "reference_trial_seconds": args.reference_trial_seconds, "layers": LAYERS,
-                     "per_trial": "ask, 11 set_user_attr (plan + 10 result attrs), tell with 2 values",
+                     "per_trial": "ask, 12 set_user_attr through slimtune.studies.TrialWriter (worker, plan + 10 "
+                                  "result attrs, as search/_objective.py writes them), tell with 2 values",
                      "sampler": "RandomSampler, no parameters suggested", "opened_with": "slimtune.studies.open_storage"},
         "results": rows,
     }

@@ -10,21 +10,24 @@ Three measurements on the shipped preset (``lenet300-mnist`` or ``lenet5-mnist``
 1. **Seconds per trial by phase**, from a real search: ``slimtune.search.run_study`` runs a
    fresh study ``trial-cost-<model>`` of ``--trials`` finished trials into ``--storage`` (an
    existing study of that name is deleted first, so its teacher is trained again). Each
-   complete trial's ``seconds`` user attr gives sample, compress, finetune, pack, evaluate,
-   storage and total. What a trial costs outside that attr is timed here by wrapping Optuna's
-   ``Study.ask`` / ``Study.tell`` (and ``RDBStorage.set_trial_param`` / ``set_trial_user_attr``,
-   to tell the database writes inside ``sample`` from the sampler's own work) in this process
-   only: the trial's creation (ask), the user attrs written after ``total`` was taken, the
-   tell, and the trial loop between two trials (stale-trial check, slot lock, sampler,
-   progress refresh). Median and mean over complete trials; pruned trials are counted only.
+   complete trial's ``seconds`` (its ``slimtune.studies.TrialRecord``) gives sample, compress,
+   finetune, pack, evaluate, storage and total. What a trial costs outside that record is timed
+   here by wrapping Optuna's ``Study.ask`` / ``Study.tell`` (and ``RDBStorage.set_trial_param``
+   / ``set_trial_user_attr``, to tell the database writes inside ``sample`` from the sampler's
+   own work) in this process only: the trial's creation (ask), the user attrs written after
+   ``total`` was taken, the tell, and the trial loop between two trials (stale-trial check, slot
+   lock, sampler, progress refresh). Median and mean over complete trials; pruned trials are
+   counted only.
 2. **Distillation-cache speedup**: ``run_trial(ctx, plan, seed, use_cache=True/False)`` on the
    fixed plans of ``benchmarks/kd_cache.py`` (80 % pruning, 4 bits, T = 4, kd_alpha 0.9,
    lr 1e-3; logits only, and logits + hidden features with weight 0.5), the preset's fine-tune
-   epochs and ``cache_mb``; median fine-tune seconds over ``--repeats``. When the cache lacks
-   the hidden features (over ``cache_mb``) the "cached" run uses a live teacher too, and says so.
+   epochs, method options and ``runtime.cache_mb``; median fine-tune seconds over ``--repeats``.
+   When the cache lacks the hidden features (over ``cache_mb``) the "cached" run uses a live
+   teacher too, and says so.
 3. **Lightning against a plain PyTorch loop**, one epoch each, on the same student (the
-   study's teacher with the logits-only plan applied by ``apply_plan``), the same shuffled
-   batches (the teacher-output cache's loader, same seed), the same optimizer (Adam, same lr)
+   study's teacher with the logits-only plan applied by ``apply_plan`` with the spec's method
+   options, as ``run_trial`` applies it), the same shuffled batches (the teacher-output cache's
+   loader, same seed), the same optimizer (Adam, same lr)
    and the same loss (``kd_alpha * logit_kd_loss + (1 - kd_alpha) * CE`` with the project's
    ``logit_kd_loss``, teacher logits from the cache, and the module's finite-loss check).
    Lightning runs exactly as ``run_trial`` does (``quiet_trainer`` + ``DistillationModule``,
@@ -67,7 +70,7 @@ from optuna.trial import TrialState
 from results_md import write_section
 from slimtune.search import resolve_spec, run_study
 from slimtune.spaces import CompressionPlan, LayerPlan, StudySpec
-from slimtune.studies import get_blob, keys, load_existing_study, open_storage
+from slimtune.studies import TrialRecord, get_blob, keys, load_existing_study, open_storage
 from slimtune.trainers import (
     DistillationModule, TrialContext, apply_plan, build_datamodule, build_model, evaluate, load_state_bytes,
     logit_kd_loss, quiet_trainer, run_trial,
@@ -158,13 +161,13 @@ def search_phases(spec: StudySpec, threads: int) -> dict[str, Any]:
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     rows: list[dict[str, Any]] = []
     previous_tell_end: float | None = None
-    for t in trials:
+    for t in (TrialRecord.of(trial) for trial in trials):
         ask, tell = clock.ask.get(t.number), clock.tell.get(t.number)
         if t.state == TrialState.COMPLETE and ask and tell:
-            s = dict(t.user_attrs[keys.TRIAL_SECONDS])
+            s = dict(t.seconds)
             wall = tell[1] - ask[0]
             row = {"trial": t.number, **{p: s[p] for p in PHASES}, "total": s["total"],
-                   "teacher_outputs": t.user_attrs.get("teacher_outputs"),
+                   "teacher_outputs": t.teacher_source,
                    "sample_db": clock.sample_db.get(t.number, 0.0),
                    "unphased": s["total"] - sum(s[p] for p in PHASES),
                    "ask": ask[1] - ask[0], "tell": tell[1] - tell[0],
@@ -183,7 +186,7 @@ def search_phases(spec: StudySpec, threads: int) -> dict[str, Any]:
         "failed": sum(t.state == TrialState.FAIL for t in trials),
         "search_seconds": search_seconds, "teacher_seconds": teacher["seconds"],
         "teacher_val_accuracy": teacher["val_accuracy"], "finetune_epochs": spec.finetune.epochs,
-        "sampler": spec.sampler, "rows": rows,
+        "sampler": spec.search.sampler, "rows": rows,
     }
 
 
@@ -200,16 +203,17 @@ def summarize(rows: list[dict[str, Any]], key: str) -> dict[str, float] | None:
 
 def study_context(spec: StudySpec) -> TrialContext:
     """The study's own teacher (read back from the database) and a fresh trial context, no floor."""
-    storage = open_storage(spec.storage, create=False)
+    storage = open_storage(spec.storage, read_only=True)
     dm = build_datamodule(spec.data)
-    teacher = load_state_bytes(build_model(spec.model, load_checkpoint=False), get_blob(storage, spec.name, keys.TEACHER_BLOB) or b"")
+    teacher = load_state_bytes(build_model(spec.model, load_checkpoint=False),
+                               get_blob(storage, spec.name, keys.TEACHER_BLOB) or b"")
     return TrialContext.create(spec, teacher, floor=0.0, datamodule=dm)
 
 
 def fixed_plan(ctx: TrialContext, feature_kd_weight: float) -> CompressionPlan:
     """The plan of benchmarks/kd_cache.py."""
-    return CompressionPlan({n: LayerPlan(0.8, 4, 4.0) for n in ctx.layer_names}, kd_alpha=0.9,
-                           feature_kd_weight=feature_kd_weight, lr=1e-3)
+    return CompressionPlan({n: LayerPlan(prune_ratio=0.8, weight_bits=4, kd_temperature=4.0) for n in ctx.layer_names},
+                           kd_alpha=0.9, feature_kd_weight=feature_kd_weight, lr=1e-3)
 
 
 def cache_speedup(ctx: TrialContext, repeats: int, seed: int) -> dict[str, Any]:
@@ -261,7 +265,9 @@ class EpochClock(pl.Callback):
 
 
 def fresh_student(ctx: TrialContext, plan: CompressionPlan) -> torch.nn.Module:
-    return apply_plan(copy.deepcopy(ctx.teacher).train().requires_grad_(True), plan)
+    """The student ``run_trial`` would train: the teacher compressed with the spec's method options."""
+    return apply_plan(copy.deepcopy(ctx.teacher).train().requires_grad_(True), plan, ctx.spec.methods, ctx.input_rms,
+                      ctx.output_layer)
 
 
 def lightning_epoch(ctx: TrialContext, plan: CompressionPlan, seed: int) -> dict[str, float]:
@@ -512,7 +518,7 @@ def main() -> None:
                     "torch": torch.__version__, "lightning": lightning.__version__, "optuna": optuna.__version__,
                     "load_before": load_before, "load_after": os.getloadavg()[0],
                     "others_cpu_share": cpu_share.others()},
-        "trials": args.trials, "repeats": args.repeats, "seed": args.seed, "cache_mb": spec.cache_mb,
+        "trials": args.trials, "repeats": args.repeats, "seed": args.seed, "cache_mb": spec.runtime.cache_mb,
         "search": search, "cache": cache, "lightning": overhead,
         "runtime_seconds": time.perf_counter() - began, "note": args.note,
     }

@@ -55,15 +55,16 @@ def main() -> None:
         decays = parse_decays(args.decays)
     except ValueError as exc:
         parser.error(str(exc))  # exit 2
+    labels = ["no average" if d == 0 else f"weight_ema {d:g}" for d in decays]
+    settings = {label: {"finetune.weight_ema": d} for label, d in zip(labels, decays)}
     loaded = []
     for name in studies:  # every study checked before any run: a bad one exits 2 and writes nothing
         args.study = name
-        loaded.append(load_plans(args, parser))
-    labels = ["no average" if d == 0 else f"weight_ema {d:g}" for d in decays]
+        loaded.append(load_plans(args, parser, settings=settings))
     started = time.perf_counter()
     results, tables = [], []
     for spec, study, chosen in loaded:
-        result = rerun(spec, study, chosen, settings={label: {"weight_ema": d} for label, d in zip(labels, decays)})
+        result = rerun(spec, study, chosen, settings=settings)
         result.update(date=date.today().isoformat(), machine=f"{args.threads} torch thread(s)")
         results.append(result)
         command = (f".venv/bin/python benchmarks/weight_average.py --storage {args.storage} --study {study.study_name} "

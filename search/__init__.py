@@ -20,9 +20,13 @@ _EXPORTS = {
     "SearchSummary": "._runner", "load_stored_spec": "._runner", "make_sampler": "._runner",
     "resolve_spec": "._runner", "run_study": "._runner", "run_workers": "._runner",
     "GracefulStop": "._signals", "Interrupted": "._signals", "SearchFailed": "._signals",
-    "run_until_target": "._loop",
+    "run_until_target": "._loop", "stored_fingerprint": "._runner",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CompressionObjective", "GracefulStop", "Interrupted", "SearchFailed", "SearchSummary", "TrialFailed",
+    "load_stored_spec", "main", "make_sampler", "resolve_spec", "run_study", "run_until_target", "run_workers",
+    "stored_fingerprint",
+]
 
 
 def __getattr__(name: str) -> Any:

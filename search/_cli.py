@@ -16,73 +16,32 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 import pkgutil
 import sys
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
-from slimtune.spaces import DEFAULT_STORAGE, TRUST_ENV, SpecError, trust
+import slimtune
+from slimtune.spaces import DEFAULT_STORAGE, SpecError, trust
 from slimtune.studies import STORAGE_ERRORS, FORMATS, load_existing_study, open_storage, preset_names, render, storage_fault
 
 from ._signals import SearchFailed
 
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
-STORAGE_ENV = "SLIMTUNE_STORAGE"
-TRACEBACK_ENV = "SLIMTUNE_TRACEBACK"
-
-
-def number_in(kind: type, low: float, high: float, allowed: str) -> Callable[[str], Any]:
-    """An argparse ``type``: ``kind(text)`` within ``[low, high]``, else a message naming what
-    is allowed (argparse then exits 2).
-
-    Example:
-        >>> number_in(int, 1, 10, "an integer in 1..10")("3")
-        3
-    """
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not low <= value <= high:  # NaN fails the comparison too
-            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: {allowed}")
-        return value
-
-    return parse
-
-
-_positive_int = number_in(int, 1, math.inf, "a positive integer")
-_seed = number_in(int, 0, 2**31 - 1, "an integer in [0, 2147483647]")
-_positive_float = number_in(float, 1e-9, math.inf, "a positive number of seconds")
-
-
-def add_storage_option(parser: argparse.ArgumentParser) -> None:
-    """``--storage URL``, defaulting to ``$SLIMTUNE_STORAGE`` (which keeps a password off the
-    command line), else ``sqlite:///slimtune.db``."""
-    parser.add_argument("--storage", default=os.environ.get(STORAGE_ENV, DEFAULT_STORAGE),
-                        help=f"SQLAlchemy URL (default: ${STORAGE_ENV}, else {DEFAULT_STORAGE})")
-
-
-def add_trust_option(parser: argparse.ArgumentParser) -> None:
-    """``--trust MODULE`` (repeatable): let this command import code of MODULE named by data
-    (a stored spec, an artifact); see ``slimtune.spaces.require_trusted``."""
-    parser.add_argument("--trust", action="append", default=[], metavar="MODULE",
-                        help=f"import the model factory or data module of MODULE (or a package holding it) even "
-                        f"when a study database or a .slim file names it (also: ${TRUST_ENV}=MOD1,MOD2)")
+from ._env import EXIT_BAD_INPUT, EXIT_INTERRUPTED, STORAGE_ENV, TRACEBACK_ENV
+from ._options import positive_seconds, positive_int, seed_number, add_storage_option, add_trust_option
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimtune", description="Per-layer compression search: pruning, "
                                      "quantization and distillation, with a shared Optuna study database.")
+    parser.add_argument("--version", action="version", version=f"slimtune {slimtune.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def run_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--trials", type=_positive_int, help="finished (complete or pruned) trials the study should hold")
-        p.add_argument("--timeout", type=_positive_float, help="stop starting new trials after this many seconds")
-        p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: all cores)")
+        p.add_argument("--trials", type=positive_int, help="finished (complete or pruned) trials the study should hold")
+        p.add_argument("--timeout", type=positive_seconds, help="stop starting new trials after this many seconds")
+        p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: all cores)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         add_trust_option(p)
 
@@ -92,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--study", help="study name (default: the spec's)")
     search.add_argument("--storage", default=os.environ.get(STORAGE_ENV),
                         help=f"SQLAlchemy URL (default: ${STORAGE_ENV}, else the spec's)")
-    search.add_argument("--seed", type=_seed, help="override the spec's seed")
+    search.add_argument("--seed", type=seed_number, help="override the spec's seed")
     search.add_argument("--force", action="store_true", help="continue a study even if its stored spec differs")
-    search.add_argument("--workers", type=_positive_int, default=1,
+    search.add_argument("--workers", type=positive_int, default=1,
                         help="local worker processes sharing the study (each gets its share of the threads)")
     run_options(search)
 

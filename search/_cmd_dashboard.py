@@ -14,7 +14,7 @@ from typing import Any
 from slimtune.studies import DEFAULT_DASHBOARD_HOST as DEFAULT_HOST
 from slimtune.studies import DEFAULT_DASHBOARD_PORT as DEFAULT_PORT
 
-from ._cli import add_storage_option, number_in
+from ._options import add_storage_option, number_in
 
 
 _port = number_in(int, 1, 65535, "an integer port in 1..65535")

@@ -27,12 +27,11 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from slimtune.spaces import SpecError
-from slimtune.studies import get_blob, keys, load_existing_study, mask_url, open_storage, pareto_trials
+from slimtune.studies import TrialRecord, get_blob, keys, load_existing_study, mask_url, open_storage, within_drop
 
-from ._cli import add_storage_option, add_trust_option, number_in
+from ._options import add_storage_option, add_trust_option, number_in
 
 SPLITS = ("val", "test")
-_SLACK = 1e-12  # float noise allowed in "accuracy >= teacher - drop"
 
 
 _trial_number = number_in(int, 0, math.inf, "a trial number (0, 1, 2, ...)")
@@ -75,35 +74,15 @@ def trial_by_number(study: optuna.Study, number: int) -> FrozenTrial:
         raise SpecError("--trial", number, allowed, "does not exist")
     trial = match[0]
     if trial.state != TrialState.COMPLETE:
-        reason = trial.user_attrs.get(keys.TRIAL_FAIL_REASON) or trial.user_attrs.get(keys.TRIAL_STOP_REASON)
+        reason = TrialRecord.of(trial).reason
         raise SpecError("--trial", number, allowed,
                         f"is {trial.state.name}{f' ({reason})' if reason else ''} and has no artifact")
     return trial
 
 
-def trial_within_drop(study: optuna.Study, max_drop: float) -> FrozenTrial:
-    """The smallest Pareto-optimal trial whose val accuracy is >= the teacher's - ``max_drop``."""
-    teacher = study.user_attrs.get(keys.TEACHER)
-    if not teacher:
-        raise SpecError("--study", study.study_name, "a slimtune study with a teacher", "has no teacher record")
-    teacher_val = float(teacher["val_accuracy"])
-    within = [t for t in pareto_trials(study) if t.values[0] >= teacher_val - max_drop - _SLACK]
-    if within:
-        return within[0]  # the smallest
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
-        raise SpecError("--max-drop", max_drop, "a study with a complete trial",
-                        f"selects nothing: study {study.study_name} has no complete trial yet")
-    best = max(complete, key=lambda t: t.values[0])
-    needed = math.ceil((teacher_val - best.values[0] - 1e-13) * 1e4) / 1e4  # rounded up, so it selects
-    raise SpecError("--max-drop", max_drop, f"a drop of at least {needed:.4f}: the best trial, {best.number}, has val "
-                    f"{100 * best.values[0]:.2f}% against the teacher's {100 * teacher_val:.2f}%",
-                    "selects no trial")
-
-
 def _describe(trial: FrozenTrial) -> str:
-    test = trial.user_attrs.get(keys.TRIAL_TEST_ACCURACY)
-    ratio = trial.user_attrs.get(keys.TRIAL_RATIO)
+    record = TrialRecord.of(trial)
+    test, ratio = record.test_accuracy, record.compression_ratio
     return (f"trial {trial.number}: val {100 * trial.values[0]:.2f}%, "
             f"test {'-' if test is None else f'{100 * test:.2f}%'}, {int(trial.values[1]):,} bytes, "
             f"ratio {'-' if ratio is None else f'{ratio:.1f}x'}")
@@ -190,7 +169,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         trial = trial_by_number(study, args.trial)
         print(_describe(trial))
     else:
-        trial = trial_within_drop(study, args.max_drop)
+        trial = within_drop(study, args.max_drop)
         teacher_val = study.user_attrs[keys.TEACHER]["val_accuracy"]
         print(f"chose {_describe(trial)} (the smallest Pareto-optimal trial within {100 * args.max_drop:.2f} "
               f"points of the teacher's val {100 * teacher_val:.2f}%)")

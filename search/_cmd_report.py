@@ -14,7 +14,7 @@ from typing import Any
 
 from slimtune.spaces import SpecError
 
-from ._cli import add_storage_option
+from ._options import add_storage_option
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import text
 
-from slimtune.studies import STORAGE_ERRORS, engine_of, keys, sqlite_lock
+from slimtune.studies import STORAGE_ERRORS, TrialRecord, TrialWriter, engine_of, sqlite_lock
 
 from ._objective import TrialFailed, describe_failure
 from ._signals import GracefulStop, Interrupted, SearchFailed
@@ -147,8 +147,8 @@ def run_one_trial(study: optuna.Study, storage: optuna.storages.BaseStorage,
 
 def _record_failure(trial: optuna.Trial, reason: str) -> None:
     try:
-        trial.set_user_attr(keys.TRIAL_FAIL_REASON, reason)
-    except Exception:  # the trial may already be finished by another worker
+        TrialWriter(trial).failed(reason)
+    except Exception:  # the trial may already be finished by another worker, or the database gone
         pass
 
 
@@ -189,7 +189,7 @@ def run_until_target(study: optuna.Study, storage: optuna.storages.BaseStorage,
         frozen = run_one_trial(study, storage, objective, trial)
         ran += 1
         failures = failures + 1 if frozen.state == TrialState.FAIL else 0
-        last_failure = frozen.user_attrs.get(keys.TRIAL_FAIL_REASON, last_failure)
+        last_failure = TrialRecord.of(frozen).fail_reason or last_failure
         for callback in callbacks or []:
             callback(study, frozen)
     if failures >= max_failures_in_a_row:

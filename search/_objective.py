@@ -5,12 +5,12 @@ per-layer sparsity and bits, test accuracy, compression ratio, timings and the s
 trial below the accuracy floor after an epoch is PRUNED (reason recorded); a trial that raises
 is FAIL with ``fail_reason`` recorded, and the study goes on. The packed artifact of a
 completed trial is stored in the study database (``trial/<n>/artifact``). With
-``finetune.promote_epochs``, whether the trial earned its extra epochs is the ``promoted`` attr
+``search.promote.epochs``, whether the trial earned its extra epochs is the ``promoted`` attr
 (rule: :func:`beaten_by_completed`). With ``study.feasible_drop`` set, each completed trial
 carries the Optuna constraint ``accuracy_drop`` = ``feasible_floor - val_accuracy`` (feasible
 when <= 0), so the samplers and the Pareto front (:func:`~slimtune.studies.pareto_trials`) keep
 to trials within that drop of the teacher. A trial carrying the ``refines`` attr (enqueued by the
-refinement stage, ``_refine``) trains ``finetune.refine_epochs`` extra epochs, unconditionally.
+refinement stage, ``_refine``) trains ``search.refine.epochs`` extra epochs, unconditionally.
 
 Example::
 
@@ -29,7 +29,7 @@ import optuna
 import torch
 
 from slimtune.spaces import sample_plan
-from slimtune.studies import STORAGE_ERRORS, keys, put_blob
+from slimtune.studies import STORAGE_ERRORS, TrialWriter, keys, put_blob, records, refines_of
 from slimtune.trainers import TrialContext, run_trial
 
 from ._signals import GracefulStop, Interrupted
@@ -61,10 +61,9 @@ def beaten_by_completed(study: optuna.Study, margin: float, base_epochs: int,
     Returns ``promote(val_accuracy, size_bytes) -> bool``.
     """
     def promote(val_accuracy: float, size_bytes: int) -> bool:
-        for done in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            history = done.user_attrs.get(keys.TRIAL_VAL_HISTORY) or []
-            accuracy = history[base_epochs - 1] if len(history) >= base_epochs else done.values[0]
-            if done.values[1] <= size_tolerance * size_bytes and accuracy > val_accuracy + margin:
+        for done in records(study, states=(optuna.trial.TrialState.COMPLETE,)):
+            accuracy = done.val_after(base_epochs)
+            if (done.size_bytes or 0) <= size_tolerance * size_bytes and (accuracy or 0.0) > val_accuracy + margin:
                 return False
         return True
     return promote
@@ -83,48 +82,41 @@ class CompressionObjective:
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         started = time.perf_counter()
-        trial.set_user_attr(keys.TRIAL_WORKER, self.worker)
+        writer = TrialWriter(trial)
+        writer.started(self.worker)
         spec = self.context.spec
         plan = sample_plan(trial, spec.space, self.context.layer_names, self.context.output_layer)
-        trial.set_user_attr(keys.TRIAL_PLAN, plan.to_dict())
+        writer.planned(plan.to_dict())
         sample_seconds = time.perf_counter() - started
+        refinement = refines_of(trial) is not None
         try:
             with self.stop.trial_body():
-                if keys.TRIAL_REFINES in trial.user_attrs:  # the refinement stage: train the plan longer
+                if refinement:  # the refinement stage: train the plan longer
                     result = run_trial(self.context, plan, seed=spec.seed + trial.number,
-                                       promote=lambda accuracy, size: True, extra_epochs=spec.finetune.refine_epochs)
+                                       promote=lambda accuracy, size: True, extra_epochs=spec.search.refine.epochs)
                 else:
                     result = run_trial(self.context, plan, seed=spec.seed + trial.number,
-                                       promote=beaten_by_completed(trial.study, spec.finetune.promote_margin,
+                                       promote=beaten_by_completed(trial.study, spec.search.promote.margin,
                                                                    spec.finetune.epochs,
-                                                                   spec.finetune.promote_size_tolerance))
+                                                                   spec.search.promote.size_tolerance))
         except (Interrupted, *STORAGE_ERRORS):
             raise  # the trial loop marks it FAIL ("interrupted", or the database's fault) and stops
         except Exception as exc:  # the trial's own failure: record it, keep the study going
             reason = describe_failure(exc)
-            trial.set_user_attr(keys.TRIAL_FAIL_REASON, reason)
+            writer.failed(reason)
             raise TrialFailed(reason) from exc
 
         stored = time.perf_counter()
-        trial.set_user_attr(keys.TRIAL_LAYERS, result.layers)
-        trial.set_user_attr(keys.TRIAL_VAL_HISTORY, result.val_history)
-        trial.set_user_attr(keys.TRIAL_MEAN_BITS, result.mean_bits)
-        trial.set_user_attr(keys.TRIAL_SPARSITY, result.sparsity)
-        if result.promoted is not None and keys.TRIAL_REFINES not in trial.user_attrs:
-            trial.set_user_attr(keys.TRIAL_PROMOTED, result.promoted)
+        writer.trained(result.layers, result.val_history, result.mean_bits, result.sparsity,
+                       None if refinement else result.promoted)
         if result.pruned_reason is not None:
-            trial.set_user_attr(keys.TRIAL_STOP_REASON, result.pruned_reason)
-            trial.set_user_attr(keys.TRIAL_SECONDS, {"sample": sample_seconds, **result.seconds})
+            writer.stopped(result.pruned_reason, {"sample": sample_seconds, **result.seconds})
             raise optuna.TrialPruned(result.pruned_reason)
         put_blob(self.storage, trial.study.study_name, keys.artifact_blob_key(trial.number), result.artifact)
-        trial.set_user_attr(keys.TRIAL_TEST_ACCURACY, result.test_accuracy)
-        trial.set_user_attr(keys.TRIAL_RATIO, result.compression_ratio)
-        trial.set_user_attr(keys.TRIAL_STOP_REASON, "completed")
         seconds = {"sample": sample_seconds, **result.seconds, "storage": time.perf_counter() - stored,
                    "total": time.perf_counter() - started}
-        trial.set_user_attr(keys.TRIAL_SECONDS, seconds)
-        trial.set_user_attr("teacher_outputs", result.teacher_source)
-        trial.set_user_attr("torch_threads", torch.get_num_threads())
+        writer.completed(result.test_accuracy, result.compression_ratio, seconds, result.teacher_source,
+                         torch.get_num_threads())
         if self.feasible_floor is not None:
             trial.set_constraint(ACCURACY_CONSTRAINT, self.feasible_floor - result.val_accuracy)
         return result.val_accuracy, float(result.size_bytes)

@@ -1,8 +1,8 @@
-"""The refinement stage (``finetune.refine_epochs``): the best plans of a search, trained again.
+"""The refinement stage (``[search.refine]``): the best plans of a search, trained again.
 
 A search trial is a short, noisy measurement: a few epochs, one seed. At the end of a search
 run, the stage takes the feasible Pareto plans whose validation accuracy is within
-``finetune.refine_within`` of the teacher's, smallest first, and runs each again as a new
+``search.refine.within`` of the teacher's, smallest first, and runs each again as a new
 trial of the same study (same parameters, enqueued; a new trial number, so a fresh seed) that
 trains ``epochs`` plus ``refine_epochs`` more epochs with a cosine decay. The new trial carries
 ``refines = <source trial number>``; once it has finished, :func:`~slimtune.studies.pareto_trials`
@@ -10,7 +10,8 @@ judges the plan by it alone, so the front holds the longer, independent measurem
 lucky short one. At most ``refine_top`` plans are refined per study, shared by every worker
 (the choice and the enqueue run under the study's slot lock).
 
-Candidates come from the search's own front (:func:`~slimtune.studies.search_front`), where
+Candidates come from the search's own front (:func:`~slimtune.studies.refine_candidates`, from
+:func:`~slimtune.studies.search_front`), where
 every plan stands at the search's fidelity: a refinement, trained many more epochs, would
 otherwise dominate its short neighbours and leave the stage nothing to refine.
 
@@ -34,25 +35,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from slimtune.spaces import StudySpec
-from slimtune.studies import finished_count, keys, search_front
+from slimtune.studies import finished_count, refine_candidates, refinement_attrs
 
 from ._loop import run_one_trial, slot_lock
 from ._signals import GracefulStop
-
-
-def refine_candidates(study: optuna.Study, teacher_val: float, within: float, top: int) -> list[FrozenTrial]:
-    """The plans still to refine, in order: the search's own Pareto trials (:func:`search_front`:
-    refinements left out, so a refined plan's long run does not hide its short neighbours) with
-    validation accuracy at least ``teacher_val - within`` and no refinement yet (waiting,
-    running or finished), smallest first; none once ``top`` plans have been refined."""
-    trials = study.get_trials(deepcopy=False)
-    claimed = {t.user_attrs[keys.TRIAL_REFINES] for t in trials
-               if keys.TRIAL_REFINES in t.user_attrs and t.state != TrialState.FAIL}
-    room = top - len(claimed)
-    if room <= 0:
-        return []
-    front = [t for t in search_front(study) if t.number not in claimed and t.values[0] >= teacher_val - within - 1e-12]
-    return front[:room]
 
 
 def run_refinement(study: optuna.Study, storage: optuna.storages.BaseStorage,
@@ -62,20 +48,20 @@ def run_refinement(study: optuna.Study, storage: optuna.storages.BaseStorage,
     """Refine candidates one at a time until none is left, ``deadline`` (``time.monotonic``)
     passes or a signal arrives; a plan whose refinement failed here is not tried again in
     this run. Returns the number of refinement trials this process ran."""
-    ft = spec.finetune
+    refine = spec.search.refine
     ran = 0
     tried: set[int] = set()
-    while ft.refine_epochs > 0 and not stop.requested:
+    while refine.epochs > 0 and not stop.requested:
         if deadline is not None and time.monotonic() >= deadline:
             break
         with slot_lock(storage, spec.storage, study.study_name):
-            candidates = [t for t in refine_candidates(study, teacher_val, ft.refine_within, ft.refine_top)
+            candidates = [t for t in refine_candidates(study, teacher_val, refine.within, refine.top)
                           if t.number not in tried]
             if not candidates:
                 break
             source = candidates[0]
             tried.add(source.number)
-            study.enqueue_trial(source.params, user_attrs={keys.TRIAL_REFINES: source.number})
+            study.enqueue_trial(source.params, user_attrs=refinement_attrs(source.number))
             with warnings.catch_warnings():  # the trial loop runs the heartbeat itself
                 warnings.filterwarnings("ignore", message="Heartbeat of storage")
                 trial = study.ask()
@@ -103,7 +89,7 @@ def refine_until_deadline(study: optuna.Study, storage: optuna.storages.BaseStor
     ran = 0
     while True:
         ran += run_refinement(study, storage, objective, spec, stop, teacher_val, deadline, callbacks)
-        if spec.finetune.refine_epochs == 0 or deadline is None or stop.requested or time.monotonic() >= deadline:
+        if spec.search.refine.epochs == 0 or deadline is None or stop.requested or time.monotonic() >= deadline:
             return ran
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))  # other workers' trials
         more = search(min(spec.trials, finished_count(study) + running + 1), deadline)

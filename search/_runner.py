@@ -28,9 +28,14 @@ from typing import Any
 import optuna
 import torch
 
-from slimtune.spaces import TRUST_ENV, SpecError, StudySpec, load_spec_file, module_of, parse_spec, select_layers
+import slimtune
+
+from slimtune.spaces import (
+    TRUST_ENV, SpecError, StudySpec, is_v01_spec, load_spec_file, module_of, parse_spec, select_layers,
+    upgrade_stored_spec,
+)
 from slimtune.studies import (
-    annotate_study, best_ratio_within, claim_blob, delete_blobs, drop_blob, finished_count, touch_blob, get_blob, is_in_memory, keys,
+    annotate_study, best_ratio_within, claim_blob, records, delete_blobs, drop_blob, finished_count, touch_blob, get_blob, is_in_memory, keys,
     load_existing_study, load_preset, mask_url, open_storage,
 )
 from slimtune.trainers import (
@@ -38,18 +43,16 @@ from slimtune.trainers import (
     datamodule_info, dense_parameter_bytes, evaluate, load_state_bytes, silence_lightning, state_to_bytes, train_teacher,
 )
 
-from ._cli import EXIT_INTERRUPTED, STORAGE_ENV
+from ._env import EXIT_INTERRUPTED, RUN_ENV, STORAGE_ENV
 from ._loop import every, run_until_target
 from ._objective import CompressionObjective
 from ._refine import refine_until_deadline
 from ._signals import GracefulStop, Interrupted, SearchFailed
 
-VERSION = "0.1.0"
 STUDY_SETUP_WAIT_S = 30.0
 TEACHER_LOCK_REFRESH_S = 30.0
 # A lock of another host is stale once it has not changed for this long, on this host's clock.
 TEACHER_LOCK_STALE_S = 3 * TEACHER_LOCK_REFRESH_S
-RUN_ENV = "SLIMTUNE_RUN"  # the run id a parent gives its workers, so it counts the trials they ran
 
 
 @dataclass
@@ -79,9 +82,9 @@ def make_sampler(spec: StudySpec, trial_number: int) -> optuna.samplers.BaseSamp
     spec seed and that number: a search is reproducible, a resumed study does not replay its
     random start-up trials, and workers that start together do not sample the same plans."""
     seed = (spec.seed * 1_000_003 + trial_number) % (2**31)
-    if spec.sampler == "random":
+    if spec.search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    if spec.sampler == "nsga2":
+    if spec.search.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, spec.trials // 4)))
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
                                       n_startup_trials=max(4, min(10, spec.trials // 3)))
@@ -120,16 +123,19 @@ def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, force: bo
         delete_blobs(storage, spec.name)  # left by a deleted study of the same name, if any
         study.set_metric_names(keys.METRIC_NAMES)
         study.set_user_attr(keys.SPEC, stored_spec(spec))
-        study.set_user_attr(keys.VERSION, VERSION)
+        study.set_user_attr(keys.VERSION, slimtune.__version__)
         study.set_user_attr(keys.FINGERPRINT, spec.fingerprint())
         return study
     deadline = time.monotonic() + STUDY_SETUP_WAIT_S  # a worker that created it a moment ago
     while keys.FINGERPRINT not in study.user_attrs and time.monotonic() < deadline:
         time.sleep(0.2)
-    stored = study.user_attrs.get(keys.FINGERPRINT)
-    if stored is None:
+    if keys.FINGERPRINT not in study.user_attrs:
         raise SpecError("study.name", spec.name, "a slimtune study or a new name",
                         "names an existing study that slimtune did not create")
+    stored = stored_fingerprint(study)
+    if is_v01_spec(study.user_attrs.get(keys.SPEC) or {}):
+        log(f"study {spec.name} was written by slimtune {study.user_attrs.get(keys.VERSION, '0.1')}: its spec is "
+            f"stored again in this version's sections (the same settings)")
     if stored != spec.fingerprint() and not force:
         raise SpecError("spec", spec.name, "the spec the study was created with (or --force to continue anyway, "
                         "or a new study name)",
@@ -298,8 +304,8 @@ def _progress(study: optuna.Study, target: int, enabled: bool) -> Any:
 
 
 def _open(spec: StudySpec, create: bool = True) -> optuna.storages.RDBStorage:
-    return open_storage(spec.storage, create=create, heartbeat_interval=spec.heartbeat_interval,
-                        heartbeat_grace=spec.heartbeat_grace)
+    return open_storage(spec.storage, create=create, heartbeat_interval=spec.runtime.heartbeat_interval,
+                        heartbeat_grace=spec.runtime.heartbeat_grace)
 
 
 def _prepare(spec: StudySpec, threads: int | None, load_checkpoint: bool = True) -> tuple[Any, Any, Any]:
@@ -330,14 +336,14 @@ def _ran_by(study: optuna.Study | None, run: str) -> int:
     """The trials of ``study`` this run started (finished, failed or cut short)."""
     if study is None:
         return 0
-    return sum((t.user_attrs.get(keys.TRIAL_WORKER) or {}).get("run") == run for t in study.get_trials(deepcopy=False))
+    return sum((record.worker or {}).get("run") == run for record in records(study))
 
 
 def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None, threads: int | None = None,
               progress: bool = True, log: Any = None, joining: bool = False) -> SearchSummary:
     """Run trials in this process until ``spec``'s study holds ``spec.trials`` finished trials,
     counting those of every worker (or ``timeout`` s pass, or a signal arrives), then the
-    refinement stage when ``finetune.refine_epochs`` is set (see ``_refine``; with a timeout, search
+    refinement stage when ``search.refine.epochs`` is set (see ``_refine``; with a timeout, search
     and refinement then alternate until it ends). ``joining``:
     the study exists (resume, worker), so a teacher checkpoint file is not needed here."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -345,8 +351,8 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
     started = time.perf_counter()
     deadline = None if timeout is None else time.monotonic() + timeout
     search_deadline = deadline  # with a refinement stage, the search leaves it refine_share of the time
-    if deadline is not None and spec.finetune.refine_epochs > 0:
-        search_deadline = deadline - spec.finetune.refine_share * float(timeout or 0)
+    if deadline is not None and spec.search.refine.epochs > 0:
+        search_deadline = deadline - spec.search.refine.share * float(timeout or 0)
     run = run_id()
     study: optuna.Study | None = None
     stopped: str | None = None
@@ -356,7 +362,7 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
             teacher = _teacher(study, storage, spec, model, dm, stop, log)
             _write_note(storage, spec.name, log)
             teacher_val = study.user_attrs[keys.TEACHER]["val_accuracy"]
-            if finished_count(study) >= spec.trials and spec.finetune.refine_epochs == 0:
+            if finished_count(study) >= spec.trials and spec.search.refine.epochs == 0:
                 log(f"study {spec.name} already holds {finished_count(study)} finished trials (--trials "
                     f"{spec.trials}): nothing to run")
             context = TrialContext.create(spec, teacher, floor=teacher_val - spec.max_accuracy_drop, datamodule=dm)
@@ -412,7 +418,7 @@ def run_workers(spec: StudySpec, workers: int, force: bool = False, timeout: flo
             return SearchSummary(spec.name, mask_url(spec.storage), finished_count(study) if study else 0,
                                  spec.trials, 0, time.perf_counter() - started, stopped_by=str(exc))
     share = max(1, (threads or os.cpu_count() or 1) // workers)
-    command = [sys.executable, "-m", "slimtune.search._cli", "worker", "--study", spec.name, "--threads", str(share),
+    command = [sys.executable, "-m", "slimtune", "worker", "--study", spec.name, "--threads", str(share),
                "--quiet"] + (["--timeout", str(timeout)] if timeout else [])
     env = {**os.environ, STORAGE_ENV: spec.storage, RUN_ENV: run}  # the URL not on the command line: a password
     trusted = trusted_for_workers(spec)
@@ -464,4 +470,16 @@ def load_stored_spec(study_name: str, storage_url: str) -> StudySpec:
     if keys.SPEC not in attrs:
         raise SpecError("--study", study_name, "a study created by slimtune", "has no slimtune spec")
     source = f"the spec stored in study {study_name!r} of {mask_url(storage_url)}"
-    return parse_spec(attrs[keys.SPEC], source=source).with_overrides(storage=storage_url)
+    return parse_spec(upgrade_stored_spec(attrs[keys.SPEC]), source=source).with_overrides(storage=storage_url)
+
+
+def stored_fingerprint(study: optuna.Study) -> str | None:
+    """The fingerprint of the spec stored in ``study``, computed by this version (a spec stored by
+    an earlier one is read in this version's sections first); ``None`` for a study slimtune did
+    not create."""
+    raw = study.user_attrs.get(keys.SPEC)
+    if not isinstance(raw, dict):
+        return None
+    stored = upgrade_stored_spec(raw)
+    stored.setdefault("study", {})["name"] = study.study_name
+    return parse_spec(stored, source=f"the spec stored in study {study.study_name!r}").fingerprint()

@@ -1,45 +1,82 @@
-"""Declarative search spaces: the study spec, its knobs, and sampling a trial into a plan.
+"""Declarative search spaces: the study spec, the methods' declarations, sampling a trial into a plan.
 
 No torch here: a spec can be validated and a plan read on a machine with only the database.
 
 Example:
     >>> from slimtune.spaces import parse_spec
     >>> parse_spec({"study": {"name": "x"}, "model": {"preset": "lenet300"},
-    ...             "data": {"preset": "mnist"}}).sampler
+    ...             "data": {"preset": "mnist"}}).search.sampler
     'tpe'
 """
 
 from __future__ import annotations
 
 from ._errors import SpecError
-from ._trust import TRUST_ENV, UntrustedReference, is_trusted, module_of, require_trusted, trust, trusted_modules, trusting
-from ._knobs import BITS_ALLOWED, GLOBAL_KNOBS, PER_LAYER_KNOBS, VALID_BITS, Knob
-from ._plan import CompressionPlan, LayerPlan, sample_plan, select_layers
+from ._knobs import BITS_ALLOWED, NO_NEUTRAL, VALID_BITS, Declaration, Knob, KnobDeclaration, Panel, parse_knob
+from ._methods import DISTILL as DISTILL_DECLARATION
+from ._methods import LOSS as LOSS_DECLARATION
+from ._methods import LOWRANK as LOWRANK_DECLARATION
+from ._methods import PRUNE as PRUNE_DECLARATION
+from ._methods import QUANTIZE as QUANTIZE_DECLARATION
+from ._methods import RECIPE as RECIPE_DECLARATION
+from ._methods import UNITS as UNITS_DECLARATION
+from ._methods import (
+    BIAS_BITS,
+    BUILT_IN,
+    PRUNE_SCHEDULES,
+    QUANTIZERS,
+    declaration,
+    declarations,
+    global_knobs,
+    knob_declarations,
+    method_sections,
+    per_layer_knobs,
+    register_declaration,
+    unregister_declaration,
+)
+from ._plan import CompressionPlan, LayerPlan, knob_names, sample_plan, select_layers
+from ._settings import MISSING, Errors, Section, Setting, SpecErrors, reference_toml
 from ._spec import (
+    AUGMENT_STAGES,
     DATA_PRESETS,
     DEFAULT_STORAGE,
     MISSING_POLICIES,
     MODEL_PRESETS,
     SAMPLERS,
     SPLIT_VALUES,
-    PRUNE_SCHEDULES,
-    BIAS_BITS,
-    QUANTIZERS,
     DataSpec,
-    FinetuneSpec,
     ModelSpec,
     SpaceSpec,
     StudySpec,
-    TrainSpec,
+    Values,
+    is_v01_spec,
     load_spec_file,
     parse_data_section,
     parse_spec,
+    regular_sections,
+    spec_reference,
+    upgrade_stored_spec,
+)
+from ._trust import (
+    TRUST_ENV,
+    UntrustedReference,
+    is_trusted,
+    module_of,
+    require_trusted,
+    trust,
+    trusted_modules,
+    trusting,
 )
 
 __all__ = [
-    "BITS_ALLOWED", "DATA_PRESETS", "DEFAULT_STORAGE", "GLOBAL_KNOBS", "MODEL_PRESETS", "PER_LAYER_KNOBS",
-    "SAMPLERS", "VALID_BITS", "CompressionPlan", "DataSpec", "FinetuneSpec", "Knob", "LayerPlan", "ModelSpec", "SpaceSpec",
-    "SpecError", "StudySpec", "TrainSpec", "load_spec_file", "parse_data_section", "parse_spec", "sample_plan", "select_layers",
-    "BIAS_BITS", "MISSING_POLICIES", "PRUNE_SCHEDULES", "QUANTIZERS", "SPLIT_VALUES",
-    "TRUST_ENV", "UntrustedReference", "is_trusted", "module_of", "require_trusted", "trust", "trusted_modules", "trusting",
+    "AUGMENT_STAGES", "BIAS_BITS", "BITS_ALLOWED", "BUILT_IN", "CompressionPlan", "DATA_PRESETS", "DEFAULT_STORAGE",
+    "DISTILL_DECLARATION", "DataSpec", "Declaration", "Errors", "Knob", "KnobDeclaration", "LOSS_DECLARATION",
+    "LOWRANK_DECLARATION", "LayerPlan", "MISSING", "MISSING_POLICIES", "MODEL_PRESETS", "ModelSpec", "NO_NEUTRAL",
+    "PRUNE_DECLARATION", "PRUNE_SCHEDULES", "Panel", "QUANTIZERS", "QUANTIZE_DECLARATION", "RECIPE_DECLARATION",
+    "SAMPLERS", "SPLIT_VALUES", "Section", "Setting", "SpaceSpec", "SpecError", "SpecErrors", "StudySpec",
+    "TRUST_ENV", "UNITS_DECLARATION", "UntrustedReference", "VALID_BITS", "Values", "declaration", "declarations",
+    "global_knobs", "is_trusted", "is_v01_spec", "knob_declarations", "knob_names", "load_spec_file",
+    "method_sections", "module_of", "parse_data_section", "parse_knob", "parse_spec", "per_layer_knobs",
+    "reference_toml", "register_declaration", "regular_sections", "require_trusted", "sample_plan", "select_layers",
+    "spec_reference", "trust", "trusted_modules", "trusting", "unregister_declaration", "upgrade_stored_spec",
 ]

@@ -1,107 +1,79 @@
-"""Declarative knobs: one searched (or fixed, or tied) value of a compression plan.
+"""Knobs: the values a plan holds for each layer (or for the whole trial), declared once by their method.
 
-A knob is written in a spec's ``[space]`` section as a small table, for example::
+A :class:`KnobDeclaration` says what values a knob may take, how it is searched when the spec
+says nothing, and its *neutral* value (with it the method does nothing: no pruning, 32 bits,
+full rank). A spec's ``[space]`` section then writes each knob as a small table::
 
     [space.prune_ratio]   low = 0.0, high = 0.95          # searched per layer
     [space.weight_bits]   choices = [2, 4, 8], tie = true # one value shared by all layers
     [space.kd_alpha]      fixed = 0.7                     # not searched
 
 Example:
-    >>> knob = parse_knob("space.prune_ratio", {"low": 0.1, "high": 0.9}, PER_LAYER_KNOBS["prune_ratio"])
-    >>> knob.describe()
+    >>> decl = KnobDeclaration("prune_ratio", "float", {"low": 0.0, "high": 0.95}, 0.0, 1.0,
+    ...                        high_open=True, allowed_text="a fraction in [0, 1)", neutral=0.0)
+    >>> parse_knob("space.prune_ratio", {"low": 0.1, "high": 0.9}, decl).describe()
     'float in [0.1, 0.9]'
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import SpecError
 
 VALID_BITS = tuple(range(2, 17)) + (32,)
 BITS_ALLOWED = "integers 2..16, or 32 (unquantized)"
+NO_NEUTRAL: Any = None  # a knob that always does something (a temperature, a learning rate)
 
 
 @dataclass(frozen=True)
-class KnobRule:
-    """What values a knob may take, and its default when the spec says nothing."""
+class KnobDeclaration:
+    """One knob: its ``kind`` (``"float"``, or ``"int-choice"`` over ``choices``), the search
+    it gets when the spec says nothing (``default``, a knob table), its range, and ``neutral``
+    (the value with which it changes nothing; a knob left at ``{fixed = neutral}`` adds no
+    parameter and keeps a spec's fingerprint as it was before the knob existed).
 
-    kind: str  # "float" or "int-choice"
+    ``per_layer`` knobs get a value for every compressible layer; the others one per trial.
+    ``output_value`` (per-layer knobs) is forced for the layer producing the logits (a unit
+    share of 1: every class stays); ``for_output_layer`` samples the knob for that layer even
+    when it is excluded from compression (the logit-distillation temperature)."""
+
+    name: str
+    kind: str
     default: dict[str, Any]
     minimum: float | None = None
     maximum: float | None = None
-    maximum_inclusive: bool = True
-    minimum_inclusive: bool = True
+    low_open: bool = False
+    high_open: bool = False
     allowed_text: str = ""
+    neutral: Any = NO_NEUTRAL
+    per_layer: bool = True
+    choices: tuple[int, ...] = VALID_BITS
+    output_value: Any = None
+    for_output_layer: bool = False
+    help: str = ""
 
     def check_value(self, key: str, value: Any) -> float | int:
         """Return ``value`` if this knob accepts it, else raise :class:`SpecError`."""
         if self.kind == "int-choice":
-            if isinstance(value, bool) or not isinstance(value, int) or value not in VALID_BITS:
+            if isinstance(value, bool) or not isinstance(value, int) or value not in self.choices:
                 raise SpecError(key, value, self.allowed_text)
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise SpecError(key, value, self.allowed_text)
         value = float(value)
-        too_low = self.minimum is not None and (
-            value < self.minimum or (not self.minimum_inclusive and value == self.minimum)
-        )
-        too_high = self.maximum is not None and (
-            value > self.maximum or (not self.maximum_inclusive and value == self.maximum)
-        )
+        too_low = self.minimum is not None and (value < self.minimum or (self.low_open and value == self.minimum))
+        too_high = self.maximum is not None and (value > self.maximum or (self.high_open and value == self.maximum))
         if too_low or too_high:
             raise SpecError(key, value, self.allowed_text)
         return value
 
-
-PER_LAYER_KNOBS: dict[str, KnobRule] = {
-    "prune_ratio": KnobRule(
-        "float", {"low": 0.0, "high": 0.95}, 0.0, 1.0, maximum_inclusive=False,
-        allowed_text="a fraction in [0, 1): the share of a layer's weights set to zero",
-    ),
-    "weight_bits": KnobRule(
-        "int-choice", {"choices": [2, 3, 4, 5, 6, 8, 32]}, allowed_text=BITS_ALLOWED,
-    ),
-    "kd_temperature": KnobRule(
-        "float", {"low": 1.0, "high": 8.0}, 0.0, 100.0, minimum_inclusive=False,
-        allowed_text="a temperature in (0, 100]",
-    ),
-    "rank_ratio": KnobRule(
-        "float", {"fixed": 1.0}, 0.0, 1.0, minimum_inclusive=False,
-        allowed_text="a fraction in (0, 1]: the share of a layer's rank kept by a truncated SVD (1 = not factorized)",
-    ),
-    "unit_ratio": KnobRule(
-        "float", {"fixed": 1.0}, 0.0, 1.0, minimum_inclusive=False,
-        allowed_text="a fraction in (0, 1]: the share of a layer's output units (neurons, channels) kept (1 = all)",
-    ),
-}
-
-GLOBAL_KNOBS: dict[str, KnobRule] = {
-    "kd_alpha": KnobRule(
-        "float", {"low": 0.5, "high": 1.0}, 0.0, 1.0,
-        allowed_text="a weight in [0, 1] of the logit-distillation loss against the label loss",
-    ),
-    "feature_kd_weight": KnobRule(
-        "float", {"low": 0.0, "high": 1.0}, 0.0, 1000.0,
-        allowed_text="a weight in [0, 1000] of the feature-distillation loss (0 turns it off)",
-    ),
-    "lr": KnobRule(
-        "float", {"fixed": 1e-3}, 0.0, 1.0, minimum_inclusive=False,
-        allowed_text="a learning rate in (0, 1]",
-    ),
-    "l1_weight": KnobRule(
-        "float", {"fixed": 0.0}, 0.0, 1000.0,
-        allowed_text="a weight in [0, 1000] of the L1 sparsity pressure on the compressed weights (0 turns it off)",
-    ),
-}
-
-# Knobs added after the first release whose default turns them off. A spec that leaves them at
-# that default fingerprints exactly as it did before they existed (see StudySpec.fingerprint),
-# and, being fixed, they add no parameter to a study.
-NEUTRAL_KNOBS: dict[str, dict[str, Any]] = {"rank_ratio": {"fixed": 1.0}, "l1_weight": {"fixed": 0.0},
-                                             "unit_ratio": {"fixed": 1.0}}
+    @property
+    def neutral_table(self) -> dict[str, Any] | None:
+        """``{"fixed": neutral}``: the knob table that turns this knob off (``None``: no neutral)."""
+        return None if self.neutral is NO_NEUTRAL else {"fixed": self.neutral}
 
 
 @dataclass(frozen=True)
@@ -147,16 +119,15 @@ class Knob:
         return out
 
 
-def parse_knob(key: str, raw: Any, rule: KnobRule, per_layer: bool = True) -> Knob:
+def parse_knob(key: str, raw: Any, decl: KnobDeclaration) -> Knob:
     """Validate one knob table of a spec (``key`` is its dotted path, for messages)."""
     if raw is None:
-        raw = dict(rule.default)
+        raw = dict(decl.default)
     elif not isinstance(raw, dict):
-        # A bare value is shorthand for ``fixed = value``.
-        raw = {"fixed": raw}
+        raw = {"fixed": raw}  # a bare value is shorthand for ``fixed = value``
     name = key.rsplit(".", 1)[-1]
-    allowed_keys = {"fixed", "tie"} if per_layer else {"fixed"}
-    allowed_keys |= {"choices"} if rule.kind == "int-choice" else {"low", "high", "log"}
+    allowed_keys = {"fixed", "tie"} if decl.per_layer else {"fixed"}
+    allowed_keys |= {"choices"} if decl.kind == "int-choice" else {"low", "high", "log"}
     for k in raw:
         if k not in allowed_keys:
             raise SpecError(f"{key}.{k}", raw[k], f"keys {sorted(allowed_keys)}", "is not a known key")
@@ -167,15 +138,15 @@ def parse_knob(key: str, raw: Any, rule: KnobRule, per_layer: bool = True) -> Kn
         extra = [k for k in raw if k not in ("fixed", "tie")]
         if extra:
             raise SpecError(f"{key}.{extra[0]}", raw[extra[0]], "nothing else beside 'fixed'", "conflicts with 'fixed'")
-        return Knob(name, fixed=rule.check_value(f"{key}.fixed", raw["fixed"]), tie=tie)
-    if rule.kind == "int-choice":
-        choices = raw.get("choices", rule.default.get("choices"))
+        return Knob(name, fixed=decl.check_value(f"{key}.fixed", raw["fixed"]), tie=tie)
+    if decl.kind == "int-choice":
+        choices = raw.get("choices", decl.default.get("choices"))
         if not isinstance(choices, list) or not choices:
-            raise SpecError(f"{key}.choices", choices, f"a non-empty list of {rule.allowed_text}")
-        checked = tuple(sorted({rule.check_value(f"{key}.choices", c) for c in choices}))
+            raise SpecError(f"{key}.choices", choices, f"a non-empty list of {decl.allowed_text}")
+        checked = tuple(sorted({decl.check_value(f"{key}.choices", c) for c in choices}))
         return Knob(name, choices=checked, tie=tie)
-    low = rule.check_value(f"{key}.low", raw.get("low", rule.default.get("low")))
-    high = rule.check_value(f"{key}.high", raw.get("high", rule.default.get("high")))
+    low = decl.check_value(f"{key}.low", raw.get("low", decl.default.get("low")))
+    high = decl.check_value(f"{key}.high", raw.get("high", decl.default.get("high")))
     if low > high:
         raise SpecError(f"{key}.low", low, f"a value no greater than high ({high})")
     log = raw.get("log", False)
@@ -186,3 +157,39 @@ def parse_knob(key: str, raw: Any, rule: KnobRule, per_layer: bool = True) -> Kn
     if low == high:
         return Knob(name, fixed=low, tie=tie)
     return Knob(name, low=low, high=high, log=log, tie=tie)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """How the report draws one per-layer value of the Pareto trials: from the ``plan`` (a knob)
+    or from what the method ``achieved`` (its stats); ``only_if_used``: drawn only when some
+    trial moved it off its neutral value."""
+
+    title: str
+    key: str
+    source: str  # "plan" or "achieved"
+    colorscale: str
+    text_format: str
+    hover: str
+    low: float | None = None
+    high: float | None = None
+    log2: bool = False
+    only_if_used: bool = False
+    neutral: Any = None
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """What a method (or another part of a trial's recipe) declares, once: its knobs, its options
+    (the ``[method.<name>]`` settings), the per-layer stats it reports, and the report panels
+    that show them. ``compresses``: it changes the stored layers (pruning, quantization, ...),
+    rather than how they are trained (distillation, losses)."""
+
+    name: str
+    help: str
+    knobs: tuple[KnobDeclaration, ...] = ()
+    options: tuple[Any, ...] = ()  # Settings (see ``_settings``) of section [method.<name>]
+    stats: tuple[str, ...] = ()
+    panels: tuple[Panel, ...] = ()
+    compresses: bool = True
+    moved: dict[str, str] = field(default_factory=dict)

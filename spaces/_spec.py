@@ -1,30 +1,50 @@
-"""The study spec: one validated description of a compression search.
+"""The study spec: one validated description of a compression search, in sections that say what they are.
 
-A spec comes from a TOML file or a named preset and is checked completely before anything is
-written. It is stored in the study (user attrs), so ``slimtune resume`` needs only the study name
-and the storage URL. Its :meth:`StudySpec.fingerprint` covers everything that changes what a
-trial means (model, data, teacher, space, fine-tune, seed, sampler, floor) and leaves out what
-does not (study name, storage URL, trial count, heartbeat settings).
+A spec comes from a TOML file, a dict or a named preset and is checked completely before
+anything is written; every problem is reported at once. Its sections:
+
+- ``[study]`` what the study is: name, storage, trial target, seed, accuracy floor;
+- ``[model]``, ``[data]`` the network and its data;
+- ``[teacher]`` how the teacher is trained (when no checkpoint is given);
+- ``[finetune]`` the student's training recipe;
+- ``[method.<name>]`` each compression method's options (``[method.prune]``, ``[method.quantize]``);
+- ``[search]`` the sampler, and the search's scheduling: ``[search.promote]``, ``[search.refine]``;
+- ``[runtime]`` how this machine runs it (memory for the teacher cache, heartbeats);
+- ``[space]`` which layers are compressed and how each knob is searched.
+
+Every regular setting is declared once (:mod:`._settings`), with its default, range, neutral
+value and help; the README's spec reference is generated from them (:func:`spec_reference`).
+The spec is stored in the study (user attrs), so ``slimtune resume`` needs only the study name
+and the storage URL. Its :meth:`StudySpec.fingerprint` covers everything that changes what a trial
+means and leaves out what does not (name, storage, trial target, search scheduling, runtime), and
+settings at their neutral value, so a setting added later keeps old fingerprints. A spec stored
+by slimtune 0.1 (one flat ``[finetune]`` table) is read with :func:`upgrade_stored_spec`.
 
 Example:
     >>> spec = parse_spec({"study": {"name": "demo"}, "model": {"preset": "cnn-digits"},
     ...                    "data": {"preset": "digits"}})
-    >>> spec.storage, spec.sampler, spec.space.knobs["weight_bits"].choices
+    >>> spec.storage, spec.search.sampler, spec.space.knobs["weight_bits"].choices
     ('sqlite:///slimtune.db', 'tpe', (2, 3, 4, 5, 6, 8, 32))
+    >>> spec.method("prune").activation_power
+    0.5
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ._errors import SpecError
-from ._knobs import GLOBAL_KNOBS, NEUTRAL_KNOBS, PER_LAYER_KNOBS, Knob, parse_knob
+from ._knobs import Knob, parse_knob
+from ._methods import declarations, knob_declarations, method_sections, per_layer_knobs
+from ._settings import Errors, Section, Setting, reference_toml
 
 DEFAULT_STORAGE = "sqlite:///slimtune.db"
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -33,6 +53,7 @@ DATA_PRESETS = ("mnist", "digits", "breast-cancer")
 TABLE_SUFFIXES = (".csv", ".parquet")
 MISSING_POLICIES = ("refuse", "drop", "impute")
 SPLIT_VALUES = ("train", "val", "test")
+AUGMENT_STAGES = ("all", "refine")
 # [data] keys that only a table takes, with their defaults (None: no default).
 TABLE_KEYS: dict[str, Any] = {"target": None, "categorical": [], "missing": "refuse", "split_column": None,
                               "val_fraction": 0.2, "test_fraction": 0.2, "split_seed": 0, "batch_size": 64}
@@ -41,7 +62,93 @@ _REF_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # "user:password@" in something that looks like a URL, masked before it is shown.
 _PASSWORD_RE = re.compile(r"([^:/@\s]+:)[^@\s]*@")
 # Study keys that change how a study runs, not what its trials mean.
-_NOT_FINGERPRINTED = ("name", "storage", "trials", "heartbeat_interval", "heartbeat_grace")
+_NOT_FINGERPRINTED = ("name", "storage", "trials")
+
+TEACHER = Section("teacher", "how the teacher is trained (when model.checkpoint gives none)", (
+    Setting("epochs", int, 10, "epochs of training", low=1, high=10_000),
+    Setting("lr", float, 1e-3, "learning rate (Adam, cosine decay)", low=0.0, high=1.0, low_open=True),
+    Setting("batch_size", int, 128, "training batch size", low=1, high=1_000_000),
+    Setting("augment_shift", int, 0, "train on images moved by up to this many pixels (0: off)", low=0, high=8,
+            neutral=0),
+))
+FINETUNE = Section("finetune", "the student's training recipe (its learning rate is the knob space.lr)", (
+    Setting("epochs", int, 2, "epochs of every trial's fine-tune", low=1, high=10_000),
+    Setting("batch_size", int, 128, "training batch size", low=1, high=1_000_000),
+    Setting("weight_ema", float, 0.0, "pack a moving average of the weights with this decay (0: the last step's "
+            "weights)", low=0.0, high=0.9999, neutral=0.0),
+    Setting("augment_shift", int, 0, "train on images moved by up to this many pixels, with the original image's "
+            "label and teacher logits as targets (0: off; image batches only)", low=0, high=8, neutral=0),
+    Setting("augment_in", str, "refine", "which fine-tunes shift: all, or only the refinement stage's long runs",
+            choices=AUGMENT_STAGES, neutral="all"),
+), moved={"prune_schedule": "method.prune.schedule", "prune_ramp": "method.prune.ramp",
+          "prune_activation_power": "method.prune.activation_power", "quantizer": "method.quantize.quantizer",
+          "bias_bits": "method.quantize.bias_bits", "promote_epochs": "search.promote.epochs",
+          "promote_margin": "search.promote.margin", "promote_size_tolerance": "search.promote.size_tolerance",
+          "refine_epochs": "search.refine.epochs", "refine_top": "search.refine.top",
+          "refine_within": "search.refine.within", "refine_share": "search.refine.share",
+          "cache_mb": "runtime.cache_mb"})
+SEARCH = Section("search", "the sampler", (
+    Setting("sampler", str, "tpe", "tpe | nsga2 | random", choices=SAMPLERS),
+))
+PROMOTE = Section("search.promote", "multi-fidelity: the trials no completed trial beats train longer", (
+    Setting("epochs", int, 0, "extra epochs for a trial that no completed trial as small or smaller beats by more "
+            "than margin (0: off)", low=0, high=10_000, fingerprinted=False),
+    Setting("margin", float, 0.002, "validation accuracy a completed trial must lead by to beat it", low=0.0,
+            high=1.0, fingerprinted=False),
+    Setting("size_tolerance", float, 1.0, "completed trials up to this many times as large compete too", low=1.0,
+            high=100.0, fingerprinted=False),
+))
+REFINE = Section("search.refine", "after the search, the best in-band Pareto plans train again, longer, as new trials",
+                 (
+    Setting("epochs", int, 0, "extra epochs of a refinement (0: no refinement stage)", low=0, high=10_000,
+            fingerprinted=False),
+    Setting("top", int, 4, "at most this many plans refined per study, smallest first", low=1, high=10_000,
+            fingerprinted=False),
+    Setting("within", float, 0.002, "refine plans within this much validation accuracy of the teacher's", low=0.0,
+            high=1.0, fingerprinted=False),
+    Setting("share", float, 0.25, "share of --timeout left to the refinements", low=0.0, high=0.95,
+            fingerprinted=False),
+))
+RUNTIME = Section("runtime", "how this machine runs the study (none of it changes what a trial means)", (
+    Setting("cache_mb", int, 1024, "memory for cached teacher features (logits are always cached)", low=0,
+            high=1_000_000, fingerprinted=False),
+    Setting("heartbeat_interval", int, 20, "seconds between a running trial's heartbeats", low=1, high=3600,
+            fingerprinted=False),
+    Setting("heartbeat_grace", int, 60, "silence after which another worker fails and retries a trial", low=2,
+            high=86400, fingerprinted=False),
+))
+
+
+def regular_sections() -> list[Section]:
+    """The declared sections, in the order the spec reference lists them."""
+    return [TEACHER, FINETUNE, *method_sections(), SEARCH, PROMOTE, REFINE, RUNTIME]
+
+
+class Values:
+    """A section's values as attributes (``spec.finetune.epochs``); read-only.
+
+    >>> Values("runtime", {"cache_mb": 1024}).cache_mb
+    1024
+    """
+
+    def __init__(self, section: str, values: Mapping[str, Any], **children: Values) -> None:
+        object.__setattr__(self, "_section", section)
+        object.__setattr__(self, "_values", {**dict(values), **children})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"[{self._section}] has no setting {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("spec values are read-only")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Values) and self._values == other._values
+
+    def __repr__(self) -> str:
+        return f"Values({self._section!r}, {self._values!r})"
 
 
 @dataclass(frozen=True)
@@ -93,98 +200,12 @@ class DataSpec:
 
 
 @dataclass(frozen=True)
-class TrainSpec:
-    """How to train: ``epochs``, ``lr`` (teacher only: the student's lr is a knob), batch size, and
-    ``augment_shift``: 0, or k (1 to 8) to train on images moved by a random offset of up to k
-    pixels each way (see :class:`FinetuneSpec` for the student's use of it)."""
-
-    epochs: int
-    batch_size: int
-    lr: float = 1e-3
-    augment_shift: int = 0
-
-
-PRUNE_SCHEDULES = ("oneshot", "gradual", "dynamic")
-QUANTIZERS = ("amax", "lsq")
-BIAS_BITS = (32, 16)
-AUGMENT_STAGES = ("all", "refine")
-# Fine-tune settings whose default leaves a trial as it was before they existed: a spec at these
-# values keeps its old fingerprint (stored studies stay resumable).
-NEUTRAL_FINETUNE: dict[str, Any] = {"prune_schedule": "oneshot", "prune_ramp": 0.5, "promote_epochs": 0,
-                                    "promote_margin": 0.002, "promote_size_tolerance": 1.0, "quantizer": "amax",
-                                    "prune_activation_power": 0.0, "bias_bits": 32, "refine_epochs": 0,
-                                    "refine_top": 4, "refine_within": 0.002, "refine_share": 0.25,
-                                    "weight_ema": 0.0, "augment_shift": 0, "augment_in": "all"}
-
-
-@dataclass(frozen=True)
-class FinetuneSpec(TrainSpec):
-    """The student's fine-tune: ``epochs`` for every trial, plus the method settings:
-
-    - ``prune_schedule``: ``"oneshot"`` applies each layer's pruning mask before the first
-      step; ``"gradual"`` raises the sparsity from 0 to the planned ratio along a cubic ramp
-      (Zhu & Gupta, 2017) over the first ``prune_ramp`` share of the ``epochs``' steps,
-      recomputing the magnitude masks as the weights move; ``"dynamic"`` keeps the planned
-      ratio from the start but re-chooses the masks by magnitude, with straight-through
-      gradients so pruned weights can grow back (network surgery, Guo et al. 2016), during the
-      first ``prune_ramp`` share of the ``epochs``' steps, then freezes them.
-    - ``prune_activation_power`` p: which weights a mask keeps. A weight's score is
-      ``|w| * rms(x) ** p``, ``rms(x)`` being the teacher's root-mean-square input to that
-      weight (input feature, or input channel of a convolution) on the training data. 0 is
-      plain magnitude pruning; 1 is Wanda's score (Sun et al., 2023). With p > 0 a layer
-      keeps fewer weights on inputs that are nearly always zero (MNIST's border pixels).
-    - ``bias_bits``: 32 keeps the compressed layers' biases in float32; 16 trains and stores
-      them as float16 values (2 bytes each in the artifact).
-    - ``promote_epochs``: a multi-fidelity rule of slimtune's own (Optuna cannot prune
-      multi-objective studies). After ``epochs``, a trial whose (validation accuracy, packed
-      size) is not beaten by a completed trial of the study (one at most as large and more
-      than ``promote_margin`` more accurate) trains ``promote_epochs`` more epochs, its
-      learning rate decaying to 0 along a cosine; the others stop there. With
-      ``promote_size_tolerance`` t > 1, a completed trial up to t times as large counts as a
-      competitor too (fewer trials promoted).
-    - ``quantizer``: ``"amax"`` scales each channel by its largest weight; ``"lsq"`` learns
-      each channel's step size during the fine-tune (Esser et al., 2020).
-    - ``refine_epochs``: a refinement stage at the end of a search run (0: none). Up to
-      ``refine_top`` feasible plans on the search's own Pareto front (refinements left out)
-      whose validation accuracy is within
-      ``refine_within`` of the teacher's (the smallest first) are trained again as new trials,
-      with a fresh seed, for ``epochs`` plus ``refine_epochs`` more with a cosine decay. A
-      refined plan is then judged by its refinement only: the trial it came from leaves the
-      Pareto front. With a timeout, the search stops at ``1 - refine_share`` of it and the
-      stage gets the rest.
-    - ``weight_ema``: 0 (off) or the decay, in (0, 1), of an exponential moving average of the
-      student's weights over the training steps; the trial packs the averaged weights.
-    - ``augment_shift``: 0 (off) or k, 1 to 8: the student trains on its images moved by a
-      random offset of up to k pixels each way (zero fill), with the original image's label
-      and teacher logits as targets (the feature-KD term is left out of such a fine-tune).
-      It needs image data (batches shaped N, C, H, W). ``augment_in`` says which fine-tunes
-      shift: ``"all"`` (every trial) or ``"refine"`` (only the refinement stage's long runs;
-      shifted images pay off over many epochs and cost accuracy over two).
-    """
-
-    prune_schedule: str = "oneshot"
-    prune_ramp: float = 0.5
-    promote_epochs: int = 0
-    promote_margin: float = 0.002
-    promote_size_tolerance: float = 1.0
-    quantizer: str = "amax"
-    prune_activation_power: float = 0.0
-    bias_bits: int = 32
-    refine_epochs: int = 0
-    refine_top: int = 4
-    refine_within: float = 0.002
-    refine_share: float = 0.25
-    weight_ema: float = 0.0
-    augment_in: str = "all"
-
-
-@dataclass(frozen=True)
 class SpaceSpec:
     """Which layers are compressible and how every knob is searched.
 
     ``layers``/``exclude`` are shell-style name patterns (``fnmatch``) over the names of the
-    model's ``Linear`` and ``Conv2d`` modules. ``overrides`` fixes knobs for the layers that a
-    pattern matches, e.g. ``{"fc3": {"weight_bits": 8}}``.
+    model's compressible layers. ``overrides`` fixes knobs for the layers that a pattern
+    matches, e.g. ``{"fc3": {"weight_bits": 8}}``.
     """
 
     layers: tuple[str, ...]
@@ -195,25 +216,28 @@ class SpaceSpec:
 
 @dataclass(frozen=True)
 class StudySpec:
-    """A complete, validated study definition."""
+    """A complete, validated study definition (see the module docstring for its sections)."""
 
     name: str
     storage: str
     trials: int
     seed: int
-    sampler: str
     max_accuracy_drop: float
     model: ModelSpec
     data: DataSpec
-    teacher: TrainSpec
-    finetune: FinetuneSpec
+    teacher: Values
+    finetune: Values
+    methods: dict[str, Values]
+    search: Values
+    runtime: Values
     space: SpaceSpec
-    cache_mb: int
-    heartbeat_interval: int
-    heartbeat_grace: int
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
-    feasible_drop: float | None = None  # see parse_spec: val accuracy constraint, None = none
+    feasible_drop: float | None = None  # val accuracy constraint, None = none
     source: str | None = field(default=None, compare=False)  # None: the user's own spec (see ModelSpec)
+
+    def method(self, name: str) -> Values:
+        """The options of method ``name`` (``[method.<name>]``); a method without options has none."""
+        return self.methods.get(name) or Values(f"method.{name}", {})
 
     def to_dict(self) -> dict[str, Any]:
         """The normalized spec (defaults filled in) as plain data; ``parse_spec`` reads it back."""
@@ -221,24 +245,36 @@ class StudySpec:
 
     def fingerprint(self) -> str:
         """A short hash of everything that changes what a trial means."""
-        body = {k: v for k, v in self.raw.items() if k != "study"}
-        body["study"] = {k: v for k, v in self.raw["study"].items() if k not in _NOT_FINGERPRINTED}
-        # Knobs left at their neutral default do not change what a trial means: a spec written
-        # before they existed keeps its fingerprint (and its stored studies stay resumable).
-        body["space"] = {k: v for k, v in body["space"].items() if not (k in NEUTRAL_KNOBS and v == NEUTRAL_KNOBS[k])}
-        # The refinement stage adds trials but changes none: a study can gain one when resumed.
-        body["finetune"] = {k: v for k, v in body["finetune"].items()
-                            if not (k in NEUTRAL_FINETUNE and v == NEUTRAL_FINETUNE[k]) and not k.startswith("refine_")}
+        raw = self.raw
+        body: dict[str, Any] = {
+            "study": {k: v for k, v in raw["study"].items() if k not in _NOT_FINGERPRINTED},
+            "model": raw["model"], "data": raw["data"],
+        }
+        for section in regular_sections():
+            part = section.fingerprint_part(_get(raw, section.name))
+            if part:
+                body[section.name] = part
+        neutral = {name: decl.neutral_table for name, decl in knob_declarations().items()}
+        body["space"] = {k: v for k, v in raw["space"].items() if not (neutral.get(k) is not None and v == neutral[k])}
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def with_overrides(self, **changes: Any) -> StudySpec:
-        """A copy with study-level values replaced (``name``, ``storage``, ``trials``, ``seed``)."""
+        """A copy with study-level values replaced (``name``, ``storage``, ``trials``, ``seed``;
+        ``sampler`` goes to ``[search]``)."""
         raw = self.to_dict()
         for key, value in changes.items():
             if value is not None:
-                raw["study"][key] = value
+                (raw["search"] if key == "sampler" else raw["study"])[key] = value
         return parse_spec(raw, source=self.source)
+
+
+def _get(raw: Mapping[str, Any], dotted: str) -> Any:
+    """``raw["method"]["prune"]`` for ``"method.prune"``; ``None`` if absent."""
+    node: Any = raw
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
 
 
 def load_spec_file(path: str | Path) -> StudySpec:
@@ -380,44 +416,45 @@ def parse_data_section(raw: Any, source: str | None = None) -> DataSpec:
     return _data_spec(_table({"data": raw}, "data", _DATA_KEYS), source)
 
 
-def parse_spec(data: dict[str, Any], source: str | None = None) -> StudySpec:
-    """Validate a spec given as plain data (parsed TOML) and fill in defaults.
+_STUDY_KEYS = {"name", "storage", "trials", "seed", "max_accuracy_drop", "feasible_drop"}
+_STUDY_MOVED = {"sampler": "search.sampler", "heartbeat_interval": "runtime.heartbeat_interval",
+                "heartbeat_grace": "runtime.heartbeat_grace"}
 
-    ``source`` says where the data was read when it is not the user's own input (the spec stored
-    in a study): its model factory and data module are then imported only if trusted.
-    """
-    if not isinstance(data, dict):
-        raise SpecError("spec", data, "a table")
-    top = {"study", "model", "data", "teacher", "finetune", "space"}
-    for k in data:
-        if k not in top:
-            raise SpecError(k, data[k], f"sections {sorted(top)}", "is not a known section")
 
-    study = _table(data, "study", {"name", "storage", "trials", "seed", "sampler", "max_accuracy_drop",
-                                   "feasible_drop", "heartbeat_interval", "heartbeat_grace"})
-    name = study.get("name")
+def _study(raw: Any, errors: Errors) -> dict[str, Any]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        errors.add(SpecError("study", raw, f"a table with keys {sorted(_STUDY_KEYS)}"))
+        raw = {}
+    for key, value in raw.items():
+        if key in _STUDY_MOVED:
+            errors.add(SpecError(f"study.{key}", value, f"the key {_STUDY_MOVED[key]}", "has moved (since slimtune 0.2)"))
+        elif key not in _STUDY_KEYS:
+            errors.add(SpecError(f"study.{key}", value, f"keys {sorted(_STUDY_KEYS)}", "is not a known key"))
+    name = raw.get("name")
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise SpecError("study.name", name, "1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
-    storage = study.get("storage", DEFAULT_STORAGE)
+        errors.add(SpecError("study.name", name, "1-100 letters, digits, '.', '_' or '-', starting with a letter or "
+                             "digit"))
+    storage = raw.get("storage", DEFAULT_STORAGE)
     if not isinstance(storage, str) or "://" not in storage:
         shown = _PASSWORD_RE.sub(r"\1***@", storage) if isinstance(storage, str) else storage
-        raise SpecError("study.storage", shown, "a SQLAlchemy URL such as sqlite:///slimtune.db or "
-                        "postgresql+psycopg://user:password@host/db")
-    trials = _int("study.trials", study.get("trials", 20), 1, 1_000_000)
-    seed = _int("study.seed", study.get("seed", 0), 0, 2**31 - 1)
-    sampler = study.get("sampler", "tpe")
-    if sampler not in SAMPLERS:
-        raise SpecError("study.sampler", sampler, ", ".join(SAMPLERS))
-    drop = _float("study.max_accuracy_drop", study.get("max_accuracy_drop", 0.05), 0.0, 1.0)
-    feasible_drop = (None if study.get("feasible_drop") is None
-                     else _float("study.feasible_drop", study["feasible_drop"], 0.0, 1.0))
-    heartbeat_interval = _int("study.heartbeat_interval", study.get("heartbeat_interval", 20), 1, 3600)
-    heartbeat_grace = _int("study.heartbeat_grace", study.get("heartbeat_grace", 60), 2, 86400)
-    if heartbeat_grace <= heartbeat_interval:
-        raise SpecError("study.heartbeat_grace", heartbeat_grace,
-                        f"more seconds than heartbeat_interval ({heartbeat_interval})")
+        errors.add(SpecError("study.storage", shown, "a SQLAlchemy URL such as sqlite:///slimtune.db or "
+                             "postgresql+psycopg://user:password@host/db"))
+    out = {
+        "name": name, "storage": storage,
+        "trials": errors.catch(lambda: _int("study.trials", raw.get("trials", 20), 1, 1_000_000), 20),
+        "seed": errors.catch(lambda: _int("study.seed", raw.get("seed", 0), 0, 2**31 - 1), 0),
+        "max_accuracy_drop": errors.catch(lambda: _float("study.max_accuracy_drop",
+                                                         raw.get("max_accuracy_drop", 0.05), 0.0, 1.0), 0.05),
+    }
+    if raw.get("feasible_drop") is not None:
+        out["feasible_drop"] = errors.catch(lambda: _float("study.feasible_drop", raw["feasible_drop"], 0.0, 1.0))
+    return out
 
-    model_raw = _table(data, "model", {"preset", "factory", "kwargs", "checkpoint"})
+
+def _model(raw: Any, source: str | None) -> ModelSpec:
+    model_raw = _table({"model": raw} if raw is not None else {}, "model", {"preset", "factory", "kwargs", "checkpoint"})
     if ("preset" in model_raw) == ("factory" in model_raw):
         raise SpecError("model", model_raw, "exactly one of 'preset' or 'factory'")
     if "preset" in model_raw and model_raw["preset"] not in MODEL_PRESETS:
@@ -425,7 +462,7 @@ def parse_spec(data: dict[str, Any], source: str | None = None) -> StudySpec:
     checkpoint = model_raw.get("checkpoint")
     if checkpoint is not None and not isinstance(checkpoint, str):
         raise SpecError("model.checkpoint", checkpoint, "a path to a state_dict saved with torch.save")
-    model = ModelSpec(
+    return ModelSpec(
         preset=model_raw.get("preset"),
         factory=_ref("model.factory", model_raw["factory"], "factory") if "factory" in model_raw else None,
         kwargs=_kwargs("model.kwargs", model_raw.get("kwargs", {})),
@@ -433,115 +470,185 @@ def parse_spec(data: dict[str, Any], source: str | None = None) -> StudySpec:
         source=source,
     )
 
-    data_spec = _data_spec(_table(data, "data", _DATA_KEYS), source)
 
-    teacher_raw = _table(data, "teacher", {"epochs", "lr", "batch_size", "augment_shift"})
-    teacher = TrainSpec(
-        epochs=_int("teacher.epochs", teacher_raw.get("epochs", 10), 1, 10_000),
-        batch_size=_int("teacher.batch_size", teacher_raw.get("batch_size", 128), 1, 1_000_000),
-        lr=_float("teacher.lr", teacher_raw.get("lr", 1e-3), 0.0, 1.0, low_open=True),
-        augment_shift=_int("teacher.augment_shift", teacher_raw.get("augment_shift", 0), 0, 8),
-    )
-    finetune_raw = _table(data, "finetune", {"epochs", "batch_size", "cache_mb", *NEUTRAL_FINETUNE})
-    schedule = finetune_raw.get("prune_schedule", NEUTRAL_FINETUNE["prune_schedule"])
-    if schedule not in PRUNE_SCHEDULES:
-        raise SpecError("finetune.prune_schedule", schedule, ", ".join(PRUNE_SCHEDULES))
-    quantizer = finetune_raw.get("quantizer", NEUTRAL_FINETUNE["quantizer"])
-    if quantizer not in QUANTIZERS:
-        raise SpecError("finetune.quantizer", quantizer, ", ".join(QUANTIZERS))
-    bias_bits = finetune_raw.get("bias_bits", NEUTRAL_FINETUNE["bias_bits"])
-    if isinstance(bias_bits, bool) or bias_bits not in BIAS_BITS:
-        raise SpecError("finetune.bias_bits", bias_bits, " or ".join(map(str, BIAS_BITS)))
-    augment_in = finetune_raw.get("augment_in", NEUTRAL_FINETUNE["augment_in"])
-    if augment_in not in AUGMENT_STAGES:
-        raise SpecError("finetune.augment_in", augment_in, ", ".join(AUGMENT_STAGES))
-    finetune = FinetuneSpec(
-        quantizer=quantizer,
-        bias_bits=int(bias_bits),
-        epochs=_int("finetune.epochs", finetune_raw.get("epochs", 2), 1, 10_000),
-        batch_size=_int("finetune.batch_size", finetune_raw.get("batch_size", 128), 1, 1_000_000),
-        prune_schedule=schedule,
-        prune_ramp=_float("finetune.prune_ramp", finetune_raw.get("prune_ramp", NEUTRAL_FINETUNE["prune_ramp"]),
-                          0.0, 1.0, low_open=True),
-        promote_epochs=_int("finetune.promote_epochs", finetune_raw.get("promote_epochs", 0), 0, 10_000),
-        promote_margin=_float("finetune.promote_margin",
-                              finetune_raw.get("promote_margin", NEUTRAL_FINETUNE["promote_margin"]), 0.0, 1.0),
-        promote_size_tolerance=_float("finetune.promote_size_tolerance",
-                                      finetune_raw.get("promote_size_tolerance", 1.0), 1.0, 100.0),
-        prune_activation_power=_float("finetune.prune_activation_power",
-                                      finetune_raw.get("prune_activation_power", 0.0), 0.0, 4.0),
-        refine_epochs=_int("finetune.refine_epochs", finetune_raw.get("refine_epochs", 0), 0, 10_000),
-        refine_top=_int("finetune.refine_top", finetune_raw.get("refine_top", NEUTRAL_FINETUNE["refine_top"]), 1, 10_000),
-        refine_within=_float("finetune.refine_within",
-                             finetune_raw.get("refine_within", NEUTRAL_FINETUNE["refine_within"]), 0.0, 1.0),
-        refine_share=_float("finetune.refine_share", finetune_raw.get("refine_share", NEUTRAL_FINETUNE["refine_share"]),
-                            0.0, 0.95),
-        weight_ema=_float("finetune.weight_ema", finetune_raw.get("weight_ema", NEUTRAL_FINETUNE["weight_ema"]),
-                          0.0, 0.9999),
-        augment_shift=_int("finetune.augment_shift", finetune_raw.get("augment_shift", 0), 0, 8),
-        augment_in=augment_in,
-    )
-    cache_mb = _int("finetune.cache_mb", finetune_raw.get("cache_mb", 1024), 0, 1_000_000)
-
-    knob_names = set(PER_LAYER_KNOBS) | set(GLOBAL_KNOBS)
-    space_raw = _table(data, "space", {"layers", "exclude", "layer"} | knob_names)
+def _space(raw: Any, errors: Errors) -> SpaceSpec:
+    knob_decls = knob_declarations()
+    per_layer = {k.name: k for k in per_layer_knobs()}
+    allowed = {"layers", "exclude", "layer"} | set(knob_decls)
+    space_raw: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+    if raw is not None and not isinstance(raw, Mapping):
+        errors.add(SpecError("space", raw, f"a table with keys {sorted(allowed)}"))
+    for key, value in space_raw.items():
+        if key not in allowed:
+            errors.add(SpecError(f"space.{key}", value, f"keys {sorted(allowed)}", "is not a known key"))
     knobs: dict[str, Knob] = {}
-    for knob_name, rule in PER_LAYER_KNOBS.items():
-        knobs[knob_name] = parse_knob(f"space.{knob_name}", space_raw.get(knob_name), rule)
-    for knob_name, rule in GLOBAL_KNOBS.items():
-        knobs[knob_name] = parse_knob(f"space.{knob_name}", space_raw.get(knob_name), rule, per_layer=False)
+    for name, decl in knob_decls.items():
+        knobs[name] = errors.catch(lambda: parse_knob(f"space.{name}", space_raw.get(name), decl),
+                                   parse_knob(f"space.{name}", None, decl))
     overrides_raw = space_raw.get("layer", {})
-    if not isinstance(overrides_raw, dict):
-        raise SpecError("space.layer", overrides_raw, "tables like [space.layer.\"fc3\"] weight_bits = 8")
     overrides: dict[str, dict[str, float | int]] = {}
+    if not isinstance(overrides_raw, dict):
+        errors.add(SpecError("space.layer", overrides_raw, "tables like [space.layer.\"fc3\"] weight_bits = 8"))
+        overrides_raw = {}
     for pattern, fixed in overrides_raw.items():
         key = f"space.layer.{pattern}"
         if not isinstance(fixed, dict):
-            raise SpecError(key, fixed, f"a table of fixed values for {sorted(PER_LAYER_KNOBS)}")
+            errors.add(SpecError(key, fixed, f"a table of fixed values for {sorted(per_layer)}"))
+            continue
         checked: dict[str, float | int] = {}
         for knob_name, value in fixed.items():
-            if knob_name not in PER_LAYER_KNOBS:
-                raise SpecError(f"{key}.{knob_name}", value, f"keys {sorted(PER_LAYER_KNOBS)}", "is not a known key")
-            checked[knob_name] = PER_LAYER_KNOBS[knob_name].check_value(f"{key}.{knob_name}", value)
+            if knob_name not in per_layer:
+                errors.add(SpecError(f"{key}.{knob_name}", value, f"keys {sorted(per_layer)}", "is not a known key"))
+                continue
+            checked[knob_name] = errors.catch(lambda: per_layer[knob_name].check_value(f"{key}.{knob_name}", value),
+                                              value)
         overrides[pattern] = checked
-    space = SpaceSpec(
-        layers=_patterns("space.layers", space_raw.get("layers", ["*"])),
-        exclude=_patterns("space.exclude", space_raw.get("exclude", [])) if space_raw.get("exclude") else (),
+    return SpaceSpec(
+        layers=errors.catch(lambda: _patterns("space.layers", space_raw.get("layers", ["*"])), ("*",)),
+        exclude=errors.catch(lambda: _patterns("space.exclude", space_raw["exclude"]) if space_raw.get("exclude")
+                             else (), ()),
         knobs=knobs,
         overrides=overrides,
     )
 
+
+def parse_spec(data: Mapping[str, Any], source: str | None = None) -> StudySpec:
+    """Validate a spec given as plain data (parsed TOML) and fill in defaults; every problem is
+    reported at once (a :class:`SpecError` whose message lists them all).
+
+    ``source`` says where the data was read when it is not the user's own input (the spec stored
+    in a study): its model factory and data module are then imported only if trusted.
+    """
+    if not isinstance(data, Mapping):
+        raise SpecError("spec", data, "a table")
+    errors = Errors()
+    method_names = {d.name for d in declarations() if d.options}
+    top = {"study", "model", "data", "teacher", "finetune", "method", "search", "runtime", "space"}
+    for k in data:
+        if k not in top:
+            errors.add(SpecError(k, data[k], f"sections {sorted(top)}", "is not a known section"))
+    study = _study(data.get("study"), errors)
+    model = errors.catch(lambda: _model(data.get("model"), source))
+    data_spec = errors.catch(lambda: _data_spec(_table({"data": data.get("data", {})}, "data", _DATA_KEYS), source))
+    teacher = TEACHER.parse(data.get("teacher"), errors)
+    finetune = FINETUNE.parse(data.get("finetune"), errors)
+    methods_raw = data.get("method", {})
+    if not isinstance(methods_raw, Mapping):
+        errors.add(SpecError("method", methods_raw, f"tables [method.<name>] for {sorted(method_names)}"))
+        methods_raw = {}
+    for name in methods_raw:
+        if name not in method_names:
+            errors.add(SpecError(f"method.{name}", methods_raw[name], f"methods with options: {sorted(method_names)}",
+                                 "is not a known method"))
+    methods = {section.name.split(".", 1)[1]: section.parse(methods_raw.get(section.name.split(".", 1)[1]), errors)
+               for section in method_sections()}
+    search_raw = data.get("search")
+    search = SEARCH.parse(search_raw, errors, allow=("promote", "refine"))
+    search_raw = search_raw if isinstance(search_raw, Mapping) else {}
+    promote = PROMOTE.parse(search_raw.get("promote"), errors)
+    refine = REFINE.parse(search_raw.get("refine"), errors)
+    runtime = RUNTIME.parse(data.get("runtime"), errors)
+    if runtime["heartbeat_grace"] <= runtime["heartbeat_interval"]:
+        errors.add(SpecError("runtime.heartbeat_grace", runtime["heartbeat_grace"],
+                             f"more seconds than heartbeat_interval ({runtime['heartbeat_interval']})"))
+    space = _space(data.get("space"), errors)
+    errors.raise_any()
+    assert model is not None and data_spec is not None
+
     normalized: dict[str, Any] = {
-        "study": {"name": name, "storage": storage, "trials": trials, "seed": seed, "sampler": sampler,
-                  "max_accuracy_drop": drop, "heartbeat_interval": heartbeat_interval,
-                  "heartbeat_grace": heartbeat_grace,
-                  **({} if feasible_drop is None else {"feasible_drop": feasible_drop})},
+        "study": study,
         "model": {k: v for k, v in {"preset": model.preset, "factory": model.factory, "kwargs": model.kwargs,
                                     "checkpoint": model.checkpoint}.items() if v is not None},
         "data": ({k: v for k, v in {"preset": data_spec.preset, "module": data_spec.module,
                                     "kwargs": data_spec.kwargs}.items() if v is not None}
                  if data_spec.table is None else data_spec.table_options()),
-        # augment_shift only when set: specs written before it existed keep their fingerprint
-        "teacher": {"epochs": teacher.epochs, "lr": teacher.lr, "batch_size": teacher.batch_size,
-                    **({"augment_shift": teacher.augment_shift} if teacher.augment_shift else {})},
-        "finetune": {"epochs": finetune.epochs, "batch_size": finetune.batch_size, "cache_mb": cache_mb,
-                     "prune_schedule": finetune.prune_schedule, "prune_ramp": finetune.prune_ramp,
-                     "promote_epochs": finetune.promote_epochs, "promote_margin": finetune.promote_margin,
-                     "promote_size_tolerance": finetune.promote_size_tolerance,
-                     "quantizer": finetune.quantizer,
-                     "prune_activation_power": finetune.prune_activation_power,
-                     "bias_bits": finetune.bias_bits, "refine_epochs": finetune.refine_epochs,
-                     "refine_top": finetune.refine_top, "refine_within": finetune.refine_within,
-                     "refine_share": finetune.refine_share, "weight_ema": finetune.weight_ema,
-                     "augment_shift": finetune.augment_shift, "augment_in": finetune.augment_in},
+        "teacher": teacher,
+        "finetune": finetune,
+        "method": methods,
+        "search": {**search, "promote": promote, "refine": refine},
+        "runtime": runtime,
         "space": {"layers": list(space.layers), "exclude": list(space.exclude),
-                  **{k: v.to_dict() for k, v in knobs.items()},
-                  "layer": {p: dict(v) for p, v in overrides.items()}},
+                  **{k: v.to_dict() for k, v in space.knobs.items()},
+                  "layer": {p: dict(v) for p, v in space.overrides.items()}},
     }
     try:
         json.dumps(normalized)
     except (TypeError, ValueError):
-        raise SpecError("model.kwargs / data.kwargs", "(a value)", "plain TOML values (strings, numbers, lists, tables)") from None
-    return StudySpec(name, storage, trials, seed, sampler, drop, model, data_spec, teacher, finetune, space,
-                     cache_mb, heartbeat_interval, heartbeat_grace, raw=normalized, feasible_drop=feasible_drop,
-                     source=source)
+        raise SpecError("model.kwargs / data.kwargs", "(a value)", "plain TOML values (strings, numbers, lists, "
+                        "tables)") from None
+    return StudySpec(
+        name=study["name"], storage=study["storage"], trials=study["trials"], seed=study["seed"],
+        max_accuracy_drop=study["max_accuracy_drop"], model=model, data=data_spec,
+        teacher=Values("teacher", teacher), finetune=Values("finetune", finetune),
+        methods={name: Values(f"method.{name}", values) for name, values in methods.items()},
+        search=Values("search", search, promote=Values("search.promote", promote),
+                      refine=Values("search.refine", refine)),
+        runtime=Values("runtime", runtime), space=space, raw=normalized,
+        feasible_drop=study.get("feasible_drop"), source=source)
+
+
+# How a spec stored by slimtune 0.1 names what now lives elsewhere, and the values it meant when
+# a key was absent (a spec stored before that key existed).
+_V01_FINETUNE = {
+    "prune_schedule": ("method", "prune", "schedule", "oneshot"), "prune_ramp": ("method", "prune", "ramp", 0.5),
+    "prune_activation_power": ("method", "prune", "activation_power", 0.0),
+    "quantizer": ("method", "quantize", "quantizer", "amax"), "bias_bits": ("method", "quantize", "bias_bits", 32),
+    "promote_epochs": ("search", "promote", "epochs", 0), "promote_margin": ("search", "promote", "margin", 0.002),
+    "promote_size_tolerance": ("search", "promote", "size_tolerance", 1.0),
+    "refine_epochs": ("search", "refine", "epochs", 0), "refine_top": ("search", "refine", "top", 4),
+    "refine_within": ("search", "refine", "within", 0.002), "refine_share": ("search", "refine", "share", 0.25),
+}
+_V01_FINETUNE_KEPT = {"weight_ema": 0.0, "augment_shift": 0, "augment_in": "all"}
+_V01_SPACE = {"rank_ratio": {"fixed": 1.0}, "unit_ratio": {"fixed": 1.0}, "l1_weight": {"fixed": 0.0}}
+
+
+def is_v01_spec(raw: Mapping[str, Any]) -> bool:
+    """Whether a stored spec has slimtune 0.1's shape (one flat ``[finetune]``, no ``[search]``)."""
+    return isinstance(raw, Mapping) and "search" not in raw and "method" not in raw and "runtime" not in raw
+
+
+def upgrade_stored_spec(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A spec stored by slimtune 0.1, in this version's sections, meaning the same trials: every
+    key 0.1 left out is written with the value it meant then (which is not always today's
+    default). A spec already in this version's shape is returned as it is.
+
+    >>> old = {"study": {"name": "x", "sampler": "tpe", "heartbeat_interval": 20, "heartbeat_grace": 60},
+    ...        "model": {"preset": "lenet300"}, "data": {"preset": "mnist"},
+    ...        "finetune": {"epochs": 2, "batch_size": 128, "cache_mb": 1024, "quantizer": "lsq"}, "space": {}}
+    >>> new = upgrade_stored_spec(old)
+    >>> new["method"]["quantize"], new["search"]["sampler"], new["runtime"]["cache_mb"]
+    ({'quantizer': 'lsq', 'bias_bits': 32}, 'tpe', 1024)
+    """
+    if not is_v01_spec(raw):
+        return copy.deepcopy(dict(raw))
+    old = copy.deepcopy(dict(raw))
+    study = dict(old.get("study", {}))
+    finetune = dict(old.get("finetune", {}))
+    new: dict[str, Any] = {k: v for k, v in old.items() if k not in ("study", "finetune")}
+    new["study"] = {k: v for k, v in study.items() if k not in ("sampler", "heartbeat_interval", "heartbeat_grace")}
+    new["search"] = {"sampler": study.get("sampler", "tpe"), "promote": {}, "refine": {}}
+    new["runtime"] = {"cache_mb": finetune.pop("cache_mb", 1024),
+                      "heartbeat_interval": study.get("heartbeat_interval", 20),
+                      "heartbeat_grace": study.get("heartbeat_grace", 60)}
+    new["method"] = {"prune": {}, "quantize": {}}
+    for key, (top, section, name, meant) in _V01_FINETUNE.items():
+        target = new[top][section] if top == "search" else new[top].setdefault(section, {})
+        target[name] = finetune.pop(key, meant)
+    new["finetune"] = {**{k: finetune.pop(k, v) for k, v in _V01_FINETUNE_KEPT.items()}, **finetune}
+    new["teacher"] = {"augment_shift": 0, **old.get("teacher", {})}
+    space = dict(old.get("space", {}))
+    for knob, meant in _V01_SPACE.items():
+        space.setdefault(knob, meant)
+    for decl in per_layer_knobs():  # knobs added since: off, as they were
+        if decl.neutral_table is not None and decl.name not in space:
+            space[decl.name] = decl.neutral_table
+    for decl in knob_declarations().values():
+        if decl.neutral_table is not None and decl.name not in space:
+            space[decl.name] = decl.neutral_table
+    new["space"] = space
+    return new
+
+
+def spec_reference() -> str:
+    """The reference of every declared section (TOML, defaults and help): what the README shows."""
+    return reference_toml(regular_sections())

@@ -1,4 +1,4 @@
-"""Study databases: storage URLs, blobs, the study catalog, Pareto fronts, presets, rendering.
+"""Study databases: storage URLs, blobs, trial records, selection, frames, reports, dashboard, presets.
 
 No torch here: listing studies and reading Pareto fronts work with only the database.
 
@@ -16,20 +16,41 @@ from ._dashboard import DEFAULT_HOST as DEFAULT_DASHBOARD_HOST
 from ._dashboard import DEFAULT_PORT as DEFAULT_DASHBOARD_PORT
 from ._dashboard import annotate_studies, annotate_study, read_only_app, serve_dashboard, study_note
 from ._format import FORMATS, render
-from ._frames import PARETO_COLUMNS, best_ratio_within, finished_count, pareto_frame, pareto_trials, search_front, studies_frame, trials_frame
+from ._frames import PARETO_COLUMNS, base_columns, finished_count, pareto_frame, studies_frame, trials_frame
 from ._presets import load_preset, preset_names
+from ._record import COMPLETED, TrialRecord, TrialWriter, records, refinement_attrs, refines_of
 from ._report import write_report
+from ._selection import (
+    best_at_test_accuracy,
+    best_ratio_within,
+    front,
+    pareto_trials,
+    refine_candidates,
+    refined_trials,
+    search_front,
+    teacher_accuracy,
+    within_drop,
+)
 from ._storage import (
-    STORAGE_ERRORS, StorageError, folder_lock, is_in_memory, load_existing_study, mask_url, open_storage, sqlite_lock,
-    sqlite_path, storage_fault,
+    STORAGE_ERRORS,
+    StorageError,
+    folder_lock,
+    is_in_memory,
+    load_existing_study,
+    mask_url,
+    open_storage,
+    sqlite_lock,
+    sqlite_path,
+    storage_fault,
 )
 
 __all__ = [
-    "STORAGE_ERRORS", "storage_fault", "claim_blob", "create_blob_table", "drop_blob", "engine_of", "folder_lock", "is_in_memory", "touch_blob",
-    "FORMATS", "PARETO_COLUMNS", "StorageError", "best_ratio_within", "delete_blobs", "finished_count", "get_blob", "keys",
-    "load_existing_study", "load_preset", "mask_url", "open_storage", "pareto_frame", "pareto_trials", "preset_names", "search_front", "put_blob", "render",
-    "sqlite_lock", "sqlite_path", "studies_frame", "trials_frame",
-    "DEFAULT_DASHBOARD_HOST", "DEFAULT_DASHBOARD_PORT", "annotate_studies", "annotate_study", "read_only_app",
-    "serve_dashboard", "study_note",
-    "write_report",
+    "COMPLETED", "DEFAULT_DASHBOARD_HOST", "DEFAULT_DASHBOARD_PORT", "FORMATS", "PARETO_COLUMNS", "STORAGE_ERRORS",
+    "StorageError", "TrialRecord", "TrialWriter", "annotate_studies", "annotate_study", "base_columns",
+    "best_at_test_accuracy", "best_ratio_within", "claim_blob", "create_blob_table", "delete_blobs", "drop_blob",
+    "engine_of", "finished_count", "folder_lock", "front", "get_blob", "is_in_memory", "keys", "load_existing_study",
+    "load_preset", "mask_url", "open_storage", "pareto_frame", "pareto_trials", "preset_names", "put_blob",
+    "read_only_app", "records", "refine_candidates", "refined_trials", "refinement_attrs", "refines_of", "render",
+    "search_front", "serve_dashboard", "sqlite_lock", "sqlite_path", "storage_fault", "studies_frame", "study_note",
+    "teacher_accuracy", "touch_blob", "trials_frame", "within_drop", "write_report",
 ]

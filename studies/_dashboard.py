@@ -38,7 +38,7 @@ from wsgiref.simple_server import WSGIServer, make_server
 import optuna
 import sqlalchemy
 
-from slimtune.spaces import PER_LAYER_KNOBS, SpecError, parse_spec
+from slimtune.spaces import SpecError, parse_spec, per_layer_knobs, upgrade_stored_spec
 
 from . import _keys as keys
 from ._storage import mask_url, open_storage
@@ -76,15 +76,16 @@ def _ref(section: dict[str, Any], name_key: str) -> str:
 
 def _spec_lines(raw: dict[str, Any]) -> list[str]:
     try:
-        spec = parse_spec(raw)
+        spec = parse_spec(upgrade_stored_spec(raw))
     except SpecError as exc:  # a spec stored by another slimtune version: show what is there
         return [f"- stored spec cannot be read by this slimtune ({exc})"]
     space = spec.space
-    per_layer = [f"`{n}` {k.describe()}" for n, k in space.knobs.items() if n in PER_LAYER_KNOBS]
-    global_ = [f"`{n}` {k.describe()}" for n, k in space.knobs.items() if n not in PER_LAYER_KNOBS]
+    layer_knobs = {k.name for k in per_layer_knobs()}
+    per_layer = [f"`{n}` {k.describe()}" for n, k in space.knobs.items() if n in layer_knobs]
+    global_ = [f"`{n}` {k.describe()}" for n, k in space.knobs.items() if n not in layer_knobs]
     lines = [
         f"- model: {_ref(raw.get('model', {}), 'factory')}; data: {_ref(raw.get('data', {}), 'module')}",
-        f"- sampler `{spec.sampler}`, seed {spec.seed}, target {spec.trials} finished trials",
+        f"- sampler `{spec.search.sampler}`, seed {spec.seed}, target {spec.trials} finished trials",
         f"- floor: `max_accuracy_drop` = {spec.max_accuracy_drop:g}"
         + (f"; feasible: `feasible_drop` = {spec.feasible_drop:g} (trials further below the teacher "
            "are off the Pareto front)" if spec.feasible_drop is not None else ""),

@@ -1,8 +1,8 @@
 """Names under which slimtune keeps its data in an Optuna study (one place, used everywhere).
 
 Study user attrs: ``SPEC`` (the normalized spec), ``FINGERPRINT``, ``TEACHER`` (teacher
-accuracies and sizes). Trial user attrs: the ``TRIAL_*`` names. Blobs: ``TEACHER_BLOB`` and
-:func:`artifact_blob_key`.
+accuracies and sizes). Trial user attrs: the ``TRIAL_*`` names, written and read only by
+``_record`` (a trial's record). Blobs: ``TEACHER_BLOB`` and :func:`artifact_blob_key`.
 
 Example:
     >>> artifact_blob_key(7)
@@ -29,6 +29,8 @@ TRIAL_VAL_HISTORY = "val_history"
 TRIAL_STOP_REASON = "stop_reason"
 TRIAL_FAIL_REASON = "fail_reason"
 TRIAL_PROMOTED = "promoted"
+TRIAL_TEACHER_SOURCE = "teacher_outputs"  # "cache" or "live": where the distillation targets came from
+TRIAL_THREADS = "torch_threads"
 TRIAL_WORKER = "worker"  # {"host", "pid", "run"}: who ran the trial (a run counts its own trials by "run")
 TRIAL_REFINES = "refines"  # on a refinement trial: the number of the trial whose plan it trains again
 

@@ -43,8 +43,12 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
+from slimtune.spaces import Panel, declarations
+
 from . import _keys as keys
-from ._frames import pareto_frame, pareto_trials
+from ._frames import pareto_frame
+from ._record import TrialRecord
+from ._selection import pareto_trials
 from ._storage import mask_url
 
 PARETO_DIV = "pareto-front"
@@ -184,9 +188,8 @@ def _plotly_js() -> str:
 
 
 def _hover(trial: FrozenTrial) -> list[Any]:
-    attrs = trial.user_attrs
-    return [trial.number, attrs.get(keys.TRIAL_TEST_ACCURACY), attrs.get(keys.TRIAL_RATIO),
-            attrs.get(keys.TRIAL_MEAN_BITS), attrs.get(keys.TRIAL_SPARSITY)]
+    record = TrialRecord.of(trial)
+    return [record.number, record.test_accuracy, record.compression_ratio, record.mean_bits, record.sparsity]
 
 
 _HOVER = ("trial #%{customdata[0]}<br>val accuracy %{y:.2%}<br>test accuracy %{customdata[1]:.2%}<br>"
@@ -252,55 +255,53 @@ def _pareto_figure(study: optuna.Study, front: list[FrozenTrial], complete: list
 def _layer_names(trials: Sequence[FrozenTrial]) -> list[str]:
     names: list[str] = []
     for trial in trials:
-        for name in trial.user_attrs.get(keys.TRIAL_PLAN, {}).get("layers", {}):
+        record = TrialRecord.of(trial)
+        for name in record.plan.get("layers", {}):
             if name not in names:
                 names.append(name)
-        for name in trial.user_attrs.get(keys.TRIAL_LAYERS, {}):
+        for name in record.layers:
             if name not in names:
                 names.append(name)
     return names
 
 
+def _panel_values(panel: Panel, ordered: list[FrozenTrial], layers: list[str]) -> list[list[Any]]:
+    def value(trial: FrozenTrial, layer: str) -> Any:
+        if panel.source == "plan":
+            return TrialRecord.of(trial).plan.get("layers", {}).get(layer, {}).get(panel.key, panel.neutral)
+        return TrialRecord.of(trial).layers.get(layer, {}).get(panel.key)
+
+    return [[value(t, layer) for layer in layers] for t in ordered]
+
+
 def _heatmap_figure(ordered: list[FrozenTrial]) -> tuple[Any, int]:
+    """One heat map per declared panel (``slimtune.spaces.Panel``) over layers and Pareto trials; a
+    panel ``only_if_used`` is drawn when some trial moved its knob off its neutral value."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     layers = _layer_names(ordered)
     rows = [f"#{t.number} · {_human_bytes(t.values[1])}" for t in ordered]
-
-    def grid(get: Any) -> list[list[Any]]:
-        return [[get(t, layer) for layer in layers] for t in ordered]
-
-    bits = grid(lambda t, l: t.user_attrs.get(keys.TRIAL_LAYERS, {}).get(l, {}).get("bits"))
-    sparsity = grid(lambda t, l: t.user_attrs.get(keys.TRIAL_LAYERS, {}).get(l, {}).get("sparsity"))
-    def planned(knob: str, default: float | None = None) -> list[list[Any]]:
-        return grid(lambda t, l: t.user_attrs.get(keys.TRIAL_PLAN, {}).get("layers", {}).get(l, {}).get(knob, default))
-
-    temperature = planned("kd_temperature")
-    rank = planned("rank_ratio", 1.0)
-    units = planned("unit_ratio", 1.0)
     show_text = len(layers) * len(ordered) <= 600
 
     def text(values: list[list[Any]], fmt: str) -> list[list[str]]:
         return [[("" if v is None else format(v, fmt)) for v in row] for row in values]
 
-    log_bits = [[(math.log2(v) if v else None) for v in row] for row in bits]
     bit_ticks = [2, 3, 4, 6, 8, 16, 32]
-    specs = [
-        ("weight bits (achieved)", log_bits, text(bits, "d"), "Viridis",
-         dict(tickvals=[math.log2(b) for b in bit_ticks], ticktext=[str(b) for b in bit_ticks]), "bits %{text}",
-         (1.0, 5.0)),
-        ("sparsity (achieved)", sparsity, text(sparsity, ".0%"), "Blues", dict(tickformat=".0%"),
-         "sparsity %{z:.1%}", (0.0, 1.0)),
-        ("KD temperature (plan)", temperature, text(temperature, ".1f"), "Oranges", {}, "T = %{z:.2f}",
-         (None, None)),
-    ]
-    if any(v is not None and v < 1 for row in rank for v in row):  # low-rank factorization searched
-        specs.append(("rank kept (plan rank_ratio)", rank, text(rank, ".2f"), "Greens", dict(tickformat=".1f"),
-                      "rank ratio %{z:.2f}", (0.0, 1.0)))
-    if any(v is not None and v < 1 for row in units for v in row):  # unit pruning searched
-        specs.append(("units kept (plan unit_ratio)", units, text(units, ".2f"), "Purples", dict(tickformat=".1f"),
-                      "unit ratio %{z:.2f}", (0.0, 1.0)))
+    specs = []
+    for panel in (p for d in declarations() for p in d.panels):
+        values = _panel_values(panel, ordered, layers)
+        if panel.only_if_used and not any(v is not None and v != panel.neutral for row in values for v in row):
+            continue
+        if panel.log2:
+            z = [[(math.log2(v) if v else None) for v in row] for row in values]
+            ticks = dict(tickvals=[math.log2(b) for b in bit_ticks], ticktext=[str(b) for b in bit_ticks])
+        else:
+            z = values
+            ticks = dict(tickformat=".0%") if panel.text_format.endswith("%") else (
+                dict(tickformat=".1f") if panel.low is not None else {})
+        specs.append((panel.title, z, text(values, panel.text_format), panel.colorscale, ticks, panel.hover,
+                      (panel.low, panel.high)))
     panels = len(specs)
     fig = make_subplots(rows=1, cols=panels, shared_yaxes=True, horizontal_spacing=0.04,
                         subplot_titles=[spec[0] for spec in specs])
@@ -460,12 +461,12 @@ def _others_table(trials: list[FrozenTrial]) -> str:
     for trial in trials:
         if trial.state == TrialState.COMPLETE:
             continue
-        attrs = trial.user_attrs
-        history = attrs.get(keys.TRIAL_VAL_HISTORY) or []
-        reason = attrs.get(keys.TRIAL_FAIL_REASON) or attrs.get(keys.TRIAL_STOP_REASON) or ""
+        record = TrialRecord.of(trial)
+        history = record.val_history
+        reason = record.reason or ""
         rows.append(f"<tr><td class=\"num\">#{trial.number}</td><td>{_esc(trial.state.name)}</td>"
                     f"<td class=\"num\">{_pct(history[-1]) if history else ''}</td>"
-                    f"<td class=\"num\">{_pct(attrs.get(keys.TRIAL_SPARSITY), 1)}</td><td>{_esc(reason)}</td></tr>")
+                    f"<td class=\"num\">{_pct(record.sparsity, 1)}</td><td>{_esc(reason)}</td></tr>")
     if not rows:
         return "<p class=\"note\">None: every trial completed.</p>"
     return ("<table id=\"stopped-table\"><thead><tr><th class=\"num\">trial</th><th>state</th>"
@@ -516,7 +517,7 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
     if teacher.get("val_accuracy") is not None and feasible_drop is not None:
         facts.append(("feasible", f"val ≥ {_pct(teacher['val_accuracy'] - feasible_drop)} (teacher val − "
                                   f"feasible_drop {feasible_drop:g}); the Pareto front holds feasible trials only"))
-    refinements = [t for t in study.get_trials(deepcopy=False) if keys.TRIAL_REFINES in t.user_attrs]
+    refinements = [t for t in study.get_trials(deepcopy=False) if TrialRecord.of(t).refines is not None]
     if refinements:
         facts.append(("refined", f"{len(refinements)} Pareto plan(s) trained again, longer, as new trials "
                                  "(the Pareto table's <i>refines</i> column); each refined trial is off the front"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimtune.spaces import CompressionPlan, LayerPlan, SpecError, parse_spec
+from slimtune.spaces import CompressionPlan, LayerPlan, SpecError, Values, parse_spec, regular_sections
 from slimtune.trainers import TrialContext, run_trial
 from slimtune.trainers._augment import random_shift
 
@@ -46,10 +46,16 @@ def test_spec_checks_and_stores_the_setting() -> None:
     assert (spec.finetune.augment_shift, spec.finetune.augment_in) == (1, "refine")
     assert parse_spec(spec.to_dict()).finetune == spec.finetune and spec.fingerprint() != base.fingerprint()
     off = digits_spec_dict()
-    off["finetune"].update(augment_shift=0, augment_in="all")
-    assert parse_spec(off).fingerprint() == base.fingerprint()  # off: old studies keep their fingerprint
+    off["finetune"].update(augment_shift=0, augment_in="refine")  # the defaults ("refine" since 0.2) written out
+    assert parse_spec(off).fingerprint() == base.fingerprint()
+    # the neutral values (no shift, in all fine-tunes) are left out of the fingerprint: old studies keep theirs
+    neutral = digits_spec_dict()
+    neutral["finetune"].update(augment_shift=0, augment_in="all")
+    finetune = next(section for section in regular_sections() if section.name == "finetune")
+    part = finetune.fingerprint_part(parse_spec(neutral).to_dict()["finetune"])
+    assert "augment_shift" not in part and "augment_in" not in part
     for key, value, allowed in (("augment_shift", 9, "[0, 8]"), ("augment_shift", -1, "[0, 8]"),
-                                ("augment_in", "promote", "all, refine")):
+                                ("augment_in", "promote", '"all", "refine"')):
         bad = digits_spec_dict()
         bad["finetune"][key] = value
         with pytest.raises(SpecError, match=f"finetune.{key}") as err:
@@ -60,12 +66,13 @@ def test_spec_checks_and_stores_the_setting() -> None:
 def test_trials_shift_only_in_the_fine_tunes_augment_in_names(digits_teacher) -> None:  # type: ignore[no-untyped-def]
     teacher, dm = digits_teacher
     results, contexts = {}, {}
-    for label, settings in (("plain", {}), ("all", {"augment_shift": 1}),
+    for label, settings in (("plain", {}), ("all", {"augment_shift": 1, "augment_in": "all"}),
                             ("refine", {"augment_shift": 1, "augment_in": "refine"})):
         data = digits_spec_dict()
         data["finetune"].update(settings)
         ctx = contexts[label] = TrialContext.create(parse_spec(data), teacher, datamodule=dm)
-        plan = CompressionPlan({n: LayerPlan(0.5, 4, 2.0) for n in ctx.layer_names}, 0.7, 0.5, 2e-3)
+        plan = CompressionPlan({n: LayerPlan(prune_ratio=0.5, weight_bits=4, kd_temperature=2.0)
+                                for n in ctx.layer_names}, kd_alpha=0.7, feature_kd_weight=0.5, lr=2e-3)
         results[label] = run_trial(ctx, plan, seed=0)
         results[label + "+refined"] = run_trial(ctx, plan, seed=0, promote=lambda a, s: True, extra_epochs=1)
     # "refine": a search trial trains exactly as without shifts, a refinement does not
@@ -87,14 +94,18 @@ def test_teacher_trains_on_shifted_images_when_its_spec_says_so() -> None:
     data["teacher"].update(augment_shift=1, epochs=2)
     spec = parse_spec(data)
     assert spec.teacher.augment_shift == 1 and parse_spec(spec.to_dict()).teacher == spec.teacher
-    assert base.teacher.augment_shift == 0 and "augment_shift" not in base.to_dict()["teacher"]
+    # off by default, and left out of the fingerprint when off (the normalized spec now holds every default)
+    teacher_section = next(section for section in regular_sections() if section.name == "teacher")
+    assert base.teacher.augment_shift == 0 and base.to_dict()["teacher"]["augment_shift"] == 0
+    assert "augment_shift" not in teacher_section.fingerprint_part(base.to_dict()["teacher"])
     data["teacher"]["augment_shift"] = 9
     with pytest.raises(SpecError, match="teacher.augment_shift"):
         parse_spec(data)
     dm = build_datamodule(spec.data)
     weights = {}
     for shift in (0, 1, 1):
-        plain = type(spec.teacher)(epochs=2, batch_size=spec.teacher.batch_size, lr=spec.teacher.lr, augment_shift=shift)
+        plain = Values("teacher", {"epochs": 2, "batch_size": spec.teacher.batch_size, "lr": spec.teacher.lr,
+                                   "augment_shift": shift})
         model = train_teacher(build_model(spec.model), dm, plain, seed=0)
         weights.setdefault(shift, []).append(torch.cat([p.detach().flatten() for p in model.parameters()]))
         assert evaluate(model, dm.val_dataloader()) > 0.5

@@ -7,15 +7,21 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from slimtune.spaces import CompressionPlan, LayerPlan
+from slimtune.spaces import CompressionPlan, LayerPlan, SpecError, parse_spec
 from slimtune.trainers import FakeQuant, apply_plan, bake, channel_scales, magnitude_mask, quantize
+
+
+def _one_layer(ratio: float, bits: int) -> CompressionPlan:
+    return CompressionPlan({"0": LayerPlan(prune_ratio=ratio, weight_bits=bits, kd_temperature=1.0)}, kd_alpha=1.0,
+                           feature_kd_weight=0.0, lr=1e-3)
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.1, 0.5, 0.731, 0.99])
 def test_pruning_removes_exactly_the_planned_share(ratio: float) -> None:
     torch.manual_seed(0)
     layer = nn.Linear(37, 23)
-    plan = CompressionPlan({"0": LayerPlan(ratio, 32, 1.0)}, 1.0, 0.0, 1e-3)
+    plan = CompressionPlan({"0": LayerPlan(prune_ratio=ratio, weight_bits=32, kd_temperature=1.0)}, kd_alpha=1.0,
+                           feature_kd_weight=0.0, lr=1e-3)
     model = apply_plan(nn.Sequential(layer), plan)
     zeros = int((model[0].weight == 0).sum())
     assert zeros == round(ratio * layer.weight.numel())
@@ -33,7 +39,7 @@ def test_quantized_levels_fit_in_bits(bits: int) -> None:
     codes, scale = quantize(conv.weight, bits)
     qmax = 2 ** (bits - 1) - 1
     assert codes.abs().max() <= qmax
-    model = apply_plan(nn.Sequential(conv), CompressionPlan({"0": LayerPlan(0.0, bits, 1.0)}, 1.0, 0.0, 1e-3))
+    model = apply_plan(nn.Sequential(conv), _one_layer(0.0, bits))
     for channel in range(8):
         levels = torch.unique(model[0].weight[channel])
         assert len(levels) <= 2**bits - 1
@@ -51,7 +57,7 @@ def test_gradients_flow_through_fake_quant() -> None:
 
 def test_pruned_weights_get_no_gradient_and_stay_zero() -> None:
     torch.manual_seed(0)
-    model = apply_plan(nn.Sequential(nn.Linear(10, 4)), CompressionPlan({"0": LayerPlan(0.5, 4, 1.0)}, 1.0, 0.0, 1e-3))
+    model = apply_plan(nn.Sequential(nn.Linear(10, 4)), _one_layer(0.5, 4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(3):
         optimizer.zero_grad()
@@ -64,17 +70,17 @@ def test_fully_pruned_channel_is_zero_not_nan() -> None:
     layer = nn.Linear(6, 3)
     with torch.no_grad():
         layer.weight[1] = 0
-    model = apply_plan(nn.Sequential(layer), CompressionPlan({"0": LayerPlan(0.0, 4, 1.0)}, 1.0, 0.0, 1e-3))
+    model = apply_plan(nn.Sequential(layer), _one_layer(0.0, 4))
     weight = model[0].weight
     assert torch.isfinite(weight).all()
     assert torch.equal(weight[1], torch.zeros(6))
-    model = apply_plan(nn.Sequential(nn.Linear(6, 3)), CompressionPlan({"0": LayerPlan(0.99, 2, 1.0)}, 1.0, 0.0, 1e-3))
+    model = apply_plan(nn.Sequential(nn.Linear(6, 3)), _one_layer(0.99, 2))
     assert torch.isfinite(model(torch.randn(2, 6))).all()
 
 
 def test_bake_leaves_plain_module_with_same_weights() -> None:
     torch.manual_seed(0)
-    model = apply_plan(nn.Sequential(nn.Linear(10, 4)), CompressionPlan({"0": LayerPlan(0.3, 4, 1.0)}, 1.0, 0.0, 1e-3))
+    model = apply_plan(nn.Sequential(nn.Linear(10, 4)), _one_layer(0.3, 4))
     before = model[0].weight.detach().clone()
     bake(model)
     assert not parametrize.is_parametrized(model[0])
@@ -85,7 +91,7 @@ def test_baking_a_copy_leaves_the_original_working() -> None:
     import copy
 
     torch.manual_seed(0)
-    model = apply_plan(nn.Sequential(nn.Linear(6, 3)), CompressionPlan({"0": LayerPlan(0.5, 4, 1.0)}, 1.0, 0.0, 1e-3))
+    model = apply_plan(nn.Sequential(nn.Linear(6, 3)), _one_layer(0.5, 4))
     x = torch.randn(2, 6)
     before = model(x)
     baked = bake(copy.deepcopy(model))
@@ -104,8 +110,9 @@ def test_sixteen_bit_scales_keep_small_channels() -> None:
 def _lsq_layer(bits: int = 3) -> nn.Sequential:
     torch.manual_seed(0)
     layer = nn.Sequential(nn.Linear(32, 8))
-    plan = CompressionPlan({"0": LayerPlan(0.5, bits, 2.0)}, 0.9, 0.0, 1e-3)
-    return apply_plan(layer, plan, quantizer="lsq")
+    plan = CompressionPlan({"0": LayerPlan(prune_ratio=0.5, weight_bits=bits, kd_temperature=2.0)}, kd_alpha=0.9,
+                           feature_kd_weight=0.0, lr=1e-3)
+    return apply_plan(layer, plan, options={"quantize": {"quantizer": "lsq"}})
 
 
 def test_learned_scales_start_at_amax_and_get_gradients() -> None:
@@ -140,6 +147,9 @@ def test_learned_scales_train_and_pack_bit_for_bit() -> None:
 
 
 def test_unknown_quantizer_is_refused() -> None:
-    with pytest.raises(ValueError, match="amax, lsq"):
-        apply_plan(nn.Sequential(nn.Linear(4, 2)), CompressionPlan({"0": LayerPlan(0.0, 4, 1.0)}, 0.9, 0.0, 1e-3),
-                   quantizer="kmeans")
+    # the spec parser checks the option's value (apply_plan no longer does); an unknown option is refused there too
+    with pytest.raises(SpecError, match='method.quantize.quantizer.*"amax", "lsq"'):
+        parse_spec({"study": {"name": "x"}, "model": {"preset": "mlp"}, "data": {"preset": "digits"},
+                    "method": {"quantize": {"quantizer": "kmeans"}}})
+    with pytest.raises(SpecError, match="method.quantize.scales"):
+        apply_plan(nn.Sequential(nn.Linear(4, 2)), _one_layer(0.0, 4), options={"quantize": {"scales": "kmeans"}})

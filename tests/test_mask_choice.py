@@ -1,6 +1,6 @@
 """Which weights survive and what the artifact keeps of them: activation-weighted masks
-(``prune_activation_power``), network-surgery masks (``prune_schedule = "dynamic"``) and
-float16 biases (``bias_bits = 16``), each reachable from a spec."""
+(``[method.prune] activation_power``), network-surgery masks (``[method.prune] schedule = "dynamic"``)
+and float16 biases (``[method.quantize] bias_bits = 16``), each reachable from a spec."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from torch import nn
 
 from slimtune.search import main
-from slimtune.spaces import CompressionPlan, LayerPlan, SpecError, parse_spec
+from slimtune.spaces import CompressionPlan, LayerPlan, SpecError, parse_spec, regular_sections
 from slimtune.studies import get_blob, keys
 from slimtune.trainers import (
     DistillationModule, DynamicPruning, HalfPrecision, apply_plan, bake, evaluate_artifact, importance,
@@ -26,7 +26,8 @@ from .conftest import SPEC_TOML, digits_spec_dict, toy_model_and_loader
 
 
 def _plan(ratio: float, bits: int = 32, layers: tuple[str, ...] = ("0", "2")) -> CompressionPlan:
-    return CompressionPlan({name: LayerPlan(ratio, bits, 2.0) for name in layers}, 1.0, 0.0, 1e-2)
+    return CompressionPlan({name: LayerPlan(prune_ratio=ratio, weight_bits=bits, kd_temperature=2.0)
+                            for name in layers}, kd_alpha=1.0, feature_kd_weight=0.0, lr=1e-2)
 
 
 def test_input_scales_are_the_rms_of_each_input_feature_and_channel() -> None:
@@ -54,7 +55,8 @@ def test_activation_power_prunes_weights_on_dead_inputs_first() -> None:
     by_magnitude = apply_plan(copy.deepcopy(model), _plan(0.25, layers=("0",)))
     assert bool((by_magnitude[0].parametrizations["weight"][0].mask[:, 0] == 1).all())
     scales = layer_input_scales(model, ["0"], x, power=1.0)
-    by_activation = apply_plan(copy.deepcopy(model), _plan(0.25, layers=("0",)), input_scales=scales)
+    by_activation = apply_plan(copy.deepcopy(model), _plan(0.25, layers=("0",)),
+                               options={"prune": {"activation_power": 1.0}}, input_rms=scales)
     mask = by_activation[0].parametrizations["weight"][0].mask
     assert bool((mask[:, 0] == 0).all()) and int((mask == 0).sum()) == 8  # same ratio, dead input gone
     assert torch.equal(importance(layer.weight, None), layer.weight.detach().abs())
@@ -94,7 +96,7 @@ def test_half_biases_train_as_float16_values_and_pack_in_two_bytes() -> None:
     model, _ = toy_model_and_loader()
     plan = _plan(0.5, bits=4)
     wide = apply_plan(copy.deepcopy(model), plan)
-    half = apply_plan(copy.deepcopy(model), plan, bias_bits=16)
+    half = apply_plan(copy.deepcopy(model), plan, options={"quantize": {"bias_bits": 16}})
     bias = half.get_submodule("0").bias
     assert torch.equal(bias, bias.to(torch.float16).to(torch.float32)) and bias.dtype == torch.float32
     half(torch.randn(3, 16)).sum().backward()
@@ -107,35 +109,48 @@ def test_half_biases_train_as_float16_values_and_pack_in_two_bytes() -> None:
     assert state.keys() == baked.keys()
     assert all(torch.equal(state[k], baked[k]) and state[k].dtype == torch.float32 for k in state)
     assert torch.equal(HalfPrecision()(torch.tensor([1e9])), torch.tensor([65504.0]))
-    with pytest.raises(ValueError, match="bias_bits"):
-        apply_plan(copy.deepcopy(model), plan, bias_bits=8)
+    with pytest.raises(ValueError, match="bias_bits"):  # the spec parser checks the value (apply_plan no longer)
+        parse_spec({**digits_spec_dict(), "method": {"quantize": {"bias_bits": 8}}})
 
     class Doubled(nn.Module):
         def forward(self, value: torch.Tensor) -> torch.Tensor:
             return 2 * value
 
+    rounded = half.get_submodule("2").bias.detach().clone()
     torch.nn.utils.parametrize.register_parametrization(half.get_submodule("2"), "bias", Doubled())
-    with pytest.raises(TypeError, match="HalfPrecision, Doubled"):
-        pack_model(half)  # a bias it cannot store as float16 is refused, not written wrong
+    # a bias it cannot store as float16 is not written wrong: a last parametrization without a codec is
+    # written as floats, its parametrizations baked in (since 0.2; it used to be refused)
+    state, _ = unpack_model(pack_model(half))
+    assert torch.equal(state["2.bias"], 2 * rounded)
+    assert torch.equal(state["2.bias"], bake(copy.deepcopy(half)).state_dict()["2.bias"])
 
 
 def test_mask_settings_are_validated_and_neutral_values_keep_the_fingerprint() -> None:
     base = parse_spec(digits_spec_dict())
-    neutral = digits_spec_dict()
-    neutral["finetune"].update(prune_activation_power=0.0, bias_bits=32)
-    assert parse_spec(neutral).fingerprint() == base.fingerprint()
-    changed = digits_spec_dict()
-    changed["finetune"].update(prune_activation_power=0.5, bias_bits=16, prune_schedule="dynamic")
+    # today's defaults (activation-weighted masks, float16 biases) written out keep the fingerprint
+    written = {**digits_spec_dict(), "method": {"prune": {"activation_power": 0.5}, "quantize": {"bias_bits": 16}}}
+    assert parse_spec(written).fingerprint() == base.fingerprint()
+    # the neutral values (magnitude masks, float32 biases, amax scales: the plain methods, as before the
+    # settings existed) are left out of the fingerprint, so old studies keep theirs
+    neutral = parse_spec({**digits_spec_dict(), "method": {"prune": {"activation_power": 0.0},
+                                                           "quantize": {"bias_bits": 32, "quantizer": "amax"}}})
+    for section in regular_sections():
+        if section.name.startswith("method."):
+            name = section.name.split(".", 1)[1]
+            assert section.fingerprint_part(neutral.to_dict()["method"][name]) == {}, section.name
+    assert neutral.fingerprint() != base.fingerprint()
+    changed = {**digits_spec_dict(), "method": {"prune": {"activation_power": 1.0, "schedule": "dynamic"},
+                                                "quantize": {"bias_bits": 32}}}
     spec = parse_spec(changed)
-    assert (spec.finetune.prune_activation_power, spec.finetune.bias_bits, spec.finetune.prune_schedule) == (
-        0.5, 16, "dynamic")
+    assert (spec.method("prune").activation_power, spec.method("quantize").bias_bits,
+            spec.method("prune").schedule) == (1.0, 32, "dynamic")
     assert spec.fingerprint() != base.fingerprint()
-    for key, value, allowed in [("prune_activation_power", -1, "[0.0, 4.0]"), ("prune_activation_power", "x", "4.0"),
-                                ("bias_bits", 8, "32 or 16"), ("bias_bits", True, "32 or 16"),
-                                ("prune_schedule", "surgery", "oneshot, gradual, dynamic")]:
-        bad = digits_spec_dict()
-        bad["finetune"][key] = value
-        with pytest.raises(SpecError, match=f"finetune.{key}") as err:
+    for key, value, allowed in [("prune.activation_power", -1, "[0, 4]"), ("prune.activation_power", "x", "4"),
+                                ("quantize.bias_bits", 8, "32, 16"), ("quantize.bias_bits", True, "32, 16"),
+                                ("prune.schedule", "surgery", '"oneshot", "gradual", "dynamic"')]:
+        method, option = key.split(".")
+        bad = {**digits_spec_dict(), "method": {method: {option: value}}}
+        with pytest.raises(SpecError, match=f"method.{key}") as err:
             parse_spec(bad)
         assert allowed in str(err.value)
 
@@ -144,7 +159,8 @@ def test_activation_masks_dynamic_schedule_and_half_biases_end_to_end(tmp_path: 
     spec_file = tmp_path / "s.toml"
     spec_file.write_text(SPEC_TOML.replace(
         "[finetune]\nepochs = 1",
-        "[finetune]\nepochs = 1\nprune_schedule = \"dynamic\"\nprune_activation_power = 1.0\nbias_bits = 16"))
+        "[method.prune]\nschedule = \"dynamic\"\nactivation_power = 1.0\n\n[method.quantize]\nbias_bits = 16\n\n"
+        "[finetune]\nepochs = 1"))
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     assert main(["search", str(spec_file), "--storage", url, "--trials", "3", "--quiet"]) == 0
     study = optuna.load_study(study_name="digits-test", storage=url)

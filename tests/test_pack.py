@@ -14,7 +14,8 @@ from slimtune.spaces import ModelSpec
 
 
 def _plan(layers: dict[str, tuple[float, int]]) -> CompressionPlan:
-    return CompressionPlan({n: LayerPlan(r, b, 2.0) for n, (r, b) in layers.items()}, 0.9, 0.0, 1e-3)
+    return CompressionPlan({n: LayerPlan(prune_ratio=r, weight_bits=b, kd_temperature=2.0)
+                            for n, (r, b) in layers.items()}, kd_alpha=0.9, feature_kd_weight=0.0, lr=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -90,7 +91,9 @@ _V1_ARTIFACT = bytes.fromhex(
 def _v1_fixture_model() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
-    return apply_plan(model, CompressionPlan({"0": LayerPlan(0.75, 3, 1.0), "2": LayerPlan(0.0, 5, 1.0)}, 0.9, 0.0, 1e-3))
+    return apply_plan(model, CompressionPlan({"0": LayerPlan(prune_ratio=0.75, weight_bits=3, kd_temperature=1.0),
+                                              "2": LayerPlan(prune_ratio=0.0, weight_bits=5, kd_temperature=1.0)},
+                                             kd_alpha=0.9, feature_kd_weight=0.0, lr=1e-3))
 
 
 def test_version_1_artifacts_are_still_read() -> None:
@@ -110,16 +113,16 @@ def test_unknown_version_names_the_readable_ones() -> None:
 
 @pytest.mark.parametrize("zeros_before", [[], [0], [254], [255], [256], [510, 0, 3], [0, 0, 1000, 255]])
 def test_run_lengths_round_trip(zeros_before: list[int]) -> None:
-    from slimtune.trainers._pack import _positions, _run_lengths
+    from slimtune.trainers._index import positions, run_lengths
 
     mask = []
     for zeros in zeros_before:
         mask += [False] * zeros + [True]
     mask += [False] * 7  # trailing zeros are implied by the count
     nonzero = torch.tensor(mask, dtype=torch.bool).numpy()
-    encoded = _run_lengths(nonzero)
+    encoded = run_lengths(nonzero)
     assert len(encoded) == sum(z // 255 + 1 for z in zeros_before)
-    assert (_positions(encoded, len(mask)) == nonzero).all()
+    assert (positions(encoded, len(mask)) == nonzero).all()
 
 
 def test_pruned_weights_cost_less_than_a_raw_bitmap_would() -> None:

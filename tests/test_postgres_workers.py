@@ -23,10 +23,12 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CLI = [sys.executable, "-m", "slimtune.search._cli"]
 
 
-def _spec(tmp_path: Path, trials: int, epochs: int = 1) -> Path:
+def _spec(tmp_path: Path, trials: int, epochs: int = 1, quick_heartbeat: bool = False) -> Path:
+    """The test spec; `quick_heartbeat` lets a killed worker's trial go stale in seconds."""
     path = tmp_path / "study.toml"
-    text = SPEC_TOML.replace("trials = 3", f"trials = {trials}\nheartbeat_interval = 1\nheartbeat_grace = 3")
-    path.write_text(text.replace("[finetune]\nepochs = 1", f"[finetune]\nepochs = {epochs}"))
+    text = SPEC_TOML.replace("trials = 3", f"trials = {trials}")
+    runtime = "[runtime]\nheartbeat_interval = 1\nheartbeat_grace = 3\n\n" if quick_heartbeat else ""
+    path.write_text(text.replace("[finetune]\nepochs = 1", f"{runtime}[finetune]\nepochs = {epochs}"))
     return path
 
 
@@ -34,29 +36,31 @@ def _env(url: str) -> dict[str, str]:
     return {**os.environ, "SLIMTUNE_STORAGE": url, "PYTHONUNBUFFERED": "1"}
 
 
-def _wait_for_running(url: str, after: int, proc: subprocess.Popen, limit: float = 120.0) -> optuna.trial.FrozenTrial:
+def _wait_for_training(url: str, after: int, proc: subprocess.Popen,
+                       limit: float = 120.0) -> optuna.trial.FrozenTrial:
+    """The first running trial numbered `after` or later once its whole plan is stored (it is training then)."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         assert proc.poll() is None, "the worker ended before starting a trial"
-        running = [t for t in optuna.load_study(study_name="digits-test", storage=url).get_trials()
-                   if t.state == TrialState.RUNNING and t.number >= after]
+        trials = optuna.load_study(study_name="digits-test", storage=url).get_trials()
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.number >= after
+                   and set(t.params) == set(trials[0].params)]
         if running:
             return running[0]
-        time.sleep(0.2)
+        time.sleep(0.1)
     raise AssertionError("no trial started in time")
 
 
 def test_killed_worker_trial_is_failed_and_retried_with_the_same_plan(tmp_path: Path, postgres: Cluster,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     url = postgres.create_database("kill_and_recover")
-    spec = _spec(tmp_path, trials=1, epochs=40)
+    spec = _spec(tmp_path, trials=1, epochs=40, quick_heartbeat=True)
     assert main(["search", str(spec), "--storage", url, "--quiet", "--threads", "1"]) == 0
 
     worker = [*CLI, "worker", "--study", "digits-test", "--trials", "3", "--quiet", "--threads", "1"]
     victim = subprocess.Popen(worker, env=_env(url), stderr=subprocess.DEVNULL)
     try:
-        doomed = _wait_for_running(url, 1, victim)
-        time.sleep(1.0)
+        doomed = _wait_for_training(url, 1, victim)
         victim.send_signal(signal.SIGKILL)
         killed_at = time.time()
         victim.wait(timeout=10)
@@ -71,7 +75,7 @@ def test_killed_worker_trial_is_failed_and_retried_with_the_same_plan(tmp_path: 
     assert trials[doomed.number].state == TrialState.FAIL
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == doomed.number]
     assert len(retries) == 1 and retries[0].state in FINISHED
-    assert retries[0].params == doomed.params
+    assert retries[0].params == doomed.params == trials[doomed.number].params
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     with capsys.disabled():
         print(f"\n[kill-and-recover] trial {doomed.number} killed; failed as stale and retried as trial "

@@ -1,4 +1,4 @@
-"""``finetune.refine_epochs``: the refinement stage trains the best plans again, longer, as new
+"""``[search.refine] epochs``: the refinement stage trains the best plans again, longer, as new
 trials, and the Pareto front then judges each refined plan by its refinement."""
 
 from __future__ import annotations
@@ -22,22 +22,22 @@ from slimtune.studies import keys, pareto_trials, search_front
 
 from .conftest import SPEC_TOML, digits_spec_dict
 
-REFINE_TOML = SPEC_TOML.replace("epochs = 1\nbatch_size = 64", "epochs = 1\nbatch_size = 64\nrefine_epochs = 2\n"
-                                "refine_top = 2\nrefine_within = 0.5")
+REFINE_TOML = SPEC_TOML.replace("epochs = 1\nbatch_size = 64", "epochs = 1\nbatch_size = 64\n\n[search.refine]\n"
+                                "epochs = 2\ntop = 2\nwithin = 0.5")
 
 
 def test_refine_settings_are_validated_and_neutral_by_default() -> None:
     base = parse_spec(digits_spec_dict())
-    neutral = parse_spec({**digits_spec_dict(), "finetune": {"epochs": 1, "batch_size": 64, "refine_epochs": 0}})
-    assert base.finetune.refine_epochs == 0 and neutral.fingerprint() == base.fingerprint()
-    spec = parse_spec({**digits_spec_dict(), "finetune": {"epochs": 1, "batch_size": 64, "refine_epochs": 3}})
-    assert spec.finetune.refine_epochs == 3
+    neutral = parse_spec({**digits_spec_dict(), "search": {"refine": {"epochs": 0}}})
+    assert base.search.refine.epochs == 0 and neutral.fingerprint() == base.fingerprint()
+    spec = parse_spec({**digits_spec_dict(), "search": {"refine": {"epochs": 3}}})
+    assert spec.search.refine.epochs == 3
     assert spec.fingerprint() == base.fingerprint()  # it adds trials, changes none: a resume may add the stage
-    assert parse_spec(spec.to_dict()).finetune.refine_epochs == 3  # survives the stored round trip
-    for key, bad, allowed in (("refine_epochs", -1, "0"), ("refine_top", 0, "1"), ("refine_within", 2, "[0.0, 1.0]"),
-                              ("refine_share", 1.0, "[0.0, 0.95]")):
-        with pytest.raises(SpecError, match=f"finetune.{key}") as err:
-            parse_spec({**digits_spec_dict(), "finetune": {"epochs": 1, "batch_size": 64, key: bad}})
+    assert parse_spec(spec.to_dict()).search.refine.epochs == 3  # survives the stored round trip
+    for key, bad, allowed in (("epochs", -1, "0"), ("top", 0, "1"), ("within", 2, "[0, 1]"),
+                              ("share", 1.0, "[0, 0.95]")):
+        with pytest.raises(SpecError, match=f"search.refine.{key}") as err:
+            parse_spec({**digits_spec_dict(), "search": {"refine": {key: bad}}})
         assert allowed in str(err.value)
 
 
@@ -58,7 +58,7 @@ def test_the_stage_refines_front_plans_as_new_trials_and_the_front_judges_them_b
     refinements = [t for t in study.trials if keys.TRIAL_REFINES in t.user_attrs]
     sources = [t.user_attrs[keys.TRIAL_REFINES] for t in refinements]
     # the smallest first; the next from the front as it stands after that refinement
-    assert sources[0] == in_band[0] and set(sources) <= set(in_band) and len(sources) <= 2  # refine_top
+    assert sources[0] == in_band[0] and set(sources) <= set(in_band) and len(sources) <= 2  # search.refine.top
     assert refine_candidates(study, teacher_val, 0.5, 2) == []  # the stage stopped because none was left
     for trial in refinements:
         source = study.trials[trial.user_attrs[keys.TRIAL_REFINES]]
@@ -66,7 +66,7 @@ def test_the_stage_refines_front_plans_as_new_trials_and_the_front_judges_them_b
         assert len(source.user_attrs[keys.TRIAL_VAL_HISTORY]) == 1
         assert keys.TRIAL_PROMOTED not in trial.user_attrs  # not a promotion: counted apart
         if trial.state == TrialState.COMPLETE:
-            assert len(trial.user_attrs[keys.TRIAL_VAL_HISTORY]) == 1 + 2  # epochs + refine_epochs
+            assert len(trial.user_attrs[keys.TRIAL_VAL_HISTORY]) == 1 + 2  # epochs + search.refine.epochs
     front = {t.number for t in pareto_trials(study)}
     assert not front & set(sources)  # a refined plan stands on the front only through its refinement
     assert front, "the refinements and the other trials still make a front"
@@ -142,8 +142,7 @@ def _scripted_search(tmp_path: Path, with_deadline: bool) -> list[tuple[int | No
     tmp_path.mkdir()
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     spec = parse_spec({**digits_spec_dict(trials=6, storage=url),
-                       "finetune": {"epochs": 1, "batch_size": 64, "refine_epochs": 1, "refine_top": 10,
-                                    "refine_within": 0.05}})
+                       "search": {"refine": {"epochs": 1, "top": 10, "within": 0.05}}})
     storage = optuna.storages.RDBStorage(url)
     study = optuna.create_study(study_name="scripted", storage=storage, directions=["maximize", "minimize"])
     search_values = iter([(0.95, 100.0), (0.96, 200.0), (0.97, 50.0), (0.90, 10.0), (0.90, 9.0)])

@@ -13,7 +13,7 @@ from .conftest import digits_spec_dict
 def test_defaults_are_filled_and_round_trip() -> None:
     spec = parse_spec({"study": {"name": "x"}, "model": {"preset": "lenet300"}, "data": {"preset": "mnist"}})
     assert spec.storage == "sqlite:///slimtune.db"
-    assert spec.sampler == "tpe"
+    assert spec.search.sampler == "tpe"
     assert spec.space.knobs["weight_bits"].choices == (2, 3, 4, 5, 6, 8, 32)
     again = parse_spec(spec.to_dict())
     assert again.to_dict() == spec.to_dict()
@@ -29,7 +29,9 @@ def test_defaults_are_filled_and_round_trip() -> None:
         ("space", "prune_ratio", {"fixed": 1.5}, "space.prune_ratio.fixed"),
         ("space", "kd_temperature", {"low": 0, "high": 2}, "space.kd_temperature.low"),
         ("space", "kd_alpha", {"tie": True}, "space.kd_alpha.tie"),
-        ("study", "sampler", "cmaes", "study.sampler"),
+        ("search", "sampler", "cmaes", "search.sampler"),
+        ("method", "prune", {"schedule": "sometimes"}, "method.prune.schedule"),
+        ("runtime", "cache_mb", -1, "runtime.cache_mb"),
         ("study", "trials", 0, "study.trials"),
         ("finetune", "epochs", "two", "finetune.epochs"),
         ("finetune", "optimizer", "sgd", "finetune.optimizer"),

@@ -77,13 +77,16 @@ def test_a_database_damaged_inside_is_a_clear_error(digits_study_db: Path, tmp_p
     assert not (tmp_path / "t.slim").exists()
 
 
+_BEATING = "\n[runtime]\nheartbeat_interval = 1\nheartbeat_grace = 3\n"  # heartbeats that go stale after 3 s
+
+
 @pytest.fixture(scope="module")
 def beating_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-trial digits study whose heartbeat goes stale after 3 s (so ``resume`` fails a trial
     left RUNNING at once), copied into one file (its WAL folded in)."""
     folder = tmp_path_factory.mktemp("beating")
     spec = folder / "s.toml"
-    spec.write_text(SPEC_TOML.replace("trials = 3", "trials = 2\nheartbeat_interval = 1\nheartbeat_grace = 3"))
+    spec.write_text(SPEC_TOML.replace("trials = 3", "trials = 2") + _BEATING)
     db = folder / "written.db"
     assert main(["search", str(spec), "--storage", f"sqlite:///{db}", "--quiet", "--threads", "1"]) == 0
     return copy_database(db, folder / "studies.db")
@@ -189,7 +192,7 @@ def test_a_connection_lost_mid_study_is_a_clear_error_and_resume_recovers(postgr
     proxy.start()
     url = direct.replace(f":{postgres.port}/", f":{proxy.port}/")
     spec = tmp_path / "slow.toml"
-    spec.write_text(SPEC_TOML.replace("trials = 3", "trials = 2\nheartbeat_interval = 1\nheartbeat_grace = 3")
+    spec.write_text((SPEC_TOML.replace("trials = 3", "trials = 2") + _BEATING)
                     .replace("epochs = 1", "epochs = 60"))
     env = {**os.environ, "SLIMTUNE_STORAGE": url, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([*CLI, "search", str(spec), "--quiet", "--threads", "1"], stderr=subprocess.PIPE,

@@ -15,8 +15,10 @@ from torch import nn
 from slimtune.search import main
 from slimtune.spaces import CompressionPlan, LayerPlan, ModelSpec, SpecError, parse_spec, sample_plan
 from slimtune.studies import get_blob, keys, open_storage
-from slimtune.trainers import apply_plan, bake, build_datamodule, build_model, evaluate, model_from_meta, pack_model, unpack_model
-from slimtune.trainers._compress import PruneMask, unit_keeps
+from slimtune.trainers import (
+    PruneMask, apply_plan, bake, build_datamodule, build_model, evaluate, model_from_meta, pack_model, unit_keeps,
+    unpack_model,
+)
 
 from .conftest import SPEC_TOML, digits_spec_dict
 
@@ -28,7 +30,8 @@ def _mlp() -> nn.Sequential:
 
 def _plan(layers: dict[str, tuple[float, int, float]]) -> CompressionPlan:
     """``{layer: (prune_ratio, bits, unit_ratio)}``."""
-    return CompressionPlan({n: LayerPlan(p, b, 2.0, 1.0, u) for n, (p, b, u) in layers.items()}, 0.9, 0.0, 1e-3)
+    return CompressionPlan({n: LayerPlan(prune_ratio=p, weight_bits=b, kd_temperature=2.0, rank_ratio=1.0, unit_ratio=u)
+                            for n, (p, b, u) in layers.items()}, kd_alpha=0.9, feature_kd_weight=0.0, lr=1e-3)
 
 
 def _weight(model: nn.Module, name: str) -> torch.Tensor:
@@ -116,7 +119,8 @@ def test_reselected_masks_never_revive_a_dropped_unit() -> None:
 
 def test_a_unit_pruned_model_packs_and_reads_back_exactly() -> None:
     model = _mlp()
-    apply_plan(model, _plan({"0": (0.6, 3, 0.5), "2": (0.5, 5, 0.5), "4": (0.0, 8, 1.0)}), quantizer="lsq")
+    apply_plan(model, _plan({"0": (0.6, 3, 0.5), "2": (0.5, 5, 0.5), "4": (0.0, 8, 1.0)}),
+               options={"quantize": {"quantizer": "lsq"}})
     blob = pack_model(model, meta={"model": {"preset": "demo"}})
     state, _ = unpack_model(blob)
     baked = bake(model).state_dict()
@@ -126,9 +130,14 @@ def test_a_unit_pruned_model_packs_and_reads_back_exactly() -> None:
 # ---- the knob in the spec and the sampler -------------------------------------------------------
 
 def test_unit_ratio_defaults_off_and_is_never_sampled_for_the_logits_layer() -> None:
-    spec = parse_spec(digits_spec_dict())
+    # since 0.2 the knob is searched by default (low = 0.3, high = 1.0); its neutral value {fixed = 1.0} turns it off
+    default = parse_spec(digits_spec_dict())
+    assert (default.space.knobs["unit_ratio"].low, default.space.knobs["unit_ratio"].high) == (0.3, 1.0)
+    off = digits_spec_dict()
+    off["space"]["unit_ratio"] = {"fixed": 1.0}
+    spec = parse_spec(off)
     assert spec.space.knobs["unit_ratio"].fixed == 1.0
-    assert spec.fingerprint() == "c47015ee2f8d0e0c"  # unchanged since before the knob existed
+    assert spec.fingerprint() == "26ccb2a165962500"  # off: as before the knob existed (left out of the fingerprint)
     trial = optuna.create_study(directions=["maximize", "minimize"]).ask()
     plan = sample_plan(trial, spec.space, ["conv1", "conv2", "fc1", "fc2"], "fc2")
     assert not any("unit_ratio" in p for p in trial.params)
@@ -141,7 +150,7 @@ def test_unit_ratio_defaults_off_and_is_never_sampled_for_the_logits_layer() -> 
     searched = digits_spec_dict()
     searched["space"]["unit_ratio"] = {"low": 0.3, "high": 1.0}
     spec = parse_spec(searched)
-    assert spec.fingerprint() != "c47015ee2f8d0e0c"
+    assert spec.fingerprint() != "26ccb2a165962500" and spec.fingerprint() == default.fingerprint()
     trial = optuna.create_study(directions=["maximize", "minimize"]).ask()
     plan = sample_plan(trial, spec.space, ["conv1", "conv2", "fc1", "fc2"], "fc2")
     assert {"conv1.unit_ratio", "conv2.unit_ratio", "fc1.unit_ratio"} <= set(trial.params)

@@ -3,8 +3,8 @@
 - :class:`ClassifierModule` trains a teacher with cross-entropy.
 - :class:`DistillationModule` fine-tunes a compressed student with
   ``alpha * KD(logits, T_out) + (1 - alpha) * CE + w_feat * mean_l KD(features_l, T_l)
-  + w_l1 * sum_l mean|W_l|``; teacher outputs come from a cache (batches ``(index, x, y)``)
-  or a live teacher (``(x, y)``).
+  + w_l1 * sum_l mean|W_l| + w_l2 * sum_l mean W_l^2``; teacher outputs come from a cache
+  (batches ``(index, x, y)``) or a live teacher (``(x, y)``).
 - :class:`AccuracyFloor` stops a run whose validation accuracy after an epoch is below a floor.
 
 Example:
@@ -27,7 +27,7 @@ from torch import nn
 
 from ._augment import ImageShift
 from ._distill import feature_kd_loss, logit_kd_loss
-from ._lowrank import weight_modules
+from .methods import weight_modules
 
 
 def silence_lightning() -> None:
@@ -116,6 +116,18 @@ class FeatureTap:
         self._handles = []
 
 
+class _Shared:
+    """What a module refers to but does not own (the teacher, its output cache, the feature
+    hooks): never copied, also when a callback deep-copies the module (Lightning's
+    ``WeightAveraging`` keeps an averaged copy)."""
+
+    def __init__(self, **items: Any) -> None:
+        self.__dict__.update(items)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Shared:
+        return self
+
+
 class DistillationModule(_AccuracyMixin, pl.LightningModule):
     """Knowledge-distillation fine-tune of a compressed student.
 
@@ -127,13 +139,14 @@ class DistillationModule(_AccuracyMixin, pl.LightningModule):
 
         kd_alpha * KD(logits, T_out) + (1 - kd_alpha) * CE(logits, y)
           + feature_kd_weight * (1 / |H|) * sum_{h in H} KD(features_h, T_h)
-          + l1_weight * sum_{l in l1_layers} mean(|W_l|)
+          + l1_weight * sum_{l in l1_layers} mean(|W_l|) + l2_weight * sum_{l in l1_layers} mean(W_l^2)
 
     where ``W_l`` is layer ``l``'s weight as the forward pass uses it (after its pruning mask
     and fake quantization; the gradient passes straight through the quantizer), and for a
     low-rank factorized layer the entries of both factors together: ``mean(|W_l|) =
-    (sum |W_l0| + sum |W_l1|) / (numel(W_l0) + numel(W_l1))``. ``l1_weight = 0`` (the default)
-    leaves the term out. :meth:`l1_penalty` is ``sum_l mean(|W_l|)``.
+    (sum |W_l0| + sum |W_l1|) / (numel(W_l0) + numel(W_l1))``. ``l1_weight = 0`` and
+    ``l2_weight = 0`` (the defaults) leave the terms out. :meth:`l1_penalty` is
+    ``sum_l mean(|W_l|)``, :meth:`l2_penalty` ``sum_l mean(W_l^2)``.
 
     ``augment_shift`` k > 0 moves each training image of the student's batch by a random
     offset of up to k pixels (:class:`ImageShift`, seeded by ``augment_seed``); the labels and
@@ -144,49 +157,68 @@ class DistillationModule(_AccuracyMixin, pl.LightningModule):
     def __init__(self, student: nn.Module, *, lr: float, kd_alpha: float, logit_temperature: float,
                  feature_kd_weight: float, feature_temperatures: dict[str, float],
                  teacher: nn.Module | None = None, cache: Any = None, l1_weight: float = 0.0,
-                 l1_layers: list[str] | None = None, augment_shift: int = 0, augment_seed: int = 0) -> None:
+                 l1_layers: list[str] | None = None, augment_shift: int = 0, augment_seed: int = 0,
+                 l2_weight: float = 0.0) -> None:
         super().__init__()
         if teacher is None and cache is None:
             raise ValueError("DistillationModule needs a teacher or a cache of teacher outputs")
         self.student = student
         # The teacher is not a registered submodule: it is never trained, never switched to
-        # train mode, and its parameters stay out of the optimizer.
-        object.__setattr__(self, "teacher", teacher.eval() if teacher is not None else None)
-        self.cache = cache
+        # train mode, its parameters stay out of the optimizer, and it is not copied with the module.
+        self._shared = _Shared(teacher=teacher.eval() if teacher is not None else None, cache=cache)
         self.lr = lr
         self.kd_alpha = kd_alpha
         self.logit_temperature = logit_temperature
         self.feature_kd_weight = feature_kd_weight
         self.feature_temperatures = feature_temperatures if feature_kd_weight > 0 and augment_shift == 0 else {}
         self.augment = ImageShift(augment_shift, augment_seed)
-        if l1_weight < 0:
-            raise ValueError(f"l1_weight must be >= 0, got {l1_weight}")
+        for name, weight in (("l1_weight", l1_weight), ("l2_weight", l2_weight)):
+            if weight < 0:
+                raise ValueError(f"{name} must be >= 0, got {weight}")
         self.l1_weight = l1_weight
+        self.l2_weight = l2_weight
         self.l1_layers = list(l1_layers or [])
-        if l1_weight > 0 and not self.l1_layers:
-            raise ValueError("l1_weight > 0 needs l1_layers (the compressible layers' names)")
+        if (l1_weight > 0 or l2_weight > 0) and not self.l1_layers:
+            raise ValueError("l1_weight or l2_weight > 0 needs l1_layers (the compressible layers' names)")
         self.val_history = []
-        self._student_tap = FeatureTap(student, list(self.feature_temperatures))
-        self._teacher_tap = FeatureTap(teacher, list(self.feature_temperatures)) if teacher is not None else None
+        self._shared.student_tap = FeatureTap(student, list(self.feature_temperatures))
+        self._shared.teacher_tap = FeatureTap(teacher, list(self.feature_temperatures)) if teacher is not None else None
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._shared.teacher
+
+    @property
+    def cache(self) -> Any:
+        return self._shared.cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(x)
 
-    def l1_penalty(self) -> torch.Tensor:
-        """``sum over l1_layers of mean |W_l|`` (both factors of a factorized layer together)."""
+    def _penalty(self, power: int) -> torch.Tensor:
+        """``sum over l1_layers of mean |W_l| ** power`` (both factors of a factorized layer together)."""
         terms = []
         for name in self.l1_layers:
             weights = [m.weight for m in weight_modules(self.student.get_submodule(name))]
-            terms.append(torch.stack([w.abs().sum() for w in weights]).sum() / sum(w.numel() for w in weights))
+            terms.append(torch.stack([w.abs().pow(power).sum() for w in weights]).sum()
+                         / sum(w.numel() for w in weights))
         return torch.stack(terms).sum() if terms else torch.zeros(())
+
+    def l1_penalty(self) -> torch.Tensor:
+        """``sum over l1_layers of mean |W_l|``."""
+        return self._penalty(1)
+
+    def l2_penalty(self) -> torch.Tensor:
+        """``sum over l1_layers of mean W_l^2``."""
+        return self._penalty(2)
 
     def _teacher_outputs(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.cache is not None and len(batch) == 3:
             return self.cache.lookup(batch[0], list(self.feature_temperatures))
-        assert self.teacher is not None and self._teacher_tap is not None
+        assert self.teacher is not None and self._shared.teacher_tap is not None
         with torch.no_grad():
             logits = self.teacher(batch[-2])
-        return logits, dict(self._teacher_tap.outputs)
+        return logits, dict(self._shared.teacher_tap.outputs)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch[-2], batch[-1]
@@ -196,11 +228,13 @@ class DistillationModule(_AccuracyMixin, pl.LightningModule):
         if self.kd_alpha < 1:
             loss = loss + (1 - self.kd_alpha) * F.cross_entropy(logits, y)
         if self.feature_temperatures:
-            feature_loss = sum(feature_kd_loss(self._student_tap.outputs[n], teacher_features[n], t)
+            feature_loss = sum(feature_kd_loss(self._shared.student_tap.outputs[n], teacher_features[n], t)
                                for n, t in self.feature_temperatures.items())
             loss = loss + self.feature_kd_weight * feature_loss / len(self.feature_temperatures)
         if self.l1_weight > 0:
             loss = loss + self.l1_weight * self.l1_penalty()
+        if self.l2_weight > 0:
+            loss = loss + self.l2_weight * self.l2_penalty()
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"non-finite loss ({float(loss.detach())}) at epoch {self.current_epoch}, step {batch_idx}")
         return loss
@@ -210,9 +244,9 @@ class DistillationModule(_AccuracyMixin, pl.LightningModule):
 
     def remove_taps(self) -> None:
         """Take the feature hooks off the student and the (shared) teacher; idempotent."""
-        self._student_tap.remove()
-        if self._teacher_tap is not None:
-            self._teacher_tap.remove()
+        self._shared.student_tap.remove()
+        if self._shared.teacher_tap is not None:
+            self._shared.teacher_tap.remove()
 
     def teardown(self, stage: str) -> None:
         self.remove_taps()

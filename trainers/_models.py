@@ -35,7 +35,7 @@ from torch import nn
 
 from slimtune.spaces import MODEL_PRESETS, TRUST_ENV, ModelSpec, SpecError, require_trusted
 
-from ._lowrank import FACTORIZABLE, factorized_shell, full_rank, replace_submodule
+from .methods import methods
 
 
 class LeNet300(nn.Module):
@@ -249,7 +249,8 @@ def model_from_meta(meta: Mapping[str, Any], data_info: Mapping[str, int] | None
         >>> from slimtune.trainers import apply_plan
         >>> meta = {"model": {"preset": "mlp", "kwargs": {"hidden": [8]}},
         ...         "data_info": {"input_dim": 5, "num_classes": 3}}
-        >>> plan = CompressionPlan({"fc1": LayerPlan(0.0, 8, 1.0, 0.5)}, 1.0, 0.0, 1e-3)
+        >>> plan = CompressionPlan({"fc1": LayerPlan(weight_bits=8, rank_ratio=0.5)}, kd_alpha=1.0,
+        ...                        feature_kd_weight=0.0, lr=1e-3)
         >>> net = apply_plan(model_from_meta(meta), plan)
         >>> state, meta = unpack_model(pack_model(net, meta))
         >>> meta["factorized"], sorted(model_from_meta(meta, state=state).load_state_dict(state).missing_keys)
@@ -274,19 +275,8 @@ def model_from_meta(meta: Mapping[str, Any], data_info: Mapping[str, int] | None
 
 def _architecture(spec: ModelSpec, meta: Mapping[str, Any], data_info: Mapping[str, int] | None) -> nn.Module:
     model = build_model(spec, load_checkpoint=False, data_info=data_info)
-    factorized = meta.get("factorized", {})
-    if not isinstance(factorized, Mapping):
-        raise SpecError("artifact", "meta.factorized", "a table of layer names and ranks", "is unreadable")
-    for name, rank in factorized.items():
-        try:
-            layer = model.get_submodule(name) if isinstance(name, str) and name else None
-        except AttributeError:
-            layer = None
-        if (not isinstance(layer, FACTORIZABLE) or isinstance(rank, bool) or not isinstance(rank, int)
-                or not 1 <= rank <= full_rank(layer)):
-            raise SpecError("artifact", f"meta.factorized.{name}", "a Linear/Conv2d layer of the model and a rank "
-                            "in 1..min(out, in*kh*kw)", f"does not fit the model (rank {rank!r})")
-        replace_submodule(model, name, factorized_shell(layer, rank))
+    for method in methods():  # e.g. low rank: the factorized layers' two thin factors
+        method.rebuild(model, meta)
     return model
 
 

@@ -53,7 +53,7 @@ import torch
 
 from slimtune.spaces import MISSING_POLICIES, SPLIT_VALUES, SpecError
 
-from ._data import TensorDataModule
+from ._tensordata import TensorDataModule
 
 MISSING_CATEGORY = "(missing)"
 _READABLE = "a readable CSV (comma-separated, with a header row) or Parquet file"

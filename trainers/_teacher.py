@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from slimtune.spaces import TrainSpec
+from slimtune.spaces import Values
 
-from ._data import batch_loader, materialize
+from ._tensordata import batch_loader, materialize
 from ._lightning import ClassifierModule, FeatureTap, quiet_trainer
 
 
@@ -49,7 +49,7 @@ def train_loader_for(dm: pl.LightningDataModule, batch_size: int, seed: int) -> 
     return dm.train_dataloader()
 
 
-def train_teacher(model: nn.Module, dm: pl.LightningDataModule, spec: TrainSpec, seed: int) -> nn.Module:
+def train_teacher(model: nn.Module, dm: pl.LightningDataModule, spec: Values, seed: int) -> nn.Module:
     """Train ``model`` with cross-entropy for ``spec.epochs`` (Adam, cosine schedule; images shifted
     by up to ``spec.augment_shift`` pixels when it is set); in place."""
     trainer = quiet_trainer(spec.epochs, seed)

@@ -23,16 +23,17 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from slimtune.spaces import CompressionPlan, SpaceSpec, StudySpec, select_layers
+from slimtune.spaces import CompressionPlan, StudySpec, select_layers
 
 from ._compress import apply_plan
-from ._data import build_datamodule, datamodule_info, materialize
-from ._importance import layer_input_scales
+from ._data import build_datamodule, datamodule_info
+from ._tensordata import materialize
 from ._lightning import AccuracyFloor, DistillationModule, quiet_trainer
 from ._models import compressible_layers, dense_parameter_bytes, model_from_meta
 from ._pack import layer_stats, pack_model, unpack_model
-from ._schedule import DynamicPruning, GradualPruning, PromotionGate, WeightAverage
+from ._schedule import PromotionGate, weight_averaging
 from ._teacher import TeacherCache, evaluate, train_loader_for
+from .methods import FitContext, layer_input_scales, methods
 
 
 @dataclass
@@ -80,8 +81,7 @@ class TrialContext:
     floor: float
     dense_bytes: int
     cache: TeacherCache | None
-    input_scales: dict[str, torch.Tensor] | None = None  # finetune.prune_activation_power > 0
-    input_rms: dict[str, torch.Tensor] | None = None  # every layer's input RMS, when units may be pruned
+    input_rms: dict[str, torch.Tensor] | None = None  # every layer's input RMS, when a method needs it
 
     @classmethod
     def create(cls, spec: StudySpec, teacher: nn.Module, floor: float = 0.0,
@@ -96,18 +96,15 @@ class TrialContext:
         if getattr(dm, "deterministic_train", False):
             train_x, y = materialize(dm.train_dataloader().dataset)
             hidden = [n for n in layer_names if n != output_layer]
-            cache = TeacherCache.build(teacher, train_x, y, hidden, spec.cache_mb)
-        input_scales = input_rms = None
-        power = spec.finetune.prune_activation_power
-        if power > 0 or may_prune_units(spec.space):
+            cache = TeacherCache.build(teacher, train_x, y, hidden, spec.runtime.cache_mb)
+        input_rms = None
+        if any(m.needs_input_rms(spec.method(m.name), spec.space) for m in methods()):
             if train_x is None:
                 dataset = dm.train_dataloader().dataset
                 train_x, _ = materialize(Subset(dataset, range(min(len(dataset), INPUT_SCALE_SAMPLES))))
             input_rms = layer_input_scales(teacher, every_layer, train_x[:INPUT_SCALE_SAMPLES], 1.0)
-            if power > 0:
-                input_scales = {n: input_rms[n].pow(power) for n in layer_names if n in input_rms}
         return cls(spec, teacher.eval(), dm, layer_names, output_layer, floor, dense_parameter_bytes(teacher), cache,
-                   input_scales, input_rms)
+                   input_rms)
 
     def artifact_meta(self) -> dict[str, Any]:
         """What a loader needs besides weights: the model and data references from the spec, and
@@ -120,12 +117,6 @@ class TrialContext:
         return meta
 
 
-def may_prune_units(space: SpaceSpec) -> bool:
-    """Whether some layer's ``unit_ratio`` can be below 1 (searched, fixed, or set per layer)."""
-    knob = space.knobs["unit_ratio"]
-    return knob.fixed != 1.0 or any(v.get("unit_ratio", 1.0) != 1.0 for v in space.overrides.values())
-
-
 PromotionRule = Callable[[float, int], bool]
 """``rule(val_accuracy, size_bytes) -> bool``: does a trial at this point earn its extra epochs?"""
 
@@ -134,10 +125,10 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
               promote: PromotionRule | None = None, extra_epochs: int | None = None) -> TrialResult:
     """Compress, fine-tune with distillation, pack and evaluate one plan.
 
-    With ``finetune.promote_epochs > 0`` and a ``promote`` rule, the trial trains
+    With ``search.promote.epochs > 0`` and a ``promote`` rule, the trial trains
     ``finetune.epochs``, then asks ``promote(val_accuracy, size_bytes)`` (the size of the
-    artifact it would pack now) whether to train ``promote_epochs`` more (``extra_epochs`` when
-    given: a refinement trains ``refine_epochs`` more, with ``promote`` always true).
+    artifact it would pack now) whether to train that many more (``extra_epochs`` when
+    given: a refinement trains ``search.refine.epochs`` more, with ``promote`` always true).
     ``finetune.augment_shift`` shifts the student's training images in every trial
     (``augment_in = "all"``) or in refinements only (``"refine"``: when ``extra_epochs`` is given).
     Raises ``FloatingPointError`` on a non-finite loss; returns with ``pruned_reason`` set when
@@ -145,8 +136,8 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     """
     result = TrialResult()
     started = time.perf_counter()
-    student = apply_plan(copy.deepcopy(ctx.teacher).train().requires_grad_(True), plan, ctx.spec.finetune.quantizer,
-                         ctx.input_scales, ctx.spec.finetune.bias_bits, ctx.input_rms)
+    student = apply_plan(copy.deepcopy(ctx.teacher).train().requires_grad_(True), plan, ctx.spec.methods,
+                         ctx.input_rms, ctx.output_layer)
     result.seconds["compress"] = time.perf_counter() - started
 
     hidden = [n for n in plan.layers if n != ctx.output_layer]
@@ -162,7 +153,8 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
         student, lr=plan.lr, kd_alpha=plan.kd_alpha, logit_temperature=logit_temperature,
         feature_kd_weight=plan.feature_kd_weight, feature_temperatures=feature_temperatures,
         teacher=None if cached else ctx.teacher, cache=ctx.cache if cached else None,
-        l1_weight=plan.l1_weight, l1_layers=list(plan.layers), augment_shift=shift, augment_seed=seed)
+        l1_weight=plan.l1_weight, l2_weight=plan.l2_weight, l1_layers=list(plan.layers), augment_shift=shift,
+        augment_seed=seed)
     if cached:
         assert ctx.cache is not None
         train_batches = ctx.cache.loader(ft.batch_size, seed)
@@ -171,14 +163,11 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     floor = AccuracyFloor(ctx.floor)
     callbacks: list[pl.Callback] = [floor]
     if ft.weight_ema > 0:  # first: at the end, the masks below are re-chosen on the averaged weights
-        callbacks.insert(0, WeightAverage(student, ft.weight_ema))
-    mask_steps = round(ft.prune_ramp * ft.epochs * len(train_batches))  # the base epochs' first prune_ramp
-    if ft.prune_schedule == "gradual":
-        callbacks.append(GradualPruning(student, ramp_steps=mask_steps))
-    elif ft.prune_schedule == "dynamic":
-        callbacks.append(DynamicPruning(student, update_steps=mask_steps))
+        callbacks.insert(0, weight_averaging(ft.weight_ema))
+    for method in methods():  # mask schedules, over the base epochs' steps
+        callbacks += method.callbacks(FitContext(student, ft.epochs, len(train_batches), ctx.spec.method(method.name)))
     gate = None
-    extra = ft.promote_epochs if extra_epochs is None else extra_epochs
+    extra = ctx.spec.search.promote.epochs if extra_epochs is None else extra_epochs
     if extra > 0 and promote is not None:
         meta = ctx.artifact_meta()
         gate = PromotionGate(ft.epochs, lambda: promote(module.val_history[-1], len(pack_model(student, meta))))

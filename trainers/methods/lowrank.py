@@ -1,4 +1,4 @@
-"""Low-rank factorization of a layer by truncated SVD (the ``rank_ratio`` knob).
+"""Low-rank factorization of a layer by truncated SVD: the ``lowrank`` method (knob ``rank_ratio``).
 
 A ``Linear(in, out)`` with weight ``W`` (out x in) becomes ``Linear(in, r, bias=False)`` with
 weight ``sqrt(S_r) V_r^T`` followed by ``Linear(r, out)`` with weight ``U_r sqrt(S_r)`` and the
@@ -11,7 +11,8 @@ The replacement is a :class:`Factorized` (an ``nn.Sequential`` of the two factor
 under the layer's own name, so the layer's output (what forward hooks and feature
 distillation see) keeps its name, and ``state_dict`` keys become ``<layer>.0.weight``,
 ``<layer>.1.weight``, ``<layer>.1.bias``. Pruning and fake quantization then apply to both
-factors (see ``apply_plan``).
+factors (see ``apply_plan``). The artifact records ``meta["factorized"] = {layer: rank}``
+(:meth:`LowRank.architecture`) so that a loader rebuilds the two thin layers (:meth:`LowRank.rebuild`).
 
 Example:
     >>> import torch
@@ -29,8 +30,15 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
+
+from slimtune.spaces import LOWRANK_DECLARATION, LayerPlan, SpecError
+
+from ._base import ApplyContext, CompressionMethod
 
 FACTORIZABLE = (nn.Linear, nn.Conv2d)
 
@@ -126,6 +134,42 @@ def factorized_ranks(model: nn.Module) -> dict[str, int]:
     return {name: m.rank for name, m in model.named_modules() if isinstance(m, Factorized)}
 
 
-def weight_modules(module: nn.Module) -> list[nn.Module]:
-    """The modules holding a compressible layer's weights: both factors, or the layer itself."""
-    return list(module) if isinstance(module, Factorized) else [module]
+def weight_modules(layer: nn.Module) -> list[nn.Module]:
+    """The modules holding a compressible layer's weights: both factors of a factorized layer, or
+    the layer itself."""
+    return list(layer) if isinstance(layer, Factorized) else [layer]
+
+
+class LowRank(CompressionMethod):
+    """``rank_ratio < 1`` replaces the layer by its two truncated-SVD factors (applied first, so
+    that the other methods compress both factors)."""
+
+    declaration = LOWRANK_DECLARATION
+
+    def apply(self, model: nn.Module, name: str, layer: nn.Module, values: LayerPlan,
+              context: ApplyContext) -> nn.Module | None:
+        if values["rank_ratio"] >= 1:
+            return None
+        return factorize(layer, rank_for(layer, values["rank_ratio"]))
+
+    def architecture(self, model: nn.Module) -> dict[str, Any]:
+        ranks = factorized_ranks(model)
+        return {"factorized": ranks} if ranks else {}
+
+    def rebuild(self, model: nn.Module, meta: Mapping[str, Any]) -> None:
+        factorized = meta.get("factorized", {})
+        if not isinstance(factorized, Mapping):
+            raise SpecError("artifact", "meta.factorized", "a table of layer names and ranks", "is unreadable")
+        for name, rank in factorized.items():
+            try:
+                layer = model.get_submodule(name) if isinstance(name, str) and name else None
+            except AttributeError:
+                layer = None
+            if (not isinstance(layer, FACTORIZABLE) or isinstance(rank, bool) or not isinstance(rank, int)
+                    or not 1 <= rank <= full_rank(layer)):
+                raise SpecError("artifact", f"meta.factorized.{name}", "a Linear/Conv2d layer of the model and a rank "
+                                "in 1..min(out, in*kh*kw)", f"does not fit the model (rank {rank!r})")
+            replace_submodule(model, name, factorized_shell(layer, rank))
+
+    def achieved(self, layer: nn.Module) -> dict[str, float]:
+        return {"rank": layer.rank if isinstance(layer, Factorized) else full_rank(layer)}
