@@ -296,12 +296,21 @@ def _advice(detail: str, url: str, study: str | None = None) -> str:
     return "check that it is reachable and accepts this connection" + resume
 
 
+# slimtune's objectives, in order: validation accuracy up, artifact bytes down.
+READ_DIRECTIONS = (optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE)
+
+
 def load_existing_study(name: str, url: str) -> optuna.Study:
     """An existing study at ``url``, opened read-only (see :func:`open_storage`); a missing
     database or study is an error listing what exists."""
     storage = open_storage(url, read_only=True)
-    names = optuna.get_all_study_names(storage)
-    if name not in names:
-        raise SpecError("--study", name, ", ".join(sorted(names)) or f"(no studies in {mask_url(url)})",
-                        f"does not exist in {mask_url(url)}")
+    studies = {study.study_name: study for study in storage.get_all_studies()}
+    ours = sorted(n for n, study in studies.items() if tuple(study.directions[:2]) == READ_DIRECTIONS)
+    allowed = ", ".join(ours) or f"(no (accuracy, bytes) studies in {mask_url(url)})"
+    if name not in studies:
+        raise SpecError("--study", name, allowed, f"does not exist in {mask_url(url)}")
+    if name not in ours:
+        directions = ", ".join(d.name.lower() for d in studies[name].directions)
+        raise SpecError("--study", name, f"a study that maximizes accuracy and minimizes bytes: {allowed}",
+                        f"is not a slimtune study (its objectives: {directions})")
     return optuna.load_study(study_name=name, storage=storage)

@@ -156,6 +156,13 @@ def test_a_plain_optuna_database_is_read_without_changing_a_byte(tmp_path: Path,
     capsys.readouterr()
     assert main(["export", "--study", "theirs", "--storage", url, "--trial", "0", "--out", str(tmp_path / "x.slim")]) == 2
     assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "x.slim").exists()
+    for command in (["pareto"], ["report", "--out", str(tmp_path / "s.html")], ["export", "--trial", "0", "--out",
+                                                                                str(tmp_path / "s.slim")]):
+        assert main([*command, "--study", "single", "--storage", url]) == 2
+        err = capsys.readouterr().err
+        assert "--study: 'single' is not a slimtune study (its objectives: minimize)" in err, err
+        assert "allowed: a study that maximizes accuracy and minimizes bytes: theirs" in err
+    assert not (tmp_path / "s.html").exists() and not (tmp_path / "s.slim").exists()
     port = _free_port()
     err = tmp_path / "dashboard.err"
     with err.open("w") as stderr:
