@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 import torch
 
 import slimtune
@@ -35,8 +36,8 @@ from slimtune.spaces import (
     upgrade_stored_spec,
 )
 from slimtune.studies import (
-    annotate_study, best_ratio_within, claim_blob, records, delete_blobs, drop_blob, finished_count, touch_blob, get_blob, is_in_memory, keys,
-    load_existing_study, load_preset, mask_url, open_storage,
+    annotate_study, best_ratio_within, claim_blob, delete_blobs, drop_blob, finished_count, get_blob, is_in_memory, keys,
+    load_existing_study, load_preset, mask_url, open_storage, publish_figures, records, touch_blob,
 )
 from slimtune.trainers import (
     TrialContext, build_datamodule, build_model, check_finite_weights, check_model_and_data, compressible_layers,
@@ -325,6 +326,36 @@ def _write_note(storage: optuna.storages.BaseStorage, name: str, log: Any) -> No
         log(f"warning: no dashboard note written ({exc})")
 
 
+class LiveFigures:
+    """slimtune's plots on the study's optuna-dashboard page, refreshed as trials finish: at the
+    start of a run, every ``every`` finished trials (counting every worker's) and at its end.
+    ``seconds`` adds up the time spent refreshing. Missing optuna-dashboard: one warning, then
+    nothing."""
+
+    def __init__(self, storage_url: str, every: int, log: Any) -> None:
+        self.storage_url, self.every, self.log = storage_url, every, log
+        self.seconds = 0.0
+        self.refreshes = 0
+        self._off = False
+
+    def publish(self, study: optuna.Study) -> None:
+        if self._off:
+            return
+        started = time.perf_counter()
+        try:
+            publish_figures(study, self.storage_url)
+        except SpecError as exc:  # optuna-dashboard missing
+            self._off = True
+            self.log(f"warning: no dashboard plots written ({exc})")
+        self.seconds += time.perf_counter() - started
+        self.refreshes += 1
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial | None = None) -> None:
+        if self.every and trial is not None and trial.state in (TrialState.COMPLETE, TrialState.PRUNED) \
+                and finished_count(study) % self.every == 0:
+            self.publish(study)
+
+
 def run_id() -> str:
     """A new id for a run: the trials it starts carry it (``worker`` user attr), so that its
     summary counts exactly them. Workers started by ``run_workers`` carry their parent's
@@ -369,14 +400,18 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
             objective = CompressionObjective(context, storage, stop, feasible_floor=(
                 None if spec.feasible_drop is None else teacher_val - spec.feasible_drop), run=run)
             bar, refresh = _progress(study, spec.trials, progress)
+            figures = LiveFigures(spec.storage, spec.runtime.dashboard_every, log)
+            figures.publish(study)
             with bar:
                 def search(target: int, until: float | None) -> int:
                     return run_until_target(study, storage, objective, target, stop, spec.storage, until,
-                                            callbacks=[refresh], sampler_for=lambda number: make_sampler(spec, number))
+                                            callbacks=[refresh, figures],
+                                            sampler_for=lambda number: make_sampler(spec, number))
 
                 search(spec.trials, search_deadline)
                 refine_until_deadline(study, storage, objective, spec, stop, teacher_val, search, deadline,
-                                      callbacks=[refresh])
+                                      callbacks=[refresh, figures])
+            figures.publish(study)
         except Interrupted as exc:
             stopped = str(exc)
         if stopped is None and stop.requested:
@@ -445,6 +480,7 @@ def run_workers(spec: StudySpec, workers: int, force: bool = False, timeout: flo
                 refresh(study)
                 time.sleep(1.0)
             refresh(study)
+        LiveFigures(spec.storage, spec.runtime.dashboard_every, log).publish(study)  # the workers' last word
     finally:
         for proc in procs:  # only if this process is leaving abnormally
             if proc.poll() is None:

@@ -116,6 +116,8 @@ RUNTIME = Section("runtime", "how this machine runs the study (none of it change
             fingerprinted=False),
     Setting("heartbeat_grace", int, 60, "silence after which another worker fails and retries a trial", low=2,
             high=86400, fingerprinted=False),
+    Setting("dashboard_every", int, 5, "refresh slimtune's plots on the study's optuna-dashboard page every this many "
+            "finished trials (0: at the start and the end of a run only)", low=0, high=1_000_000, fingerprinted=False),
 ))
 
 

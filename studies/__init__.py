@@ -14,7 +14,11 @@ from . import _keys as keys
 from ._blobs import claim_blob, create_blob_table, delete_blobs, drop_blob, engine_of, get_blob, put_blob, touch_blob
 from ._dashboard import DEFAULT_HOST as DEFAULT_DASHBOARD_HOST
 from ._dashboard import DEFAULT_PORT as DEFAULT_DASHBOARD_PORT
-from ._dashboard import annotate_studies, annotate_study, read_only_app, serve_dashboard, study_note
+from ._dashboard import (
+    FRONT_PLOT_ID, PLANS_PLOT_ID, annotate_studies, annotate_study, publish_figures, read_only_app, serve_dashboard,
+    study_note,
+)
+from ._figures import export_command, front_figure, plans_figure
 from ._format import FORMATS, render
 from ._frames import PARETO_COLUMNS, base_columns, finished_count, pareto_frame, studies_frame, trials_frame
 from ._presets import load_preset, preset_names
@@ -45,11 +49,12 @@ from ._storage import (
 )
 
 __all__ = [
-    "COMPLETED", "DEFAULT_DASHBOARD_HOST", "DEFAULT_DASHBOARD_PORT", "FORMATS", "PARETO_COLUMNS", "STORAGE_ERRORS",
-    "StorageError", "TrialRecord", "TrialWriter", "annotate_studies", "annotate_study", "base_columns",
-    "best_at_test_accuracy", "best_ratio_within", "claim_blob", "create_blob_table", "delete_blobs", "drop_blob",
-    "engine_of", "finished_count", "folder_lock", "front", "get_blob", "is_in_memory", "keys", "load_existing_study",
-    "load_preset", "mask_url", "open_storage", "pareto_frame", "pareto_trials", "preset_names", "put_blob",
+    "COMPLETED", "DEFAULT_DASHBOARD_HOST", "DEFAULT_DASHBOARD_PORT", "FORMATS", "FRONT_PLOT_ID", "PARETO_COLUMNS",
+    "PLANS_PLOT_ID", "STORAGE_ERRORS", "StorageError", "TrialRecord", "TrialWriter", "annotate_studies",
+    "annotate_study", "base_columns", "best_at_test_accuracy", "best_ratio_within", "claim_blob", "create_blob_table",
+    "delete_blobs", "drop_blob", "engine_of", "export_command", "finished_count", "folder_lock", "front",
+    "front_figure", "get_blob", "is_in_memory", "keys", "load_existing_study", "load_preset", "mask_url",
+    "open_storage", "pareto_frame", "pareto_trials", "plans_figure", "preset_names", "publish_figures", "put_blob",
     "read_only_app", "records", "refine_candidates", "refined_trials", "refinement_attrs", "refines_of", "render",
     "search_front", "serve_dashboard", "sqlite_lock", "sqlite_path", "storage_fault", "studies_frame", "study_note",
     "teacher_accuracy", "touch_blob", "trials_frame", "within_drop", "write_report",

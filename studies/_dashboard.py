@@ -41,6 +41,8 @@ import sqlalchemy
 from slimtune.spaces import SpecError, parse_spec, per_layer_knobs, upgrade_stored_spec
 
 from . import _keys as keys
+from ._figures import front_figure, layer_names, plans_figure
+from ._selection import pareto_trials
 from ._storage import mask_url, open_storage
 
 DEFAULT_HOST = "127.0.0.1"
@@ -48,6 +50,9 @@ DEFAULT_PORT = 8080
 # Study system attr: hash of the note text slimtune wrote last, so a note edited in the dashboard is kept.
 NOTE_HASH_ATTR = "slimtune:dashboard_note_sha256"
 STATUSES = ("written", "unchanged", "kept")
+# Ids of slimtune's custom plots on a study's dashboard page (replaced in place at each refresh).
+FRONT_PLOT_ID = "slimtune-front"
+PLANS_PLOT_ID = "slimtune-plans"
 
 
 def _dashboard() -> ModuleType:
@@ -167,6 +172,31 @@ def annotate_study(storage: optuna.storages.BaseStorage, study_name: str) -> str
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(keys.METRIC_NAMES)
     return status
+
+
+def publish_figures(study: optuna.Study, storage_url: str | None = None) -> list[str]:
+    """Attach slimtune's Pareto front and the per-layer plans of its Pareto trials to ``study`` as
+    optuna-dashboard custom plots (``save_plotly_graph_object``), replacing the previous ones;
+    the ids written. ``storage_url`` goes into the export commands that the points show.
+
+    Example:
+        >>> study = optuna.create_study(directions=keys.DIRECTIONS)
+        >>> _ = study.tell(study.ask(), [0.9, 1000.0])
+        >>> publish_figures(study)
+        ['slimtune-front']
+    """
+    dashboard = _dashboard()
+    front = front_figure(study, storage_url)  # no height: the page's plot box is 450 px high
+    front.update_layout(margin=dict(t=100, b=50), legend=dict(orientation="v", x=0.99, xanchor="right", y=0.02,
+                                                              yanchor="bottom", bgcolor="rgba(255,255,255,0.85)"))
+    written = [dashboard.save_plotly_graph_object(study, front, graph_object_id=FRONT_PLOT_ID)]
+    pareto = pareto_trials(study)
+    if pareto and layer_names(pareto):
+        plans, _ = plans_figure(pareto)
+        plans.update_layout(height=None, title=dict(text="per-layer plans of the Pareto trials, smallest first",
+                                                    font=dict(size=14)), margin=dict(t=80))
+        written.append(dashboard.save_plotly_graph_object(study, plans, graph_object_id=PLANS_PLOT_ID))
+    return written
 
 
 def annotate_studies(storage: optuna.storages.BaseStorage) -> dict[str, str]:
@@ -304,6 +334,8 @@ def serve_dashboard(storage_url: str, host: str = DEFAULT_HOST, port: int = DEFA
                 print(f"warning: study notes not written ({type(exc).__name__}); serving the studies as they are",
                       file=sys.stderr)
                 statuses = None
+            for name in statuses or {}:  # studies of older releases get their plots too
+                publish_figures(optuna.load_study(study_name=name, storage=storage), storage_url)
             if statuses:
                 notes = ", ".join(f"{name} ({status})" for name, status in statuses.items())
                 print(f"study notes: {notes}", file=sys.stderr)

@@ -43,25 +43,45 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from slimtune.spaces import Panel, declarations
-
 from . import _keys as keys
+from ._figures import (
+    DROPS, FRONT_COLOR, TEACHER_COLOR, export_command, front_figure, layer_names, pct, plans_figure,
+)
 from ._frames import pareto_frame
 from ._record import TrialRecord
-from ._selection import pareto_trials
+from ._selection import pareto_trials, within_drop
 from ._storage import mask_url
 
+TRIALS_TABLE = "trials-table"
 PARETO_DIV = "pareto-front"
 HEATMAPS_DIV = "layer-heatmaps"
 HYPERVOLUME_DIV = "hypervolume"
 IMPORTANCES_DIV = "importances"
-PARETO_TRACE = "Pareto front"
-PARETO_UID = "pareto"  # plotly draws the trace as <g class="trace scatter tracepareto">
-
-_FRONT_COLOR = "#d62728"
-_OTHER_COLOR = "#b8b8b8"
-_TEACHER_COLOR = "#1f77b4"
 _PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+
+# Sorting the trial table by a click on its header: a few lines of our own, so the page stays offline.
+_SORT_JS = """
+document.querySelectorAll("table.sortable").forEach(function (table) {
+  table.querySelectorAll("th").forEach(function (th, col) {
+    th.addEventListener("click", function () {
+      var up = th.getAttribute("aria-sort") !== "ascending";
+      table.querySelectorAll("th").forEach(function (h) { h.removeAttribute("aria-sort"); });
+      th.setAttribute("aria-sort", up ? "ascending" : "descending");
+      var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows);
+      function key(row) { var v = row.cells[col].getAttribute("data-key"); return v === "" ? NaN : Number(v); }
+      rows.sort(function (a, b) {
+        var x = key(a), y = key(b);
+        if (isNaN(x) || isNaN(y)) {
+          if (isNaN(x) && isNaN(y)) { return a.cells[col].textContent.localeCompare(b.cells[col].textContent); }
+          return isNaN(x) ? 1 : -1;
+        }
+        return up ? x - y : y - x;
+      });
+      rows.forEach(function (row) { body.appendChild(row); });
+    });
+  });
+});
+"""
 
 _CSS = """
 :root { --fg: #1d1d1f; --muted: #6b6b70; --line: #e3e3e6; --accent: #d62728; }
@@ -89,6 +109,10 @@ code { font-size: 13px; }
 .state { display: inline-block; padding: 0 7px; margin-right: 4px; border-radius: 9px; background: #eee;
          font-size: 13px; }
 .plot { width: 100%; }
+table.sortable th { cursor: pointer; user-select: none; }
+table.sortable th[aria-sort="ascending"]::after { content: " ▲"; }
+table.sortable th[aria-sort="descending"]::after { content: " ▼"; }
+.scroll { max-height: 520px; overflow: auto; }
 @media (max-width: 900px) { .grid { grid-template-columns: 1fr; } }
 """
 
@@ -99,17 +123,6 @@ code { font-size: 13px; }
 
 def _esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
-
-
-def _pct(value: Any, digits: int = 2) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.{digits}f}%"
-
-
-def _human_bytes(n: float) -> str:
-    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{int(n)} B"
 
 
 def _toml_value(value: Any) -> str:
@@ -187,143 +200,6 @@ def _plotly_js() -> str:
 # the figures
 
 
-def _hover(trial: FrozenTrial) -> list[Any]:
-    record = TrialRecord.of(trial)
-    return [record.number, record.test_accuracy, record.compression_ratio, record.mean_bits, record.sparsity]
-
-
-_HOVER = ("trial #%{customdata[0]}<br>val accuracy %{y:.2%}<br>test accuracy %{customdata[1]:.2%}<br>"
-          "size %{x:,.0f} B<br>ratio %{customdata[2]:.1f}×<br>mean bits %{customdata[3]:.2f}<br>"
-          "sparsity %{customdata[4]:.1%}<extra></extra>")
-
-
-def _pareto_figure(study: optuna.Study, front: list[FrozenTrial], complete: list[FrozenTrial],
-                   counts: Counter[str], teacher: dict[str, Any], floor: float | None) -> Any:
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    front_numbers = {t.number for t in front}
-    others = [t for t in complete if t.number not in front_numbers]
-    if others:  # an empty trace would draw no group in the SVG
-        fig.add_trace(go.Scatter(
-            name=f"other complete trials ({len(others)})", uid="others", x=[t.values[1] for t in others],
-            y=[t.values[0] for t in others],
-            mode="markers", marker=dict(color=_OTHER_COLOR, size=8, line=dict(color="#8a8a8a", width=0.5)),
-            customdata=[_hover(t) for t in others], hovertemplate=_HOVER))
-    ordered = front  # smallest first, as pareto_trials gives it
-    fig.add_trace(go.Scatter(
-        name=PARETO_TRACE, uid=PARETO_UID, x=[t.values[1] for t in ordered], y=[t.values[0] for t in ordered],
-        mode="lines+markers", line=dict(color=_FRONT_COLOR, shape="hv", width=1.5, dash="dot"),
-        marker=dict(color=_FRONT_COLOR, size=11, line=dict(color="white", width=1)),
-        customdata=[_hover(t) for t in ordered], hovertemplate=_HOVER))
-    if teacher.get("dense_bytes") and teacher.get("val_accuracy") is not None:
-        fig.add_trace(go.Scatter(
-            name="teacher (fp32, dense)", uid="teacher", x=[teacher["dense_bytes"]], y=[teacher["val_accuracy"]],
-            mode="markers",
-            marker=dict(symbol="star", size=16, color=_TEACHER_COLOR, line=dict(color="white", width=1)),
-            customdata=[[teacher.get("test_accuracy")]],
-            hovertemplate="teacher<br>val accuracy %{y:.2%}<br>test accuracy %{customdata[0]:.2%}<br>"
-                          "fp32 dense %{x:,.0f} B<extra></extra>"))
-    accuracies = [t.values[0] for t in complete] + ([teacher["val_accuracy"]] if "val_accuracy" in teacher else [])
-    y_range = None
-    floor_note = ""
-    if accuracies:
-        low, high = min(accuracies), max(accuracies)
-        span = max(high - low, 0.005)
-        if floor is not None and floor >= low - span:  # near the trials: draw it and keep it in view
-            low = min(low, floor)
-            fig.add_hline(y=floor, line=dict(color="#999", dash="dash", width=1),
-                          annotation_text=f"accuracy floor {_pct(floor)}", annotation_position="bottom right",
-                          annotation_font=dict(size=11, color="#777"))
-        elif floor is not None:  # far below: a line there would squash the trials into a strip
-            floor_note = f" (accuracy floor {_pct(floor)}, below the plotted range)"
-        pad = 0.08 * max(high - low, 0.005)
-        y_range = [low - pad, high + pad]
-    not_plotted = [f"{counts[s]} {s.lower()}" for s in ("PRUNED", "FAIL", "RUNNING", "WAITING") if counts.get(s)]
-    title = f"{len(complete)} complete trials, {len(front)} on the Pareto front"
-    if not_plotted:
-        title += f"; not plotted (no size): {', '.join(not_plotted)}"
-    title += floor_note
-    fig.update_layout(
-        title=dict(text=title, font=dict(size=14)), template="plotly_white", hovermode="closest",
-        margin=dict(l=70, r=20, t=50, b=60), legend=dict(orientation="h", yanchor="bottom", y=-0.3, x=0),
-        xaxis=dict(type="log", title=dict(text="size of the packed artifact (bytes, log scale)")),
-        yaxis=dict(title=dict(text="validation accuracy"), tickformat=".1%", range=y_range))
-    return fig
-
-
-def _layer_names(trials: Sequence[FrozenTrial]) -> list[str]:
-    names: list[str] = []
-    for trial in trials:
-        record = TrialRecord.of(trial)
-        for name in record.plan.get("layers", {}):
-            if name not in names:
-                names.append(name)
-        for name in record.layers:
-            if name not in names:
-                names.append(name)
-    return names
-
-
-def _panel_values(panel: Panel, ordered: list[FrozenTrial], layers: list[str]) -> list[list[Any]]:
-    def value(trial: FrozenTrial, layer: str) -> Any:
-        if panel.source == "plan":
-            return TrialRecord.of(trial).plan.get("layers", {}).get(layer, {}).get(panel.key, panel.neutral)
-        return TrialRecord.of(trial).layers.get(layer, {}).get(panel.key)
-
-    return [[value(t, layer) for layer in layers] for t in ordered]
-
-
-def _heatmap_figure(ordered: list[FrozenTrial]) -> tuple[Any, int]:
-    """One heat map per declared panel (``slimtune.spaces.Panel``) over layers and Pareto trials; a
-    panel ``only_if_used`` is drawn when some trial moved its knob off its neutral value."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    layers = _layer_names(ordered)
-    rows = [f"#{t.number} · {_human_bytes(t.values[1])}" for t in ordered]
-    show_text = len(layers) * len(ordered) <= 600
-
-    def text(values: list[list[Any]], fmt: str) -> list[list[str]]:
-        return [[("" if v is None else format(v, fmt)) for v in row] for row in values]
-
-    bit_ticks = [2, 3, 4, 6, 8, 16, 32]
-    specs = []
-    for panel in (p for d in declarations() for p in d.panels):
-        values = _panel_values(panel, ordered, layers)
-        if panel.only_if_used and not any(v is not None and v != panel.neutral for row in values for v in row):
-            continue
-        if panel.log2:
-            z = [[(math.log2(v) if v else None) for v in row] for row in values]
-            ticks = dict(tickvals=[math.log2(b) for b in bit_ticks], ticktext=[str(b) for b in bit_ticks])
-        else:
-            z = values
-            ticks = dict(tickformat=".0%") if panel.text_format.endswith("%") else (
-                dict(tickformat=".1f") if panel.low is not None else {})
-        specs.append((panel.title, z, text(values, panel.text_format), panel.colorscale, ticks, panel.hover,
-                      (panel.low, panel.high)))
-    panels = len(specs)
-    fig = make_subplots(rows=1, cols=panels, shared_yaxes=True, horizontal_spacing=0.04,
-                        subplot_titles=[spec[0] for spec in specs])
-    height = 190 + 30 * max(len(ordered), 2)
-    margin = dict(l=120, r=20, t=40, b=100)
-    below_labels = -46 / (height - margin["t"] - margin["b"])  # under the layer names, in paper units
-    width = (1 - 0.04 * (panels - 1)) / panels  # of one panel, in paper units
-    for col, (_, z, labels, scale, ticks, hover, (zmin, zmax)) in enumerate(specs, start=1):
-        domain_start = (col - 1) * (width + 0.04)
-        fig.add_trace(go.Heatmap(
-            z=z, x=layers, y=rows, text=labels, texttemplate="%{text}" if show_text else None, colorscale=scale,
-            zmin=zmin, zmax=zmax, xgap=1, ygap=1,
-            hovertemplate="%{y}<br>layer %{x}<br>" + hover + "<extra></extra>",
-            colorbar=dict(orientation="h", x=domain_start + width / 2, xanchor="center", y=below_labels,
-                          yanchor="top", len=0.84 / panels, thickness=10, **ticks)), row=1, col=col)
-    fig.update_layout(template="plotly_white", margin=margin, height=height)
-    fig.update_yaxes(autorange="reversed", type="category")
-    fig.update_xaxes(type="category", side="bottom")
-    fig.update_annotations(font=dict(size=13))
-    return fig, height
-
-
 def hypervolume_2d(points: Sequence[tuple[float, float]]) -> float:
     """Area dominated by ``points`` (both coordinates maximized) above the reference (0, 0);
     points with a coordinate <= 0 add nothing.
@@ -357,10 +233,10 @@ def _hypervolume_figure(trials: list[FrozenTrial], dense_bytes: float) -> Any:
         last = max(last, volume)
     fig = go.Figure()
     fig.add_trace(go.Scatter(name="hypervolume", x=numbers, y=volumes, mode="lines", line=dict(shape="hv",
-                             color=_FRONT_COLOR), hovertemplate="after trial #%{x}: %{y:.4f}<extra></extra>"))
+                             color=FRONT_COLOR), hovertemplate="after trial #%{x}: %{y:.4f}<extra></extra>"))
     fig.add_trace(go.Scatter(name="trial that grew it", x=[n for n, i in zip(numbers, improved) if i],
                              y=[v for v, i in zip(volumes, improved) if i], mode="markers",
-                             marker=dict(color=_FRONT_COLOR, size=7),
+                             marker=dict(color=FRONT_COLOR, size=7),
                              hovertemplate="trial #%{x}: %{y:.4f}<extra></extra>"))
     fig.update_layout(template="plotly_white", margin=dict(l=70, r=20, t=20, b=50), showlegend=False,
                       xaxis=dict(title=dict(text="trial number")),
@@ -406,7 +282,7 @@ def _importance_figure(importances: dict[str, dict[str, float]]) -> tuple[Any, i
     params = sorted(first, key=lambda p: first[p])  # bottom to top: most important at the top
     for values in importances.values():
         params += [p for p in values if p not in params]
-    colors = dict(zip(importances, [_FRONT_COLOR, _TEACHER_COLOR]))
+    colors = dict(zip(importances, [FRONT_COLOR, TEACHER_COLOR]))
     fig = go.Figure()
     # Horizontal grouped bars stack traces bottom-up: add them in reverse so the first target's bar is
     # on top in each group, and reverse the legend to match.
@@ -435,12 +311,12 @@ def _pareto_table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "<p class=\"note\">No complete trials yet, so no Pareto front.</p>"
     columns = [("trial", "trial", lambda v: f"#{int(v)}"),
-               ("val_accuracy", "val accuracy", _pct),
-               ("test_accuracy", "test accuracy", _pct),
+               ("val_accuracy", "val accuracy", pct),
+               ("test_accuracy", "test accuracy", pct),
                ("size_bytes", "size (bytes)", lambda v: f"{int(v):,}"),
                ("compression_ratio", "ratio", lambda v: "" if pd.isna(v) else f"{v:.1f}×"),
                ("mean_bits", "mean bits", lambda v: "" if pd.isna(v) else f"{v:.2f}"),
-               ("sparsity", "sparsity", lambda v: _pct(v, 1)),
+               ("sparsity", "sparsity", lambda v: pct(v, 1)),
                ("kd_alpha", "kd α", lambda v: "" if pd.isna(v) else f"{v:.2f}"),
                ("feature_kd_weight", "feature KD", lambda v: "" if pd.isna(v) else f"{v:.2f}"),
                ("l1_weight", "L1", lambda v: "" if pd.isna(v) else f"{v:.3g}"),
@@ -456,6 +332,80 @@ def _pareto_table(frame: pd.DataFrame) -> str:
     return f"<table id=\"pareto-table\"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def _cell(text: str, key: Any = None, numeric: bool = True) -> str:
+    """A table cell; ``key`` is what the sort compares (a number, or empty to sort by text)."""
+    data = "" if key is None or (isinstance(key, float) and math.isnan(key)) else f"{key}"
+    return f"<td class=\"{'num' if numeric else ''}\" data-key=\"{_esc(data)}\">{_esc(text)}</td>"
+
+
+def _trials_table(trials: list[FrozenTrial]) -> str:
+    """Every trial, sortable by a click on a column: state, accuracies, size, ratio, bits,
+    sparsity, seconds, why it stopped."""
+    if not trials:
+        return "<p class=\"note\">No trials yet.</p>"
+    head = ("trial", "state", "val accuracy", "test accuracy", "size (bytes)", "ratio", "mean bits", "sparsity",
+            "seconds", "refines", "stop reason")
+    rows = []
+    for trial in trials:
+        record = TrialRecord.of(trial)
+        val = record.val_accuracy if record.val_accuracy is not None else record.last_val_accuracy
+        seconds = record.seconds.get("total")
+        if seconds is None and trial.datetime_start and trial.datetime_complete:
+            seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
+        cells = [_cell(f"#{trial.number}", trial.number), _cell(trial.state.name.lower(), None, numeric=False),
+                 _cell(pct(val), val), _cell(pct(record.test_accuracy), record.test_accuracy),
+                 _cell(f"{record.size_bytes:,}" if record.size_bytes else "", record.size_bytes),
+                 _cell(f"{record.compression_ratio:.1f}×" if record.compression_ratio else "", record.compression_ratio),
+                 _cell(f"{record.mean_bits:.2f}" if record.mean_bits is not None else "", record.mean_bits),
+                 _cell(pct(record.sparsity, 1), record.sparsity),
+                 _cell(f"{seconds:.1f}" if seconds is not None else "", seconds),
+                 _cell(f"#{record.refines}" if record.refines is not None else "", record.refines),
+                 _cell(record.reason or "", None, numeric=False)]
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    header = "".join(f"<th class=\"{'' if label in ('state', 'stop reason') else 'num'}\">{_esc(label)}</th>"
+                     for label in head)
+    return (f"<div class=\"scroll\"><table id=\"{TRIALS_TABLE}\" class=\"sortable\"><thead><tr>{header}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div>")
+
+
+def _time_facts(trials: list[FrozenTrial]) -> str | None:
+    """Trial time in total and per trial, and the wall clock from the first start to the last end."""
+    seconds = [TrialRecord.of(t).seconds.get("total") for t in trials]
+    seconds = [s for s in seconds if isinstance(s, (int, float))]
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    if not seconds and not ends:
+        return None
+    parts = []
+    if seconds:
+        ordered = sorted(seconds)
+        median = ordered[len(ordered) // 2] if len(ordered) % 2 else sum(ordered[len(ordered) // 2 - 1:][:2]) / 2
+        parts.append(f"{sum(seconds):,.0f} s of trial time over {len(seconds)} trials (median {median:.1f} s a trial)")
+    if starts and ends:
+        parts.append(f"{(max(ends) - min(starts)).total_seconds():,.0f} s from the first start to the last end")
+    return " · ".join(parts)
+
+
+def _picks(study: optuna.Study, storage_url: str) -> str:
+    """What ``slimtune export --max-drop`` picks for 0.5 and 1 point, and the command."""
+    from slimtune.spaces import SpecError
+
+    rows = []
+    for drop in DROPS:
+        command = export_command(study.study_name, storage_url, max_drop=drop)
+        try:
+            trial = within_drop(study, drop)
+        except SpecError as exc:
+            rows.append(f"<tr><th>within {100 * drop:g} point</th><td>no trial yet ({_esc(exc)})</td></tr>")
+            continue
+        record = TrialRecord.of(trial)
+        ratio = f", {record.compression_ratio:.1f}×" if record.compression_ratio else ""
+        rows.append(f"<tr><th>within {100 * drop:g} point</th><td>trial <b>#{trial.number}</b>: val "
+                    f"{pct(record.val_accuracy)}, test {pct(record.test_accuracy)}, {record.size_bytes:,} bytes{ratio}"
+                    f"<br><code>{_esc(command)}</code></td></tr>")
+    return f"<table class=\"facts\" id=\"picks\">{''.join(rows)}</table>"
+
+
 def _others_table(trials: list[FrozenTrial]) -> str:
     rows = []
     for trial in trials:
@@ -465,8 +415,8 @@ def _others_table(trials: list[FrozenTrial]) -> str:
         history = record.val_history
         reason = record.reason or ""
         rows.append(f"<tr><td class=\"num\">#{trial.number}</td><td>{_esc(trial.state.name)}</td>"
-                    f"<td class=\"num\">{_pct(history[-1]) if history else ''}</td>"
-                    f"<td class=\"num\">{_pct(record.sparsity, 1)}</td><td>{_esc(reason)}</td></tr>")
+                    f"<td class=\"num\">{pct(history[-1]) if history else ''}</td>"
+                    f"<td class=\"num\">{pct(record.sparsity, 1)}</td><td>{_esc(reason)}</td></tr>")
     if not rows:
         return "<p class=\"note\">None: every trial completed.</p>"
     return ("<table id=\"stopped-table\"><thead><tr><th class=\"num\">trial</th><th>state</th>"
@@ -504,18 +454,18 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
         tool_version = study.user_attrs.get(keys.VERSION, "?")
     facts = [("study", f"<b>{_esc(name)}</b>"), ("storage", f"<code>{_esc(mask_url(storage_url))}</code>")]
     if teacher:
-        facts += [("teacher", f"val {_pct(teacher.get('val_accuracy'))} · test {_pct(teacher.get('test_accuracy'))}"),
+        facts += [("teacher", f"val {pct(teacher.get('val_accuracy'))} · test {pct(teacher.get('test_accuracy'))}"),
                   ("teacher size", f"{teacher.get('dense_bytes', 0):,} bytes fp32 dense"
                                    + (f" ({teacher['parameters']:,} parameters)" if teacher.get("parameters") else "")),
                   ("teacher source", _esc(teacher.get("source", "")))]
     else:
         facts.append(("teacher", "not recorded yet"))
     if floor is not None:
-        facts.append(("accuracy floor", f"{_pct(floor)} (teacher val − max_accuracy_drop {max_drop:g}; "
+        facts.append(("accuracy floor", f"{pct(floor)} (teacher val − max_accuracy_drop {max_drop:g}; "
                                         "trials below it are pruned)"))
     feasible_drop = spec.get("study", {}).get("feasible_drop")
     if teacher.get("val_accuracy") is not None and feasible_drop is not None:
-        facts.append(("feasible", f"val ≥ {_pct(teacher['val_accuracy'] - feasible_drop)} (teacher val − "
+        facts.append(("feasible", f"val ≥ {pct(teacher['val_accuracy'] - feasible_drop)} (teacher val − "
                                   f"feasible_drop {feasible_drop:g}); the Pareto front holds feasible trials only"))
     refinements = [t for t in study.get_trials(deepcopy=False) if TrialRecord.of(t).refines is not None]
     if refinements:
@@ -523,6 +473,9 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
                                  "(the Pareto table's <i>refines</i> column); each refined trial is off the front"))
     if spec.get("study", {}).get("sampler"):
         facts.append(("sampler", _esc(spec["study"]["sampler"])))
+    spent = _time_facts(trials)
+    if spent:
+        facts.append(("time", _esc(spent)))
     facts += [("trials", states),
               ("generated", _esc(now.strftime("%Y-%m-%d %H:%M:%S %Z").strip())
                + f" · slimtune {_esc(tool_version)} · optuna {_esc(optuna.__version__)}")]
@@ -535,7 +488,7 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
         f"<div><div class=\"note\" style=\"margin-top:0\">Spec stored with the study</div>"
         f"<pre class=\"spec\">{_esc(spec_text)}</pre></div></div></section>")
 
-    pareto_fig = _pareto_figure(study, ordered_front, complete, counts, teacher, floor)
+    pareto_fig = front_figure(study, storage_url)
     sections.append(
         "<section id=\"front\"><h2>Pareto front</h2>"
         "<p class=\"note\">Validation accuracy (selection metric) against the byte length of the packed artifact. "
@@ -547,10 +500,14 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
         "<h3 style=\"font-size:16px;margin:18px 0 6px\">Pareto-optimal trials, smallest first</h3>"
         "<p class=\"note\">Ratio = teacher fp32 dense bytes / artifact bytes; mean bits weighted by weight count; "
         "test accuracy is for reporting only.</p>"
-        f"{_pareto_table(pareto_frame(study) if complete else pd.DataFrame())}</section>")
+        f"{_pareto_table(pareto_frame(study) if complete else pd.DataFrame())}"
+        "<h3 style=\"font-size:16px;margin:18px 0 6px\">What <code>export --max-drop</code> picks</h3>"
+        "<p class=\"note\">The smallest Pareto trial whose validation accuracy is within the drop of the "
+        "teacher's, and the command that writes it.</p>"
+        f"{_picks(study, storage_url)}</section>")
 
-    if ordered_front and _layer_names(ordered_front):
-        heat_fig, heat_height = _heatmap_figure(ordered_front)
+    if ordered_front and layer_names(ordered_front):
+        heat_fig, heat_height = plans_figure(ordered_front)
         heat = _figure_html(heat_fig, HEATMAPS_DIV, heat_height)
     else:
         heat = "<p class=\"note\">No Pareto trials with per-layer details yet.</p>"
@@ -586,9 +543,15 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
     sections.append(
         "<section id=\"importance\"><h2>Parameter importances</h2>"
         "<p class=\"note\">fANOVA (optuna.importance, seed 0) over the complete trials, for validation accuracy "
-        "and for log10 size; only parameters whose value varies. Few trials give rough estimates.</p>"
+        "and for size on a <b>log10 scale</b> (a change from 10 kB to 20 kB counts as much as one from 100 kB "
+        "to 200 kB); optuna-dashboard's own importance chart uses raw bytes, which lets the largest trials "
+        "dominate, so the two can disagree. Only parameters whose value varies; few trials give rough "
+        "estimates.</p>"
         f"{imp}</section>")
 
+    sections.append("<section id=\"trials\"><h2>All trials</h2><p class=\"note\">Click a column to sort by it. "
+                    "Seconds: the trial's own time (sampling, compression, fine-tune, packing, evaluation, storage); "
+                    "a pruned trial shows its last validation accuracy.</p>" + _trials_table(trials) + "</section>")
     sections.append("<section id=\"stopped\"><h2>Pruned and failed trials</h2>" + _others_table(trials) + "</section>")
 
     return (
@@ -598,7 +561,7 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
         f"<script type=\"text/javascript\">{_plotly_js()}</script></head>\n<body><main>"
         f"<header><h1><span class=\"tool\">slimtune report ·</span> {_esc(name)}</h1>"
         f"<p class=\"sub\">{_esc(mask_url(storage_url))} · generated {_esc(now.strftime('%Y-%m-%d %H:%M %Z').strip())}"
-        "</p></header>\n" + "\n".join(sections) + "\n</main></body></html>\n")
+        "</p></header>\n" + "\n".join(sections) + f"\n</main><script>{_SORT_JS}</script></body></html>\n")
 
 
 def write_report(study: optuna.Study, storage_url: str, out_path: str | os.PathLike[str]) -> int:

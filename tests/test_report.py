@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 from pathlib import Path
 
@@ -121,3 +122,47 @@ def test_default_out_is_named_after_the_study(study_db: tuple[str, Path], tmp_pa
     monkeypatch.chdir(tmp_path)
     assert main(["report", "--study", "digits-test", "--storage", url]) == 0
     assert (tmp_path / "digits-test-report.html").stat().st_size > 1_000_000
+
+
+def test_report_shows_every_trial_the_time_and_what_export_picks(study_db: tuple[str, Path], tmp_path: Path) -> None:
+    """The all-trials table sorts on a click (in Chromium), the picks of ``export --max-drop`` are
+    the trials export chooses, with the command, and the importances say their size scale."""
+    from playwright.sync_api import sync_playwright
+
+    from slimtune.spaces import SpecError
+    from slimtune.studies import within_drop
+
+    url, _ = study_db
+    out = tmp_path / "report.html"
+    assert main(["report", "--study", "digits-test", "--storage", url, "--out", str(out)]) == 0
+    study = optuna.load_study(study_name="digits-test", storage=url)
+    text = out.read_text(encoding="utf-8")
+    for drop in (0.005, 0.01):
+        command = f"--max-drop {drop:g} --out digits-test.slim"
+        try:
+            number = within_drop(study, drop).number
+        except SpecError as exc:  # nothing that close to the teacher in 4 short trials: it says so
+            assert html.escape(str(exc), quote=True) in text and command not in text
+            continue
+        assert f"trial <b>#{number}</b>" in text and command in text
+    assert "s of trial time over" in text and "from the first start to the last end" in text
+    assert "log10 scale" in text and "raw bytes" in text
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(out.as_uri())
+            rows = page.locator("#trials-table tbody tr")
+            assert rows.count() == len(study.trials)
+            page.locator("#trials-table th", has_text="size (bytes)").click()
+            sizes = [s for s in page.locator("#trials-table tbody tr td:nth-child(5)").evaluate_all(
+                "cells => cells.map(c => c.getAttribute('data-key'))")]
+            page.locator("#trials-table th", has_text="size (bytes)").click()
+            descending = page.locator("#trials-table tbody tr td:nth-child(5)").evaluate_all(
+                "cells => cells.map(c => c.getAttribute('data-key'))")
+        finally:
+            browser.close()
+    known = [float(s) for s in sizes if s]
+    assert known == sorted(known) and sizes[len(known):] == [""] * (len(sizes) - len(known))  # no size: last
+    assert [float(s) for s in descending if s] == sorted(known, reverse=True)
