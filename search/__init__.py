@@ -1,7 +1,8 @@
-"""The search: objective, study runner (launch / resume / workers) and the ``slimtune`` CLI.
+"""The search: objective, study runner (launch / resume / workers), the Python API and the ``slimtune`` CLI.
 
 The names below are imported on first use, so that ``slimtune studies`` and ``slimtune pareto``
-start without loading torch.
+start without loading torch. The module itself is callable: ``slimtune.search(model, datamodule,
+study=...)`` is :func:`search_objects` (the Python API, ``search/_api.py``).
 
 Example::
 
@@ -12,6 +13,8 @@ Example::
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 _EXPORTS = {
@@ -21,15 +24,28 @@ _EXPORTS = {
     "resolve_spec": "._runner", "run_study": "._runner", "run_workers": "._runner",
     "GracefulStop": "._signals", "Interrupted": "._signals", "SearchFailed": "._signals",
     "run_until_target": "._loop", "stored_fingerprint": "._runner",
+    "Study": "._api", "load_study": "._api", "search_objects": "._api", "spec_for_objects": "._api",
 }
 __all__ = [
-    "CompressionObjective", "GracefulStop", "Interrupted", "SearchFailed", "SearchSummary", "TrialFailed",
-    "load_stored_spec", "main", "make_sampler", "resolve_spec", "run_study", "run_until_target", "run_workers",
-    "stored_fingerprint",
+    "CompressionObjective", "GracefulStop", "Interrupted", "SearchFailed", "SearchSummary", "Study", "TrialFailed",
+    "load_stored_spec", "load_study", "main", "make_sampler", "resolve_spec", "run_study", "run_until_target",
+    "run_workers", "search_objects", "spec_for_objects", "stored_fingerprint",
 ]
 
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    source = "search" if name == "search_objects" else name
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), source)
+
+
+class _CallableModule(types.ModuleType):
+    """``slimtune.search`` is both this package and the API's entry point: calling the module
+    runs :func:`search_objects` (a module cannot be called otherwise)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return __getattr__("search_objects")(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -41,7 +42,8 @@ from slimtune.studies import (
 )
 from slimtune.trainers import (
     TrialContext, build_datamodule, build_model, check_finite_weights, check_model_and_data, compressible_layers,
-    datamodule_info, dense_parameter_bytes, evaluate, load_state_bytes, silence_lightning, state_to_bytes, train_teacher,
+    datamodule_info, dense_parameter_bytes, evaluate, load_state_bytes, prepare_datamodule, silence_lightning,
+    state_to_bytes, train_teacher, uncompressed_weights,
 )
 
 from ._env import EXIT_INTERRUPTED, RUN_ENV, STORAGE_ENV
@@ -91,18 +93,49 @@ def make_sampler(spec: StudySpec, trial_number: int) -> optuna.samplers.BaseSamp
                                       n_startup_trials=max(4, min(10, spec.trials // 3)))
 
 
-def _check_runtime(spec: StudySpec, load_checkpoint: bool = True) -> tuple[torch.nn.Module, Any]:
+Given = tuple[torch.nn.Module, Any]
+"""A model and a data module given as Python objects (``slimtune.search``): the spec's
+``model.given`` and ``data.given`` describe them."""
+
+
+def _check_runtime(spec: StudySpec, load_checkpoint: bool = True,
+                   given: Given | None = None) -> tuple[torch.nn.Module, Any]:
     """Build the model and data and match the layer patterns: every SpecError before any write.
 
     A worker joining a study whose teacher is stored skips the checkpoint (``load_checkpoint``
-    False): the database holds the teacher, the file need not exist on its machine.
+    False): the database holds the teacher, the file need not exist on its machine. ``given``:
+    the objects ``slimtune.search`` was handed (a copy of the model is used; the caller's is
+    never changed), in place of what the spec names.
     """
-    dm = build_datamodule(spec.data)
-    torch.manual_seed(spec.seed)  # the teacher's initial weights follow the spec's seed
-    model = build_model(spec.model, data_info=datamodule_info(dm), load_checkpoint=load_checkpoint)
+    given_model, given_data = given if given is not None else (None, None)
+    if given_data is not None:
+        dm = prepare_datamodule(given_data, "datamodule", spec.data.given)
+    else:
+        dm = build_datamodule(spec.data)
+    if given_model is not None:
+        model = copy.deepcopy(given_model)
+    else:
+        torch.manual_seed(spec.seed)  # the teacher's initial weights follow the spec's seed
+        model = build_model(spec.model, data_info=datamodule_info(dm), load_checkpoint=load_checkpoint)
     select_layers(compressible_layers(model), spec.space)
-    check_model_and_data(model, dm, loaded_weights=load_checkpoint and spec.model.checkpoint is not None)
+    loaded = given_model is not None or (load_checkpoint and spec.model.checkpoint is not None)
+    check_model_and_data(model, dm, loaded_weights=loaded)
+    _warn_uncompressed(model)
     return model, dm
+
+
+def _warn_uncompressed(model: torch.nn.Module) -> None:
+    """Say which weight tensors no method compresses (they stay float32 in every artifact), and
+    their share of the model, instead of searching around them without a word."""
+    skipped = uncompressed_weights(model)
+    if not skipped:
+        return
+    share = 4 * sum(values for _, _, values in skipped) / dense_parameter_bytes(model)
+    listed = ", ".join(f"{name} ({kind}, {values:,} values)" for name, kind, values in skipped[:8])
+    more = f" and {len(skipped) - 8} more" if len(skipped) > 8 else ""
+    print(f"slimtune: warning: no method compresses {len(skipped)} weight tensor{'s' * (len(skipped) != 1)} "
+          f"({100 * share:.1f}% of the model's fp32 bytes), stored as float32 in every artifact: {listed}{more}; "
+          "the methods compress Linear and Conv2d layers", file=sys.stderr)
 
 
 def stored_spec(spec: StudySpec) -> dict[str, Any]:
@@ -154,7 +187,7 @@ def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, force: bo
 
 
 def _teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spec: StudySpec, model: torch.nn.Module,
-             dm: Any, stop: GracefulStop, log: Any) -> torch.nn.Module:
+             dm: Any, stop: GracefulStop, log: Any, weights_given: bool = False) -> torch.nn.Module:
     """The study's teacher: from the database if stored, else trained (or the checkpoint) and stored.
 
     Exactly one worker trains it: it claims the ``teacher.lock`` blob and refreshes it every
@@ -162,7 +195,8 @@ def _teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spec: St
     process is gone is taken over at once when it was held on this host, and otherwise once it
     has not changed for ``TEACHER_LOCK_STALE_S`` (measured on this host's clock, so clocks of
     other hosts do not matter). The weights are published insert-if-absent, so a study never
-    holds two teachers.
+    holds two teachers. ``weights_given``: ``model`` came from ``slimtune.search`` and its own
+    weights are the teacher (never trained again).
     """
     waiting_said = False
     watched = _LockWatch()
@@ -185,7 +219,7 @@ def _teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spec: St
                     touch_blob(storage, spec.name, keys.TEACHER_LOCK, _lock_bytes(token))
 
                 with every(TEACHER_LOCK_REFRESH_S, refresh, "teacher-lock", now=False):
-                    return _make_teacher(study, storage, spec, model, dm, stop, log)
+                    return _make_teacher(study, storage, spec, model, dm, stop, log, weights_given)
             finally:
                 lock = get_blob(storage, spec.name, keys.TEACHER_LOCK)
                 if lock is not None and _lock_field(lock, "token") == token:
@@ -262,9 +296,13 @@ def _wait_for(condition: Any, what: str, limit: float = STUDY_SETUP_WAIT_S) -> N
 
 
 def _make_teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spec: StudySpec,
-                  model: torch.nn.Module, dm: Any, stop: GracefulStop, log: Any) -> torch.nn.Module:
+                  model: torch.nn.Module, dm: Any, stop: GracefulStop, log: Any,
+                  weights_given: bool = False) -> torch.nn.Module:
     started = time.perf_counter()
-    if spec.model.checkpoint:
+    if weights_given:  # its own weights are the teacher: never trained again
+        kind = type(model)
+        source = f"given ({kind.__module__}:{kind.__qualname__}, as passed to slimtune.search)"
+    elif spec.model.checkpoint:
         model.load_state_dict(build_model(spec.model, data_info=datamodule_info(dm)).state_dict())
         source = f"checkpoint {spec.model.checkpoint}"
     else:
@@ -309,12 +347,13 @@ def _open(spec: StudySpec, create: bool = True) -> optuna.storages.RDBStorage:
                         heartbeat_grace=spec.runtime.heartbeat_grace)
 
 
-def _prepare(spec: StudySpec, threads: int | None, load_checkpoint: bool = True) -> tuple[Any, Any, Any]:
+def _prepare(spec: StudySpec, threads: int | None, load_checkpoint: bool = True,
+             given: Given | None = None) -> tuple[Any, Any, Any]:
     """Everything that can fail on bad input, before any write; then the storage."""
     silence_lightning()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(threads or os.cpu_count() or 1)
-    model, dm = _check_runtime(spec, load_checkpoint)
+    model, dm = _check_runtime(spec, load_checkpoint, given)
     return model, dm, _open(spec)
 
 
@@ -371,14 +410,16 @@ def _ran_by(study: optuna.Study | None, run: str) -> int:
 
 
 def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None, threads: int | None = None,
-              progress: bool = True, log: Any = None, joining: bool = False) -> SearchSummary:
+              progress: bool = True, log: Any = None, joining: bool = False,
+              given: Given | None = None) -> SearchSummary:
     """Run trials in this process until ``spec``'s study holds ``spec.trials`` finished trials,
     counting those of every worker (or ``timeout`` s pass, or a signal arrives), then the
     refinement stage when ``search.refine.epochs`` is set (see ``_refine``; with a timeout, search
     and refinement then alternate until it ends). ``joining``:
-    the study exists (resume, worker), so a teacher checkpoint file is not needed here."""
+    the study exists (resume, worker), so a teacher checkpoint file is not needed here. ``given``:
+    the model and data module objects of ``slimtune.search``."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    model, dm, storage = _prepare(spec, threads, load_checkpoint=not joining)
+    model, dm, storage = _prepare(spec, threads, load_checkpoint=not joining, given=given)
     started = time.perf_counter()
     deadline = None if timeout is None else time.monotonic() + timeout
     search_deadline = deadline  # with a refinement stage, the search leaves it refine_share of the time
@@ -390,7 +431,7 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
     with GracefulStop() as stop:
         try:
             study = _open_study(spec, storage, force, log)
-            teacher = _teacher(study, storage, spec, model, dm, stop, log)
+            teacher = _teacher(study, storage, spec, model, dm, stop, log, weights_given=given is not None)
             _write_note(storage, spec.name, log)
             teacher_val = study.user_attrs[keys.TEACHER]["val_accuracy"]
             if finished_count(study) >= spec.trials and spec.search.refine.epochs == 0:

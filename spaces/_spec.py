@@ -161,6 +161,9 @@ class ModelSpec:
     factory: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    # A model given to ``slimtune.search`` as a Python object: its class, as ``module:qualname``,
+    # for people to read (never imported; see ``slimtune.trainers.build_model``).
+    given: str | None = None
     # Where ``factory`` was read: None for the user's own input (imported), else the data that
     # named it (imported only if trusted; see ``slimtune.spaces.require_trusted``).
     source: str | None = field(default=None, compare=False)
@@ -187,6 +190,7 @@ class DataSpec:
     test_fraction: float | None = None
     split_seed: int | None = None
     batch_size: int | None = None
+    given: str | None = None  # a data module given to ``slimtune.search`` as an object (see ModelSpec.given)
     source: str | None = field(default=None, compare=False)  # where ``module`` was read (see ModelSpec)
 
     def __post_init__(self) -> None:
@@ -341,6 +345,12 @@ def _data_spec(raw: dict[str, Any], source: str | None) -> DataSpec:
     Only the keys are checked here; the table file itself is read (and its columns checked) by
     ``slimtune.trainers`` before anything is written.
     """
+    if "given" in raw:
+        given = raw["given"]
+        if not isinstance(given, str) or not given or len(raw) != 1:
+            raise SpecError("data.given", given, "the class of a data module given to slimtune.search, as "
+                            "module:qualname, alone")
+        return DataSpec(given=given, source=source)
     sources = [k for k in ("preset", "module", "table") if k in raw]
     if len(sources) != 1:
         raise SpecError("data", raw, "exactly one of 'preset', 'module' or 'table'")
@@ -406,7 +416,7 @@ def _data_spec(raw: dict[str, Any], source: str | None) -> DataSpec:
     )
 
 
-_DATA_KEYS = {"preset", "module", "kwargs", "table"} | set(TABLE_KEYS)
+_DATA_KEYS = {"preset", "module", "kwargs", "table", "given"} | set(TABLE_KEYS)
 
 
 def parse_data_section(raw: Any, source: str | None = None) -> DataSpec:
@@ -456,9 +466,16 @@ def _study(raw: Any, errors: Errors) -> dict[str, Any]:
 
 
 def _model(raw: Any, source: str | None) -> ModelSpec:
-    model_raw = _table({"model": raw} if raw is not None else {}, "model", {"preset", "factory", "kwargs", "checkpoint"})
-    if ("preset" in model_raw) == ("factory" in model_raw):
-        raise SpecError("model", model_raw, "exactly one of 'preset' or 'factory'")
+    model_raw = _table({"model": raw} if raw is not None else {}, "model",
+                       {"preset", "factory", "given", "kwargs", "checkpoint"})
+    if sum(k in model_raw for k in ("preset", "factory", "given")) != 1:
+        raise SpecError("model", model_raw, "exactly one of 'preset' or 'factory' ('given' is written by "
+                        "slimtune.search for a model passed as a Python object)")
+    given = model_raw.get("given")
+    if given is not None and (not isinstance(given, str) or not given or "kwargs" in model_raw
+                              or "checkpoint" in model_raw):
+        raise SpecError("model.given", given, "the class of a model given to slimtune.search, as module:qualname, "
+                        "without kwargs or checkpoint")
     if "preset" in model_raw and model_raw["preset"] not in MODEL_PRESETS:
         raise SpecError("model.preset", model_raw["preset"], ", ".join(MODEL_PRESETS))
     checkpoint = model_raw.get("checkpoint")
@@ -469,6 +486,7 @@ def _model(raw: Any, source: str | None) -> ModelSpec:
         factory=_ref("model.factory", model_raw["factory"], "factory") if "factory" in model_raw else None,
         kwargs=_kwargs("model.kwargs", model_raw.get("kwargs", {})),
         checkpoint=checkpoint,
+        given=given,
         source=source,
     )
 
@@ -559,9 +577,11 @@ def parse_spec(data: Mapping[str, Any], source: str | None = None) -> StudySpec:
 
     normalized: dict[str, Any] = {
         "study": study,
-        "model": {k: v for k, v in {"preset": model.preset, "factory": model.factory, "kwargs": model.kwargs,
-                                    "checkpoint": model.checkpoint}.items() if v is not None},
-        "data": ({k: v for k, v in {"preset": data_spec.preset, "module": data_spec.module,
+        "model": ({"given": model.given} if model.given is not None else
+                  {k: v for k, v in {"preset": model.preset, "factory": model.factory, "kwargs": model.kwargs,
+                                     "checkpoint": model.checkpoint}.items() if v is not None}),
+        "data": ({"given": data_spec.given} if data_spec.given is not None else
+                 {k: v for k, v in {"preset": data_spec.preset, "module": data_spec.module,
                                     "kwargs": data_spec.kwargs}.items() if v is not None}
                  if data_spec.table is None else data_spec.table_options()),
         "teacher": teacher,

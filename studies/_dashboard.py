@@ -68,6 +68,8 @@ def _percent(value: Any) -> str:
 
 
 def _ref(section: dict[str, Any], name_key: str) -> str:
+    if section.get("given"):
+        return f"`{section['given']}` (given to slimtune.search as a Python object)"
     if section.get("preset"):
         text = f"preset `{section['preset']}`"
     else:

@@ -26,7 +26,7 @@ import torch
 
 from slimtune.spaces import DataSpec, SpecError
 
-from ._models import import_ref
+from ._models import given_object_error, import_ref
 from ._table import BreastCancerDataModule, TableDataModule
 from ._tensordata import TensorDataModule
 
@@ -95,6 +95,8 @@ def datamodule_info(dm: Any) -> dict[str, int]:
 
 def build_datamodule(spec: DataSpec) -> pl.LightningDataModule:
     """Instantiate and set up the data module named by ``spec``; failures are :class:`SpecError`."""
+    if spec.given is not None:
+        raise given_object_error("data", spec.given)
     if spec.table is not None:
         key, ref, kwargs = "data.table", spec.table, spec.table_options()
         cls: Any = TableDataModule
@@ -104,6 +106,19 @@ def build_datamodule(spec: DataSpec) -> pl.LightningDataModule:
         kwargs = spec.kwargs
     try:
         dm = cls(**kwargs)
+    except SpecError:
+        raise
+    except Exception as exc:
+        raise SpecError(key, ref, "a LightningDataModule with train/val/test loaders yielding (inputs, labels)",
+                        f"fails to load ({type(exc).__name__}: {str(exc)[:300]})") from None
+    return prepare_datamodule(dm, key, ref)
+
+
+def prepare_datamodule(dm: Any, key: str = "datamodule", ref: Any = None) -> pl.LightningDataModule:
+    """Prepare and set up a data module as Lightning's fit and test would, and open its three
+    loaders once; a failure is a :class:`SpecError` under ``key``."""
+    ref = ref if ref is not None else type(dm).__name__
+    try:
         if not isinstance(dm, pl.LightningDataModule):
             raise TypeError(f"{type(dm).__name__} is not a lightning.pytorch.LightningDataModule")
         dm.prepare_data()

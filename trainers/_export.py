@@ -62,7 +62,7 @@ def _source(name: str) -> str:
     return name if name.startswith("the ") else f"artifact {name}"
 
 
-def _load(data: bytes, name: str) -> tuple[nn.Module, dict[str, Any]]:
+def _load(data: bytes, name: str, template: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
     try:
         state, meta = unpack_model(data)
     except (ValueError, lzma.LZMAError, struct.error, KeyError, IndexError, TypeError, EOFError,
@@ -70,7 +70,7 @@ def _load(data: bytes, name: str) -> tuple[nn.Module, dict[str, Any]]:
         raise SpecError("artifact", name, _ARTIFACT, f"is not a readable slimtune artifact ({exc})") from None
     if not isinstance(meta, dict):
         raise SpecError("artifact", name, _ARTIFACT, "has no meta table")
-    model = model_from_meta(meta, source=_source(name), state=state)
+    model = model_from_meta(meta, source=_source(name), state=state, template=template)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -79,16 +79,18 @@ def _load(data: bytes, name: str) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), meta
 
 
-def load_artifact(source: str | os.PathLike[str] | bytes, name: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_artifact(source: str | os.PathLike[str] | bytes, name: str | None = None,
+                  template: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The dequantized model (in eval mode) and the ``meta`` of an artifact file or its bytes
     (``name`` says what the bytes are, in messages).
 
     The architecture is rebuilt from ``meta["model"]`` (never its checkpoint: the artifact
-    holds every weight); a model factory it names is imported only if trusted (see
+    holds every weight), or from a copy of ``template`` (the uncompressed model, when the caller
+    holds it); a model factory it names is imported only if trusted (see
     :func:`slimtune.spaces.require_trusted`). Anything that is not a readable artifact is a
     :class:`SpecError`.
     """
-    return _load(*_read(source, name))
+    return _load(*_read(source, name), template=template)
 
 
 def artifact_datamodule(meta: dict[str, Any], name: str = "artifact") -> Any:

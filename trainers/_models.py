@@ -26,6 +26,8 @@ Example:
 
 from __future__ import annotations
 
+import copy
+
 import importlib
 import sys
 from typing import Any, Callable, Mapping, Sequence
@@ -155,6 +157,16 @@ def import_ref(ref: str, key: str, source: str | None) -> object:
     return getattr(module, attr)
 
 
+def given_object_error(part: str, given: str) -> SpecError:
+    """Why a study's model or data, given to ``slimtune.search`` as a Python object, cannot be
+    built by this process (``resume``, ``worker``, ``evaluate``), and what to do instead."""
+    builder = "factory='module:callable'" if part == "model" else "data_module='module:DataModuleClass'"
+    return SpecError(f"{part}.given", given, f"continue it from Python, in a process that holds the {part} "
+                     "(slimtune.search(model, datamodule, study=..., storage=...)), or pass "
+                     f"{builder} to slimtune.search so that resume, worker and evaluate can build it",
+                     "was given to slimtune.search as a Python object, which this process does not have")
+
+
 def build_model(spec: ModelSpec, load_checkpoint: bool = True,
                 data_info: Mapping[str, int] | None = None) -> nn.Module:
     """A fresh model from a preset or a user factory, optionally with its checkpoint loaded.
@@ -162,6 +174,8 @@ def build_model(spec: ModelSpec, load_checkpoint: bool = True,
     ``data_info`` (``{"input_dim": ..., "num_classes": ...}``, from ``datamodule_info(dm)``)
     sizes the presets that depend on the data (``mlp``); ``model.kwargs`` may also give them.
     """
+    if spec.given is not None:
+        raise given_object_error("model", spec.given)
     if spec.preset is not None:
         kwargs = dict(spec.kwargs)
         for key in DATA_SIZED_PRESETS.get(spec.preset, ()):
@@ -209,6 +223,8 @@ def _reference_in(meta: Mapping[str, Any], source: str | None) -> ModelSpec:
     if not isinstance(reference, Mapping):
         raise SpecError("artifact", "meta", "an artifact whose meta holds the model reference",
                         "has no model reference")
+    if set(reference) == {"given"}:  # a model given to slimtune.search: no process but its own can build it
+        raise given_object_error("model", str(reference["given"])[:200])
     unknown = sorted(set(reference) - _REFERENCE_KEYS)
     preset, factory, kwargs = reference.get("preset"), reference.get("factory"), reference.get("kwargs", {})
     problem = None
@@ -230,7 +246,8 @@ def _reference_in(meta: Mapping[str, Any], source: str | None) -> ModelSpec:
 
 def model_from_meta(meta: Mapping[str, Any], data_info: Mapping[str, int] | None = None,
                     source: str | None = ARTIFACT_SOURCE,
-                    state: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+                    state: Mapping[str, torch.Tensor] | None = None,
+                    template: nn.Module | None = None) -> nn.Module:
     """The architecture of a packed artifact, with placeholder weights to load its state into.
 
     ``meta`` is what ``unpack_model`` returns: ``meta["model"]`` names the model (its
@@ -241,7 +258,9 @@ def model_from_meta(meta: Mapping[str, Any], data_info: Mapping[str, int] | None
     ``source`` says where ``meta`` was read: a factory it names is imported only if trusted
     (``None``: meta slimtune just wrote from the user's own spec). With ``state``, the model is
     first built without memory (``torch.device("meta")``) and its parameter shapes compared with
-    the state's, so meta cannot make it allocate more than the artifact holds.
+    the state's, so meta cannot make it allocate more than the artifact holds. ``template``: the
+    uncompressed model to start from instead of the one meta names (a copy of it is changed; the
+    Python API passes the model it was given).
 
     Example:
         >>> from slimtune.trainers import pack_model, unpack_model
@@ -256,6 +275,13 @@ def model_from_meta(meta: Mapping[str, Any], data_info: Mapping[str, int] | None
         >>> meta["factorized"], sorted(model_from_meta(meta, state=state).load_state_dict(state).missing_keys)
         ({'fc1': 2}, [])
     """
+    if template is not None:
+        model = copy.deepcopy(template)
+        for method in methods():
+            method.rebuild(model, meta)
+        if state is not None:
+            _check_fits(model, state)
+        return model
     spec = _reference_in(meta, source)
     sizes = data_info if data_info is not None else meta.get("data_info")
     if sizes is not None and (not isinstance(sizes, Mapping) or not all(
@@ -263,14 +289,17 @@ def model_from_meta(meta: Mapping[str, Any], data_info: Mapping[str, int] | None
         raise SpecError("artifact", "meta.data_info", "positive integer sizes", "is unreadable")
     if state is not None:
         with torch.device("meta"):
-            shell = _architecture(spec, meta, sizes)
-        wanted = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
-        given = {k: tuple(v.shape) for k, v in state.items()}
-        if wanted != given:
-            differ = sorted(set(wanted) ^ set(given)) or sorted(k for k in wanted if wanted[k] != given[k])
-            raise SpecError("artifact", "meta.model", "an artifact whose tensors fit the model it names",
-                            f"does not fit its tensors (first difference: {differ[0]})")
+            _check_fits(_architecture(spec, meta, sizes), state)
     return _architecture(spec, meta, sizes)
+
+
+def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    given = {k: tuple(v.shape) for k, v in state.items()}
+    if wanted != given:
+        differ = sorted(set(wanted) ^ set(given)) or sorted(k for k in wanted if wanted[k] != given[k])
+        raise SpecError("artifact", "meta.model", "an artifact whose tensors fit the model it names",
+                        f"does not fit its tensors (first difference: {differ[0]})")
 
 
 def _architecture(spec: ModelSpec, meta: Mapping[str, Any], data_info: Mapping[str, int] | None) -> nn.Module:
@@ -283,6 +312,27 @@ def _architecture(spec: ModelSpec, meta: Mapping[str, Any], data_info: Mapping[s
 def compressible_layers(model: nn.Module) -> list[str]:
     """Names of the ``Linear`` and ``Conv2d`` modules, in registration order."""
     return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def uncompressed_weights(model: nn.Module) -> list[tuple[str, str, int]]:
+    """The weight tensors (2-D or more) that no method compresses, because they belong to no
+    ``Linear`` or ``Conv2d``: ``(parameter name, owning module's type, values)``, in order.
+    They are stored as float32 (counted in every artifact's size).
+
+    >>> net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+    >>> uncompressed_weights(net)
+    [('0.weight', 'Embedding', 40)]
+    """
+    compressible = set(compressible_layers(model))
+    found = []
+    for module_name, module in model.named_modules():
+        if module_name in compressible:
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            if param.dim() >= 2:
+                name = f"{module_name}.{param_name}" if module_name else param_name
+                found.append((name, type(module).__name__, param.numel()))
+    return found
 
 
 def dense_parameter_bytes(model: nn.Module) -> int:

@@ -197,7 +197,9 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     # Accuracy is measured on the model read back from the artifact: what a user would load.
     started = time.perf_counter()
     state, meta = unpack_model(result.artifact)
-    restored = model_from_meta(meta, source=ctx.spec.model.source)  # as trusted as the spec that named it
+    # rebuilt from meta alone, as another process would; a model given as an object from the teacher
+    template = ctx.teacher if ctx.spec.model.given is not None else None
+    restored = model_from_meta(meta, source=ctx.spec.model.source, template=template)
     restored.load_state_dict(state)
     result.val_accuracy = evaluate(restored, ctx.datamodule.val_dataloader())
     result.test_accuracy = evaluate(restored, ctx.datamodule.test_dataloader())

@@ -1,0 +1,173 @@
+"""The Python API on objects: a model the user holds (not a preset), its own weights as the
+teacher, the study's front, best model and artifact from Python, and what other processes can
+and cannot do with such a study."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import optuna
+import pytest
+import torch
+from torch import nn
+
+import slimtune
+from slimtune.search import main
+from slimtune.spaces import SpecError
+from slimtune.studies import keys, pareto_trials, study_note
+from slimtune.trainers import DigitsDataModule, evaluate
+
+SPACE = {"prune_ratio": {"low": 0.2, "high": 0.8}, "weight_bits": {"choices": [4, 8]}, "lr": {"fixed": 2e-3}}
+SETTINGS = {"finetune": {"epochs": 1, "batch_size": 64}, "max_accuracy_drop": 0.5, "threads": 1}
+
+
+class SmallNet(nn.Module):
+    """A model no preset has: two Linear layers on flattened 8x8 digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class LitNet(pl.LightningModule):
+    """A LightningModule as the teacher (its forward gives logits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = SmallNet()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _trained(model: nn.Module) -> nn.Module:
+    """``model`` after a few seeded epochs of plain torch training on digits (the user's own
+    training, outside slimtune)."""
+    torch.manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.reset_parameters()
+    data = DigitsDataModule()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(6):
+        for x, y in data.train_dataloader():
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def net() -> nn.Module:
+    return _trained(SmallNet())
+
+
+def test_a_model_object_is_searched_with_its_own_weights_as_the_teacher(net: nn.Module, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    weights = copy.deepcopy(net.state_dict())
+    data = DigitsDataModule()
+    study = slimtune.search(net, data, study="api-net", storage=url, trials=3, space=SPACE, **SETTINGS)
+    assert all(torch.equal(weights[k], v) for k, v in net.state_dict().items())  # the caller's model unchanged
+
+    optuna_study = optuna.load_study(study_name="api-net", storage=url)
+    teacher = optuna_study.user_attrs[keys.TEACHER]
+    assert teacher["source"] == "given (tests.test_python_api:SmallNet, as passed to slimtune.search)"
+    assert teacher["val_accuracy"] == pytest.approx(evaluate(net, data.val_dataloader()), abs=1e-12)  # not retrained
+    assert optuna_study.user_attrs[keys.SPEC]["model"] == {"given": "tests.test_python_api:SmallNet"}
+
+    front = study.pareto()
+    assert list(front["trial"]) == [t.number for t in pareto_trials(optuna_study)] and len(front) >= 1
+    assert len(study.trials()) == 3
+    small, record = study.best(max_drop=0.5)
+    assert record.number == front["trial"].iloc[0]  # the smallest within the drop: the front's first
+    assert evaluate(small, data.val_dataloader()) == pytest.approx(record.val_accuracy, abs=1e-12)
+    assert evaluate(small, data.test_dataloader()) == pytest.approx(record.test_accuracy, abs=1e-12)
+    out = study.export(tmp_path / "net.slim", max_drop=0.5)
+    assert out.stat().st_size == record.size_bytes
+    assert "`tests.test_python_api:SmallNet` (given to slimtune.search as a Python object)" in study_note(optuna_study)
+    assert study.report(tmp_path / "r.html").stat().st_size > 1_000_000
+
+    # the same call with a larger target continues the study, with the stored teacher
+    again = slimtune.search(net, DigitsDataModule(), study="api-net", storage=url, trials=4, space=SPACE, **SETTINGS)
+    assert len(again.trials()) == 4
+    assert slimtune.load_study("api-net", url).pareto()["trial"].tolist()[0] == again.pareto()["trial"].tolist()[0]
+
+    # other processes have no model object: they say what to do instead of failing on an import
+    capsys.readouterr()
+    for argv in (["resume", "--study", "api-net", "--storage", url], ["evaluate", str(out)],
+                 ["export", "--study", "api-net", "--storage", url, "--max-drop", "0.5",
+                  "--out", str(tmp_path / "x.slim"), "--onnx", str(tmp_path / "x.onnx")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        named = ("model.given: 'tests.test_python_api:SmallNet'", "data.given: 'slimtune.trainers._data:DigitsDataModule'")
+        assert any(f"{what} was given to slimtune.search as a Python object, which this process does not have" in err
+                   for what in named), err
+        assert "continue it from Python" in err and "Traceback" not in err
+    assert not (tmp_path / "x.slim").exists() and not (tmp_path / "x.onnx").exists()
+    # ... while what needs only the database works
+    assert main(["pareto", "--study", "api-net", "--storage", url]) == 0
+    assert main(["export", "--study", "api-net", "--storage", url, "--max-drop", "0.5",
+                 "--out", str(tmp_path / "copy.slim")]) == 0
+    assert (tmp_path / "copy.slim").read_bytes() == out.read_bytes()
+
+
+def test_a_lightning_module_with_a_factory_resumes_and_evaluates_in_other_processes(tmp_path: Path,
+                                                                                    capsys: pytest.CaptureFixture[str]
+                                                                                    ) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    lit = _trained(LitNet())
+    study = slimtune.search(lit, DigitsDataModule(), study="lit-net", storage=url, trials=2, space=SPACE,
+                            factory="tests.test_python_api:LitNet", data_module="slimtune.trainers:DigitsDataModule",
+                            **SETTINGS)
+    _, record = study.best(max_drop=0.5)
+    out = study.export(tmp_path / "lit.slim", max_drop=0.5)
+    trust = ["--trust", "tests", "--trust", "slimtune.trainers"]
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--json", *trust]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(record.test_accuracy, abs=1e-12)
+    assert main(["resume", "--study", "lit-net", "--storage", url, "--trials", "3", "--quiet", "--threads", "1",
+                 *trust]) == 0
+    assert len(study.trials()) == 3
+    teacher = optuna.load_study(study_name="lit-net", storage=url).user_attrs[keys.TEACHER]
+    assert teacher["source"].startswith("given (tests.test_python_api:LitNet")
+
+
+def test_bad_settings_raise_before_anything_is_written(net: nn.Module, tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    with pytest.raises(SpecError, match=r"slimtune.search\(finetun=...\).*is not a known setting"):
+        slimtune.search(net, DigitsDataModule(), study="bad", storage=f"sqlite:///{db}", finetun={"epochs": 1})
+    with pytest.raises(SpecError, match="finetune.epochs"):
+        slimtune.search(net, DigitsDataModule(), study="bad", storage=f"sqlite:///{db}", finetune={"epochs": 0})
+    assert not db.exists()
+
+
+class Conv1dNet(nn.Module):
+    """Rows of the 8x8 digit as a sequence: a Conv1d (no method compresses it) and a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(8, 16, kernel_size=3)
+        self.head = nn.Linear(16 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x.view(-1, 8, 8))).flatten(1))
+
+
+def test_weights_no_method_compresses_are_named_before_the_search(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = slimtune.search(_trained(Conv1dNet()), DigitsDataModule(), study="conv1d", storage=url, trials=1,
+                            space=SPACE, **SETTINGS)
+    err = capsys.readouterr().err
+    share = 4 * 16 * 8 * 3 / (4 * sum(p.numel() for p in Conv1dNet().parameters()))
+    assert (f"no method compresses 1 weight tensor ({100 * share:.1f}% of the model's fp32 bytes), stored as "
+            "float32 in every artifact: conv.weight (Conv1d, 384 values)") in err, err
+    assert len(study.trials()) == 1
