@@ -93,12 +93,14 @@ class CompressionObjective:
             with self.stop.trial_body():
                 if refinement:  # the refinement stage: train the plan longer
                     result = run_trial(self.context, plan, seed=spec.seed + trial.number,
-                                       promote=lambda accuracy, size: True, extra_epochs=spec.search.refine.epochs)
+                                       promote=lambda accuracy, size: True, extra_epochs=spec.search.refine.epochs,
+                                       log_version=f"trial-{trial.number}")
                 else:
                     result = run_trial(self.context, plan, seed=spec.seed + trial.number,
                                        promote=beaten_by_completed(trial.study, spec.search.promote.margin,
                                                                    spec.finetune.epochs,
-                                                                   spec.search.promote.size_tolerance))
+                                                                   spec.search.promote.size_tolerance),
+                                       log_version=f"trial-{trial.number}")
         except (Interrupted, *STORAGE_ERRORS):
             raise  # the trial loop marks it FAIL ("interrupted", or the database's fault) and stops
         except Exception as exc:  # the trial's own failure: record it, keep the study going

@@ -41,9 +41,9 @@ from slimtune.studies import (
     load_existing_study, load_preset, mask_url, open_storage, publish_figures, records, touch_blob,
 )
 from slimtune.trainers import (
-    TrialContext, build_datamodule, build_model, check_finite_weights, check_model_and_data, compressible_layers,
-    datamodule_info, dense_parameter_bytes, evaluate, load_state_bytes, prepare_datamodule, silence_lightning,
-    state_to_bytes, train_teacher, uncompressed_weights,
+    TrialContext, build_datamodule, build_model, check_finite_weights, check_logger, check_model_and_data,
+    compressible_layers, datamodule_info, dense_parameter_bytes, evaluate, load_state_bytes, prepare_datamodule,
+    run_logger, silence_lightning, state_to_bytes, train_teacher, uncompressed_weights,
 )
 
 from ._env import EXIT_INTERRUPTED, RUN_ENV, STORAGE_ENV
@@ -118,6 +118,7 @@ def _check_runtime(spec: StudySpec, load_checkpoint: bool = True,
         torch.manual_seed(spec.seed)  # the teacher's initial weights follow the spec's seed
         model = build_model(spec.model, data_info=datamodule_info(dm), load_checkpoint=load_checkpoint)
     select_layers(compressible_layers(model), spec.space)
+    check_logger(spec.runtime)
     loaded = given_model is not None or (load_checkpoint and spec.model.checkpoint is not None)
     check_model_and_data(model, dm, loaded_weights=loaded)
     _warn_uncompressed(model)
@@ -308,7 +309,7 @@ def _make_teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spe
     else:
         log(f"training the teacher ({spec.teacher.epochs} epochs) ...")
         with stop.trial_body():
-            train_teacher(model, dm, spec.teacher, spec.seed)
+            train_teacher(model, dm, spec.teacher, spec.seed, logger=run_logger(spec.runtime, spec.name, "teacher"))
         source = "trained"
     info = {
         "val_accuracy": evaluate(model, dm.val_dataloader()),

@@ -109,6 +109,7 @@ REFINE = Section("search.refine", "after the search, the best in-band Pareto pla
     Setting("share", float, 0.25, "share of --timeout left to the refinements", low=0.0, high=0.95,
             fingerprinted=False),
 ))
+LOGGERS = ("none", "csv", "tensorboard")
 RUNTIME = Section("runtime", "how this machine runs the study (none of it changes what a trial means)", (
     Setting("cache_mb", int, 1024, "memory for cached teacher features (logits are always cached)", low=0,
             high=1_000_000, fingerprinted=False),
@@ -116,6 +117,11 @@ RUNTIME = Section("runtime", "how this machine runs the study (none of it change
             fingerprinted=False),
     Setting("heartbeat_grace", int, 60, "silence after which another worker fails and retries a trial", low=2,
             high=86400, fingerprinted=False),
+    Setting("logger", str, "none", "a Lightning logger for every fine-tune (and the teacher's training): none, csv "
+            "(lightning's CSVLogger) or tensorboard (needs the tensorboard package)", choices=LOGGERS,
+            fingerprinted=False),
+    Setting("log_dir", str, "slimtune-logs", "the logger's folder: <log_dir>/<study>/trial-<number> (and /teacher)",
+            fingerprinted=False),
     Setting("dashboard_every", int, 5, "refresh slimtune's plots on the study's optuna-dashboard page every this many "
             "finished trials (0: at the start and the end of a run only)", low=0, high=1_000_000, fingerprinted=False),
 ))

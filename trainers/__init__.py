@@ -14,7 +14,10 @@ from ._compress import apply_plan, bake, method_options
 from ._data import DigitsDataModule, MnistDataModule, build_datamodule, datamodule_info, prepare_datamodule
 from ._distill import feature_kd_loss, logit_kd_loss
 from ._export import artifact_datamodule, check_onnx, evaluate_artifact, example_batch, export_onnx, load_artifact
-from ._lightning import AccuracyFloor, ClassifierModule, DistillationModule, FeatureTap, quiet_trainer, silence_lightning
+from ._lightning import (
+    AccuracyFloor, ClassifierModule, DistillationModule, FeatureTap, check_logger, quiet_trainer, run_logger,
+    silence_lightning,
+)
 from ._models import (
     DigitsCNN,
     LeNet5,
@@ -70,12 +73,13 @@ __all__ = [
     "FitContext", "GradualPruning", "HalfPrecision", "LeNet300", "LeNet5", "Mask", "MnistDataModule", "PromotionGate",
     "PromotionRule", "PruneMask", "TableDataModule", "TableMLP", "TeacherCache", "TensorDataModule", "TrialContext",
     "TrialResult", "UnitMask", "apply_plan", "artifact_datamodule", "bake", "batch_loader", "build_datamodule",
-    "build_model", "channel_scales", "check_finite_weights", "check_model_and_data", "check_onnx",
+    "build_model", "channel_scales", "check_finite_weights", "check_logger", "check_model_and_data", "check_onnx",
     "compressible_layers", "cubic_sparsity", "datamodule_info", "dense_parameter_bytes", "dequantize", "evaluate",
     "evaluate_artifact", "example_batch", "export_onnx", "factorize", "factorized_ranks", "feature_kd_loss",
     "given_object_error", "import_ref", "importance", "layer_input_scales", "layer_stats", "load_artifact",
     "load_state_bytes", "logit_kd_loss", "magnitude_mask", "materialize", "method_options", "methods",
     "model_from_meta", "pack_model", "prepare_datamodule", "quantize", "quiet_trainer", "rank_for", "read_table",
-    "register_method", "run_trial", "silence_lightning", "state_to_bytes", "train_loader_for", "train_teacher",
-    "uncompressed_weights", "unit_keeps", "unpack_model", "unregister_method", "weight_averaging", "weight_modules",
+    "register_method", "run_logger", "run_trial", "silence_lightning", "state_to_bytes", "train_loader_for",
+    "train_teacher", "uncompressed_weights", "unit_keeps", "unpack_model", "unregister_method", "weight_averaging",
+    "weight_modules",
 ]

@@ -41,15 +41,46 @@ def silence_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
-def quiet_trainer(max_epochs: int, seed: int, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
-    """A seeded CPU trainer with no logger, checkpoints, progress bar or model summary."""
+def quiet_trainer(max_epochs: int, seed: int, callbacks: list[pl.Callback] | None = None,
+                  logger: Any = None) -> pl.Trainer:
+    """A seeded CPU trainer with no checkpoints, progress bar or model summary, and no logger
+    unless one is given (``run_logger``)."""
     silence_lightning()
     pl.seed_everything(seed, verbose=False)
     return pl.Trainer(
-        max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        max_epochs=max_epochs, accelerator="cpu", devices=1, logger=logger or False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         callbacks=callbacks or [], deterministic=False,
     )
+
+
+def run_logger(runtime: Any, study: str, version: str) -> Any:
+    """The Lightning logger ``[runtime] logger`` asks for, writing to
+    ``<log_dir>/<study>/<version>``; ``None`` for ``"none"``.
+
+    >>> from types import SimpleNamespace
+    >>> run_logger(SimpleNamespace(logger="none", log_dir="logs"), "s", "trial-0") is None
+    True
+    """
+    if runtime.logger == "none":
+        return None
+    from lightning.pytorch import loggers
+
+    if runtime.logger == "csv":
+        return loggers.CSVLogger(save_dir=runtime.log_dir, name=study, version=version)
+    return loggers.TensorBoardLogger(save_dir=runtime.log_dir, name=study, version=version)
+
+
+def check_logger(runtime: Any) -> None:
+    """A :class:`SpecError` when the logger asked for cannot run here (tensorboard not installed)."""
+    if runtime.logger == "tensorboard":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            from slimtune.spaces import SpecError
+
+            raise SpecError("runtime.logger", "tensorboard", "pip install tensorboard, or logger = \"csv\"",
+                            "needs the tensorboard package, which is not installed")
 
 
 class _AccuracyMixin:
@@ -72,6 +103,7 @@ class _AccuracyMixin:
 
     def on_validation_epoch_end(self) -> None:
         self.val_history.append(self._correct / max(self._total, 1))
+        self.log("val_accuracy", self.val_history[-1])  # type: ignore[attr-defined]  (for a run's logger)
 
 
 class ClassifierModule(_AccuracyMixin, pl.LightningModule):
@@ -90,7 +122,9 @@ class ClassifierModule(_AccuracyMixin, pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(self.model(self.augment(x)), y)
+        loss = F.cross_entropy(self.model(self.augment(x)), y)
+        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True)
+        return loss
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr)
@@ -237,6 +271,7 @@ class DistillationModule(_AccuracyMixin, pl.LightningModule):
             loss = loss + self.l2_weight * self.l2_penalty()
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"non-finite loss ({float(loss.detach())}) at epoch {self.current_epoch}, step {batch_idx}")
+        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True)
         return loss
 
     def configure_optimizers(self) -> Any:

@@ -49,10 +49,12 @@ def train_loader_for(dm: pl.LightningDataModule, batch_size: int, seed: int) -> 
     return dm.train_dataloader()
 
 
-def train_teacher(model: nn.Module, dm: pl.LightningDataModule, spec: Values, seed: int) -> nn.Module:
+def train_teacher(model: nn.Module, dm: pl.LightningDataModule, spec: Values, seed: int,
+                  logger: Any = None) -> nn.Module:
     """Train ``model`` with cross-entropy for ``spec.epochs`` (Adam, cosine schedule; images shifted
-    by up to ``spec.augment_shift`` pixels when it is set); in place."""
-    trainer = quiet_trainer(spec.epochs, seed)
+    by up to ``spec.augment_shift`` pixels when it is set); in place. ``logger``: a Lightning
+    logger for the run (``run_logger``), or none."""
+    trainer = quiet_trainer(spec.epochs, seed, logger=logger)
     trainer.fit(ClassifierModule(model, spec.lr, spec.augment_shift, seed), train_dataloaders=train_loader_for(dm, spec.batch_size, seed),
                 val_dataloaders=dm.val_dataloader())
     return model.eval()

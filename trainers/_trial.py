@@ -28,7 +28,7 @@ from slimtune.spaces import CompressionPlan, StudySpec, select_layers
 from ._compress import apply_plan
 from ._data import build_datamodule, datamodule_info
 from ._tensordata import materialize
-from ._lightning import AccuracyFloor, DistillationModule, quiet_trainer
+from ._lightning import AccuracyFloor, DistillationModule, quiet_trainer, run_logger
 from ._models import compressible_layers, dense_parameter_bytes, model_from_meta
 from ._pack import layer_stats, pack_model, unpack_model
 from ._schedule import PromotionGate, weight_averaging
@@ -122,7 +122,8 @@ PromotionRule = Callable[[float, int], bool]
 
 
 def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bool = True,
-              promote: PromotionRule | None = None, extra_epochs: int | None = None) -> TrialResult:
+              promote: PromotionRule | None = None, extra_epochs: int | None = None,
+              log_version: str | None = None) -> TrialResult:
     """Compress, fine-tune with distillation, pack and evaluate one plan.
 
     With ``search.promote.epochs > 0`` and a ``promote`` rule, the trial trains
@@ -132,7 +133,8 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     ``finetune.augment_shift`` shifts the student's training images in every trial
     (``augment_in = "all"``) or in refinements only (``"refine"``: when ``extra_epochs`` is given).
     Raises ``FloatingPointError`` on a non-finite loss; returns with ``pruned_reason`` set when
-    validation accuracy fell below ``ctx.floor`` after an epoch.
+    validation accuracy fell below ``ctx.floor`` after an epoch. ``log_version`` names the run
+    for ``[runtime] logger`` (``trial-<number>``).
     """
     result = TrialResult()
     started = time.perf_counter()
@@ -172,7 +174,8 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
         meta = ctx.artifact_meta()
         gate = PromotionGate(ft.epochs, lambda: promote(module.val_history[-1], len(pack_model(student, meta))))
         callbacks.append(gate)
-    trainer = quiet_trainer(ft.epochs + (extra if gate else 0), seed, callbacks=callbacks)
+    logger = run_logger(ctx.spec.runtime, ctx.spec.name, log_version) if log_version else None
+    trainer = quiet_trainer(ft.epochs + (extra if gate else 0), seed, callbacks=callbacks, logger=logger)
     result.teacher_source = "cache" if cached else "live"
     started = time.perf_counter()
     try:

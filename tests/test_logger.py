@@ -1,0 +1,60 @@
+"""``[runtime] logger``: every fine-tune (and the teacher's training) with a Lightning logger,
+off by default."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import optuna
+import pytest
+
+from slimtune.search import main
+from slimtune.studies import records
+
+from .conftest import SPEC_TOML
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_a_csv_logger_writes_each_trials_curve(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    spec = tmp_path / "study.toml"
+    spec.write_text(SPEC_TOML.replace("trials = 3", "trials = 2").replace("[finetune]\nepochs = 1", "[runtime]\n"
+                    f"logger = \"csv\"\nlog_dir = \"{logs}\"\n\n[finetune]\nepochs = 2"))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert main(["search", str(spec), "--storage", url, "--quiet", "--threads", "1"]) == 0
+    teacher = [r for r in _rows(logs / "digits-test" / "teacher" / "metrics.csv") if r.get("val_accuracy")]
+    assert len(teacher) == 8  # one validation per teacher epoch
+    study = optuna.load_study(study_name="digits-test", storage=url)
+    for record in records(study):
+        curve = [float(r["val_accuracy"]) for r in _rows(logs / "digits-test" / f"trial-{record.number}" / "metrics.csv")
+                 if r.get("val_accuracy")]
+        assert curve == pytest.approx(record.val_history)  # the logged curve is the recorded one
+        losses = [r for r in _rows(logs / "digits-test" / f"trial-{record.number}" / "metrics.csv")
+                  if r.get("train_loss")]
+        assert len(losses) == len(record.val_history)
+
+
+def test_without_a_logger_nothing_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "study.toml"
+    spec.write_text(SPEC_TOML.replace("trials = 3", "trials = 1"))
+    assert main(["search", str(spec), "--storage", f"sqlite:///{tmp_path / 's.db'}", "--quiet", "--threads", "1"]) == 0
+    assert not (tmp_path / "slimtune-logs").exists() and not (tmp_path / "lightning_logs").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed here")
+def test_tensorboard_without_the_package_exits_2_before_writing(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "study.toml"
+    spec.write_text(SPEC_TOML.replace("[finetune]\nepochs = 1", "[runtime]\nlogger = \"tensorboard\"\n\n[finetune]\n"
+                                      "epochs = 1"))
+    db = tmp_path / "s.db"
+    assert main(["search", str(spec), "--storage", f"sqlite:///{db}"]) == 2
+    assert "runtime.logger: 'tensorboard' needs the tensorboard package" in capsys.readouterr().err
+    assert not db.exists()
