@@ -34,7 +34,8 @@ import torch
 
 from slimtune.spaces import DEFAULT_STORAGE, SpecError, parse_spec
 from slimtune.studies import (
-    TrialRecord, get_blob, keys, load_existing_study, pareto_frame, trials_frame, within_drop, write_report,
+    TrialRecord, get_blob, is_in_memory, keys, load_existing_study, pareto_frame, trials_frame, within_drop,
+    write_report,
 )
 from slimtune.trainers import load_artifact
 
@@ -62,8 +63,8 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def spec_for_objects(model: torch.nn.Module, datamodule: Any, *, study: str, storage: str = DEFAULT_STORAGE,
-                     trials: int = 20, space: Mapping[str, Any] | None = None,
+def spec_for_objects(model: torch.nn.Module, datamodule: Any, *, study: str, storage: str | None = None,
+                     trials: int | None = None, space: Mapping[str, Any] | None = None,
                      spec: Mapping[str, Any] | None = None, factory: str | None = None,
                      factory_kwargs: Mapping[str, Any] | None = None, data_module: str | None = None,
                      data_kwargs: Mapping[str, Any] | None = None, **settings: Any) -> dict[str, Any]:
@@ -81,9 +82,12 @@ def spec_for_objects(model: torch.nn.Module, datamodule: Any, *, study: str, sto
     if unknown:
         raise SpecError(f"slimtune.search({unknown[0]}=...)", settings[unknown[0]],
                         f"keyword arguments {sorted(SECTIONS + STUDY_KEYS)} (or a spec= dict)", "is not a known setting")
+    if not isinstance(model, torch.nn.Module):
+        raise SpecError("model", type(model).__name__, "an nn.Module (or a LightningModule) whose forward gives logits",
+                        "is not a torch module")
     data = _merge({}, spec or {})
-    data = _merge(data, {"study": {"name": study, "storage": storage, "trials": trials,
-                                   **{k: settings[k] for k in STUDY_KEYS if k in settings}}})
+    given = {"storage": storage, "trials": trials, **{k: settings[k] for k in STUDY_KEYS if k in settings}}
+    data = _merge(data, {"study": {"name": study, **{k: v for k, v in given.items() if v is not None}}})
     for section in SECTIONS:
         if section in settings:
             data = _merge(data, {section: settings[section]})
@@ -147,6 +151,9 @@ class Study:
         trial number ``trial``): its compressed model as stored (dequantized, in eval mode) and
         its record."""
         chosen = self._pick(trial, max_drop)
+        if self._template is None and "given" in (self.optuna_study.user_attrs.get(keys.SPEC) or {}).get("model", {}):
+            raise SpecError("model", None, f"slimtune.load_study({self.name!r}, storage, model=net) with the model the "
+                            "study was searched from", "is needed: the study's model was given as a Python object")
         model, _ = load_artifact(self._artifact(chosen), f"the stored artifact of trial {chosen.number} of study "
                                  f"{self.name}", template=self._template)
         return model, TrialRecord.of(chosen)
@@ -158,9 +165,13 @@ class Study:
         out = Path(path)
         if not out.parent.is_dir():
             raise SpecError("path", str(out), "a file path in an existing folder")
+        blob = self._artifact(chosen)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(self._artifact(chosen))
-        os.replace(tmp, out)
+        try:
+            tmp.write_bytes(blob)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
         return out
 
     def report(self, path: str | os.PathLike[str]) -> Path:
@@ -169,32 +180,37 @@ class Study:
         return Path(path)
 
 
-def search(model: torch.nn.Module, datamodule: Any, *, study: str, storage: str = DEFAULT_STORAGE,
-           trials: int = 20, space: Mapping[str, Any] | None = None, spec: Mapping[str, Any] | None = None,
+def search(model: torch.nn.Module, datamodule: Any, *, study: str, storage: str | None = None,
+           trials: int | None = None, space: Mapping[str, Any] | None = None, spec: Mapping[str, Any] | None = None,
            factory: str | None = None, factory_kwargs: Mapping[str, Any] | None = None,
            data_module: str | None = None, data_kwargs: Mapping[str, Any] | None = None,
            timeout: float | None = None, threads: int | None = None, progress: bool = False, force: bool = False,
            **settings: Any) -> Study:
     """Search how to compress ``model`` (an ``nn.Module`` or a ``LightningModule`` whose forward
     gives logits) on ``datamodule`` (a ``LightningDataModule``), into study ``study`` at
-    ``storage``, until it holds ``trials`` finished trials; return the :class:`Study`.
+    ``storage`` (default ``sqlite:///slimtune.db``, or ``spec``'s), until it holds ``trials``
+    finished trials (default 20, or ``spec``'s); return the :class:`Study`.
 
     Settings come as a ``spec`` dict (the TOML spec's tables) and as keyword arguments, one per
     section (``finetune={"epochs": 2}``, ``method={"prune": {"schedule": "gradual"}}``) or study
     key (``seed``, ``max_accuracy_drop``, ``feasible_drop``); ``space`` is the ``[space]`` table.
-    The same call again continues the study (``force=True`` starts it afresh when the spec
-    changed). Bad settings raise :class:`~slimtune.spaces.SpecError` before anything is written.
+    The same call again continues the study (``force=True`` continues it even when the spec
+    changed, as ``search --force``). Bad settings raise :class:`~slimtune.spaces.SpecError`
+    before anything is written. Messages (the teacher, warnings) go to stderr; ``progress``
+    shows a progress bar too.
     """
     data = spec_for_objects(model, datamodule, study=study, storage=storage, trials=trials, space=space, spec=spec,
                             factory=factory, factory_kwargs=factory_kwargs, data_module=data_module,
                             data_kwargs=data_kwargs, **settings)
     parsed = parse_spec(data)
+    if is_in_memory(parsed.storage):
+        raise SpecError("storage", parsed.storage, "a database file or server, e.g. sqlite:///slimtune.db",
+                        "lives in this call's memory only: the study would be gone when it returns")
     summary = run_study(parsed, force=force, timeout=timeout, threads=threads, progress=progress,
-                        log=lambda message: print(message, file=sys.stderr) if progress else None,
-                        given=(model, datamodule))
+                        log=lambda message: print(message, file=sys.stderr), given=(model, datamodule))
     if summary.stopped_by is not None and summary.finished == 0:
         raise SearchFailed(f"the search of study {study} stopped before any trial finished ({summary.stopped_by})")
-    return Study(study, storage, template=model, summary=summary)
+    return Study(study, parsed.storage, template=model, summary=summary)
 
 
 def load_study(name: str, storage: str = DEFAULT_STORAGE, model: torch.nn.Module | None = None) -> Study:

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import signal
@@ -42,8 +43,8 @@ from slimtune.studies import (
 )
 from slimtune.trainers import (
     TrialContext, build_datamodule, build_model, check_finite_weights, check_logger, check_model_and_data,
-    compressible_layers, datamodule_info, dense_parameter_bytes, evaluate, load_state_bytes, prepare_datamodule,
-    run_logger, silence_lightning, state_to_bytes, train_teacher, uncompressed_weights,
+    compressible_layers, datamodule_info, dense_parameter_bytes, evaluate, import_ref, load_state_bytes,
+    prepare_datamodule, run_logger, silence_lightning, state_to_bytes, train_teacher, uncompressed_weights,
 )
 
 from ._env import EXIT_INTERRUPTED, RUN_ENV, STORAGE_ENV
@@ -113,7 +114,11 @@ def _check_runtime(spec: StudySpec, load_checkpoint: bool = True,
     else:
         dm = build_datamodule(spec.data)
     if given_model is not None:
-        model = copy.deepcopy(given_model)
+        model = copy.deepcopy(given_model).cpu()
+        if spec.model.factory:  # what other processes will build: the same parameters, or refused now
+            _check_factory_builds(spec, model, dm)
+        if spec.data.module:
+            import_ref(spec.data.module, "data.module", spec.data.source)
     else:
         torch.manual_seed(spec.seed)  # the teacher's initial weights follow the spec's seed
         model = build_model(spec.model, data_info=datamodule_info(dm), load_checkpoint=load_checkpoint)
@@ -123,6 +128,19 @@ def _check_runtime(spec: StudySpec, load_checkpoint: bool = True,
     check_model_and_data(model, dm, loaded_weights=loaded)
     _warn_uncompressed(model)
     return model, dm
+
+
+def _check_factory_builds(spec: StudySpec, model: torch.nn.Module, dm: Any) -> None:
+    """The factory given with a model object must build that model's parameters (names and
+    shapes; built without memory), since resume, worker and evaluate will rebuild from it."""
+    with torch.device("meta"):
+        built = build_model(spec.model, data_info=datamodule_info(dm), load_checkpoint=False)
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+    if wanted != got:
+        differ = sorted(set(wanted) ^ set(got)) or sorted(k for k in wanted if wanted[k] != got[k])
+        raise SpecError("model.factory", spec.model.factory, "a factory that builds the model given to slimtune.search "
+                        "(the same parameter names and shapes)", f"builds another model (first difference: {differ[0]})")
 
 
 def _warn_uncompressed(model: torch.nn.Module) -> None:
@@ -296,13 +314,24 @@ def _wait_for(condition: Any, what: str, limit: float = STUDY_SETUP_WAIT_S) -> N
         time.sleep(0.2)
 
 
+def _say_if_other_weights(study: optuna.Study, model: torch.nn.Module, log: Any) -> None:
+    """A model object whose weights differ from the study's stored teacher: the study goes on
+    with its teacher (its trials were measured against it); say so."""
+    stored = (study.user_attrs.get(keys.TEACHER) or {}).get("weights_sha256")
+    if stored and stored != hashlib.sha256(state_to_bytes(model)).hexdigest():
+        log(f"warning: the model passed has other weights than study {study.study_name}'s teacher; the study goes "
+            "on with its stored teacher (use a new study name to search from these weights)")
+
+
 def _make_teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spec: StudySpec,
                   model: torch.nn.Module, dm: Any, stop: GracefulStop, log: Any,
                   weights_given: bool = False) -> torch.nn.Module:
     started = time.perf_counter()
+    extra: dict[str, Any] = {}
     if weights_given:  # its own weights are the teacher: never trained again
         kind = type(model)
         source = f"given ({kind.__module__}:{kind.__qualname__}, as passed to slimtune.search)"
+        extra = {"weights_sha256": hashlib.sha256(state_to_bytes(model)).hexdigest()}
     elif spec.model.checkpoint:
         model.load_state_dict(build_model(spec.model, data_info=datamodule_info(dm)).state_dict())
         source = f"checkpoint {spec.model.checkpoint}"
@@ -318,6 +347,7 @@ def _make_teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spe
         "parameters": sum(p.numel() for p in model.parameters()),
         "seconds": time.perf_counter() - started,
         "source": source,
+        **extra,
     }
     if not claim_blob(storage, spec.name, keys.TEACHER_BLOB, state_to_bytes(model)):
         # another worker published a teacher meanwhile (it took over a lock it found stale)
@@ -369,8 +399,8 @@ def _write_note(storage: optuna.storages.BaseStorage, name: str, log: Any) -> No
 class LiveFigures:
     """slimtune's plots on the study's optuna-dashboard page, refreshed as trials finish: at the
     start of a run, every ``every`` finished trials (counting every worker's) and at its end.
-    ``seconds`` adds up the time spent refreshing. Missing optuna-dashboard: one warning, then
-    nothing."""
+    ``seconds`` adds up the time spent refreshing. Any failure to refresh (optuna-dashboard
+    missing, a busy database): one warning, then no more refreshes in this run."""
 
     def __init__(self, storage_url: str, every: int, log: Any) -> None:
         self.storage_url, self.every, self.log = storage_url, every, log
@@ -384,9 +414,9 @@ class LiveFigures:
         started = time.perf_counter()
         try:
             publish_figures(study, self.storage_url)
-        except SpecError as exc:  # optuna-dashboard missing
+        except Exception as exc:  # optuna-dashboard missing or changed, a busy database: a view, never the search's end
             self._off = True
-            self.log(f"warning: no dashboard plots written ({exc})")
+            self.log(f"warning: no dashboard plots written from now on ({type(exc).__name__}: {str(exc)[:200]})")
         self.seconds += time.perf_counter() - started
         self.refreshes += 1
 
@@ -432,6 +462,8 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
     with GracefulStop() as stop:
         try:
             study = _open_study(spec, storage, force, log)
+            if given is not None:
+                _say_if_other_weights(study, model, log)
             teacher = _teacher(study, storage, spec, model, dm, stop, log, weights_given=given is not None)
             _write_note(storage, spec.name, log)
             teacher_val = study.user_attrs[keys.TEACHER]["val_accuracy"]

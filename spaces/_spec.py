@@ -38,7 +38,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from ._errors import SpecError
@@ -574,6 +574,11 @@ def parse_spec(data: Mapping[str, Any], source: str | None = None) -> StudySpec:
     promote = PROMOTE.parse(search_raw.get("promote"), errors)
     refine = REFINE.parse(search_raw.get("refine"), errors)
     runtime = RUNTIME.parse(data.get("runtime"), errors)
+    log_dir = PurePath(str(runtime["log_dir"]))
+    if not str(runtime["log_dir"]) or log_dir.is_absolute() or ".." in log_dir.parts:
+        # a stored spec is data: it may not choose where a worker writes outside its working directory
+        errors.add(SpecError("runtime.log_dir", runtime["log_dir"], "a relative folder without '..' (under the "
+                             "working directory)"))
     if runtime["heartbeat_grace"] <= runtime["heartbeat_interval"]:
         errors.add(SpecError("runtime.heartbeat_grace", runtime["heartbeat_grace"],
                              f"more seconds than heartbeat_interval ({runtime['heartbeat_interval']})"))

@@ -337,7 +337,11 @@ def serve_dashboard(storage_url: str, host: str = DEFAULT_HOST, port: int = DEFA
                       file=sys.stderr)
                 statuses = None
             for name in statuses or {}:  # studies of older releases get their plots too
-                publish_figures(optuna.load_study(study_name=name, storage=storage), storage_url)
+                try:
+                    publish_figures(optuna.load_study(study_name=name, storage=storage), storage_url)
+                except Exception as exc:  # a view: the dashboard serves without it
+                    print(f"warning: no plots written for study {name} ({type(exc).__name__}: {str(exc)[:200]})",
+                          file=sys.stderr)
             if statuses:
                 notes = ", ".join(f"{name} ({status})" for name, status in statuses.items())
                 print(f"study notes: {notes}", file=sys.stderr)

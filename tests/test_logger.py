@@ -21,12 +21,13 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_a_csv_logger_writes_each_trials_curve(tmp_path: Path) -> None:
+def test_a_csv_logger_writes_each_trials_curve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     logs = tmp_path / "logs"
     spec = tmp_path / "study.toml"
     spec.write_text(SPEC_TOML.replace("trials = 3", "trials = 2").replace("[finetune]\nepochs = 1", "[runtime]\n"
-                    f"logger = \"csv\"\nlog_dir = \"{logs}\"\n\n[finetune]\nepochs = 2"))
+                    "logger = \"csv\"\nlog_dir = \"logs\"\n\n[finetune]\nepochs = 2"))
     url = f"sqlite:///{tmp_path / 's.db'}"
+    monkeypatch.chdir(tmp_path)  # log_dir is relative to the working directory
     assert main(["search", str(spec), "--storage", url, "--quiet", "--threads", "1"]) == 0
     teacher = [r for r in _rows(logs / "digits-test" / "teacher" / "metrics.csv") if r.get("val_accuracy")]
     assert len(teacher) == 8  # one validation per teacher epoch
@@ -58,3 +59,16 @@ def test_tensorboard_without_the_package_exits_2_before_writing(tmp_path: Path,
     assert main(["search", str(spec), "--storage", f"sqlite:///{db}"]) == 2
     assert "runtime.logger: 'tensorboard' needs the tensorboard package" in capsys.readouterr().err
     assert not db.exists()
+
+
+@pytest.mark.parametrize("folder", ["/tmp/elsewhere", "../up", "logs/../../up", ""])
+def test_the_log_folder_stays_under_the_working_directory(folder: str) -> None:
+    """A stored spec is data: it may not choose where a worker writes outside its folder."""
+    from slimtune.spaces import SpecError, parse_spec
+
+    from .conftest import digits_spec_dict
+
+    data = digits_spec_dict()
+    data["runtime"] = {"logger": "csv", "log_dir": folder}
+    with pytest.raises(SpecError, match="runtime.log_dir.*a relative folder without '..'"):
+        parse_spec(data)

@@ -96,8 +96,9 @@ def test_a_model_object_is_searched_with_its_own_weights_as_the_teacher(net: nn.
     assert study.report(tmp_path / "r.html").stat().st_size > 1_000_000
 
     # the same call with a larger target continues the study, with the stored teacher
+    capsys.readouterr()
     again = slimtune.search(net, DigitsDataModule(), study="api-net", storage=url, trials=4, space=SPACE, **SETTINGS)
-    assert len(again.trials()) == 4
+    assert len(again.trials()) == 4 and "other weights" not in capsys.readouterr().err
     assert slimtune.load_study("api-net", url).pareto()["trial"].tolist()[0] == again.pareto()["trial"].tolist()[0]
 
     # other processes have no model object: they say what to do instead of failing on an import
@@ -142,6 +143,13 @@ def test_a_lightning_module_with_a_factory_resumes_and_evaluates_in_other_proces
 
 def test_bad_settings_raise_before_anything_is_written(net: nn.Module, tmp_path: Path) -> None:
     db = tmp_path / "s.db"
+    with pytest.raises(SpecError, match="lives in this call's memory only"):
+        slimtune.search(net, DigitsDataModule(), study="bad", storage="sqlite:///:memory:", trials=1)
+    with pytest.raises(SpecError, match="is not a torch module"):
+        slimtune.search(SmallNet, DigitsDataModule(), study="bad", storage=f"sqlite:///{db}")
+    with pytest.raises(SpecError, match=r"model.factory: 'tests.test_python_api:Conv1dNet' builds another model"):
+        slimtune.search(net, DigitsDataModule(), study="bad", storage=f"sqlite:///{db}",
+                        factory="tests.test_python_api:Conv1dNet")
     with pytest.raises(SpecError, match=r"slimtune.search\(finetun=...\).*is not a known setting"):
         slimtune.search(net, DigitsDataModule(), study="bad", storage=f"sqlite:///{db}", finetun={"epochs": 1})
     with pytest.raises(SpecError, match="finetune.epochs"):
@@ -171,3 +179,22 @@ def test_weights_no_method_compresses_are_named_before_the_search(tmp_path: Path
     assert (f"no method compresses 1 weight tensor ({100 * share:.1f}% of the model's fp32 bytes), stored as "
             "float32 in every artifact: conv.weight (Conv1d, 384 values)") in err, err
     assert len(study.trials()) == 1
+
+
+def test_a_spec_dict_keeps_its_storage_and_target_unless_a_keyword_says_otherwise(net: nn.Module) -> None:
+    spec = {"study": {"storage": "postgresql+psycopg://u@db/x", "trials": 100}, "finetune": {"epochs": 3}}
+    data = slimtune.search.spec_for_objects(net, DigitsDataModule(), study="s", spec=spec, finetune={"batch_size": 32})
+    assert data["study"] == {"name": "s", "storage": "postgresql+psycopg://u@db/x", "trials": 100}
+    assert data["finetune"] == {"epochs": 3, "batch_size": 32}
+    assert slimtune.search.spec_for_objects(net, DigitsDataModule(), study="s", spec=spec, trials=5)["study"][
+        "trials"] == 5
+
+
+def test_other_weights_than_the_stored_teacher_are_said(net: nn.Module) -> None:
+    from slimtune.search._runner import _say_if_other_weights
+
+    study = optuna.create_study(directions=keys.DIRECTIONS)
+    said: list[str] = []
+    study.set_user_attr(keys.TEACHER, {"weights_sha256": "0" * 64})
+    _say_if_other_weights(study, net, said.append)
+    assert said and "the model passed has other weights than study" in said[0]
