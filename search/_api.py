@@ -39,6 +39,7 @@ from slimtune.studies import (
 )
 from slimtune.trainers import load_artifact
 
+from ._cmd_export import _output_path, _staged
 from ._runner import SearchSummary, run_study
 from ._signals import SearchFailed
 
@@ -81,7 +82,8 @@ def spec_for_objects(model: torch.nn.Module, datamodule: Any, *, study: str, sto
     unknown = sorted(set(settings) - set(SECTIONS) - set(STUDY_KEYS))
     if unknown:
         raise SpecError(f"slimtune.search({unknown[0]}=...)", settings[unknown[0]],
-                        f"keyword arguments {sorted(SECTIONS + STUDY_KEYS)} (or a spec= dict)", "is not a known setting")
+                        f"keyword arguments {sorted(SECTIONS + STUDY_KEYS)} (or a spec= dict)",
+                        "is not a known setting")
     if not isinstance(model, torch.nn.Module):
         raise SpecError("model", type(model).__name__, "an nn.Module (or a LightningModule) whose forward gives logits",
                         "is not a torch module")
@@ -162,16 +164,10 @@ class Study:
                trial: int | None = None) -> Path:
         """Write the artifact of the trial :meth:`best` picks (the bytes its size counts)."""
         chosen = self._pick(trial, max_drop)
-        out = Path(path)
-        if not out.parent.is_dir():
-            raise SpecError("path", str(out), "a file path in an existing folder")
+        out = _output_path(os.fspath(path), "path")
         blob = self._artifact(chosen)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        try:
+        with _staged(out) as tmp:  # never half written
             tmp.write_bytes(blob)
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
         return out
 
     def report(self, path: str | os.PathLike[str]) -> Path:

@@ -38,13 +38,14 @@ from slimtune.spaces import (
     upgrade_stored_spec,
 )
 from slimtune.studies import (
-    annotate_study, best_ratio_within, claim_blob, delete_blobs, drop_blob, finished_count, get_blob, is_in_memory, keys,
-    load_existing_study, load_preset, mask_url, open_storage, publish_figures, records, touch_blob,
+    annotate_study, best_ratio_within, claim_blob, delete_blobs, drop_blob, finished_count, get_blob, is_in_memory,
+    keys, load_existing_study, load_preset, mask_url, open_storage, publish_figures, records, touch_blob,
 )
 from slimtune.trainers import (
     TrialContext, build_datamodule, build_model, check_finite_weights, check_logger, check_model_and_data,
-    compressible_layers, datamodule_info, dense_parameter_bytes, evaluate, import_ref, load_state_bytes,
-    prepare_datamodule, run_logger, silence_lightning, state_to_bytes, train_teacher, uncompressed_weights,
+    compressible_layers, datamodule_info, dense_parameter_bytes, evaluate, first_parameter_difference, import_ref,
+    load_state_bytes, prepare_datamodule, run_logger, silence_lightning, state_to_bytes, train_teacher,
+    uncompressed_weights,
 )
 
 from ._env import EXIT_INTERRUPTED, RUN_ENV, STORAGE_ENV
@@ -135,12 +136,10 @@ def _check_factory_builds(spec: StudySpec, model: torch.nn.Module, dm: Any) -> N
     shapes; built without memory), since resume, worker and evaluate will rebuild from it."""
     with torch.device("meta"):
         built = build_model(spec.model, data_info=datamodule_info(dm), load_checkpoint=False)
-    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in built.state_dict().items()}
-    if wanted != got:
-        differ = sorted(set(wanted) ^ set(got)) or sorted(k for k in wanted if wanted[k] != got[k])
+    differ = first_parameter_difference(model.state_dict(), built.state_dict())
+    if differ is not None:
         raise SpecError("model.factory", spec.model.factory, "a factory that builds the model given to slimtune.search "
-                        "(the same parameter names and shapes)", f"builds another model (first difference: {differ[0]})")
+                        "(the same parameter names and shapes)", f"builds another model (first difference: {differ})")
 
 
 def _warn_uncompressed(model: torch.nn.Module) -> None:

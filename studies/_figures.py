@@ -52,6 +52,14 @@ def human_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+def accuracy_floor(study: optuna.Study) -> float | None:
+    """The teacher's validation accuracy minus the spec's ``max_accuracy_drop`` (trials below it
+    are pruned), or ``None`` before the teacher is recorded."""
+    teacher_val = (study.user_attrs.get(keys.TEACHER) or {}).get("val_accuracy")
+    max_drop = ((study.user_attrs.get(keys.SPEC) or {}).get("study") or {}).get("max_accuracy_drop")
+    return teacher_val - max_drop if teacher_val is not None and max_drop is not None else None
+
+
 def export_command(study_name: str, storage_url: str | None, *, trial: int | None = None,
                    max_drop: float | None = None) -> str:
     """The command that writes a trial's artifact (password masked)."""
@@ -122,10 +130,8 @@ def front_figure(study: optuna.Study, storage_url: str | None = None) -> Any:
     front = pareto_trials(study)
     counts: Counter[str] = Counter(t.state.name for t in trials)
     teacher = study.user_attrs.get(keys.TEACHER) or {}
-    spec = study.user_attrs.get(keys.SPEC) or {}
     teacher_val, dense = teacher.get("val_accuracy"), teacher.get("dense_bytes")
-    max_drop = (spec.get("study") or {}).get("max_accuracy_drop")
-    floor = teacher_val - max_drop if teacher_val is not None and max_drop is not None else None
+    floor = accuracy_floor(study)
     name = study.study_name
 
     fig = go.Figure()
@@ -175,7 +181,8 @@ def front_figure(study: optuna.Study, storage_url: str | None = None) -> Any:
         title += f"; not plotted (no size): {', '.join(not_plotted)}"
     fig.update_layout(
         title=dict(text=title + floor_note, font=dict(size=14), y=0.98, yanchor="top"), template="plotly_white",
-        hovermode="closest", margin=dict(l=70, r=20, t=110, b=60), legend=dict(orientation="h", yanchor="bottom", y=-0.35, x=0),
+        hovermode="closest", margin=dict(l=70, r=20, t=110, b=60),
+        legend=dict(orientation="h", yanchor="bottom", y=-0.35, x=0),
         xaxis=dict(type="log", title=dict(text="size of the packed artifact (bytes, log scale)")),
         yaxis=dict(title=dict(text="accuracy (validation; open circles: test)"), tickformat=".1%", range=y_range))
     return fig

@@ -34,6 +34,7 @@ import html
 import json
 import math
 import os
+import statistics
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -45,7 +46,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import _keys as keys
 from ._figures import (
-    DROPS, FRONT_COLOR, TEACHER_COLOR, export_command, front_figure, layer_names, pct, plans_figure,
+    DROPS, FRONT_COLOR, TEACHER_COLOR, accuracy_floor, export_command, front_figure, layer_names, pct,
+    plans_figure,
 )
 from ._frames import pareto_frame
 from ._record import TrialRecord
@@ -378,9 +380,8 @@ def _time_facts(trials: list[FrozenTrial]) -> str | None:
         return None
     parts = []
     if seconds:
-        ordered = sorted(seconds)
-        median = ordered[len(ordered) // 2] if len(ordered) % 2 else sum(ordered[len(ordered) // 2 - 1:][:2]) / 2
-        parts.append(f"{sum(seconds):,.0f} s of trial time over {len(seconds)} trials (median {median:.1f} s a trial)")
+        parts.append(f"{sum(seconds):,.0f} s of trial time over {len(seconds)} trials (median "
+                     f"{statistics.median(seconds):.1f} s a trial)")
     if starts and ends:
         parts.append(f"{(max(ends) - min(starts)).total_seconds():,.0f} s from the first start to the last end")
     return " · ".join(parts)
@@ -439,9 +440,7 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
     spec = study.user_attrs.get(keys.SPEC) or {}
     teacher = study.user_attrs.get(keys.TEACHER) or {}
     max_drop = spec.get("study", {}).get("max_accuracy_drop")
-    floor = None
-    if teacher.get("val_accuracy") is not None and max_drop is not None:
-        floor = teacher["val_accuracy"] - max_drop
+    floor = accuracy_floor(study)
     name = study.study_name
 
     states = " ".join(f"<span class=\"state\">{_esc(s.lower())} {counts[s]}</span>"

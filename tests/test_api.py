@@ -3,6 +3,7 @@ reach into another package's private modules, and no import loops between module
 
 from __future__ import annotations
 
+import tomllib
 import ast
 import importlib
 import importlib.metadata
@@ -111,7 +112,7 @@ def test_every_knob_is_in_the_readme_space_section() -> None:
         line = next((line for line in readme.splitlines() if line.startswith(f"{name} = ")), None)
         assert line is not None, f"space knob {name} is not in the README"
         written = line.split("#")[0].split("=", 1)[1].strip()
-        as_toml = __import__("tomllib").loads(f"v = {written}")["v"]
+        as_toml = tomllib.loads(f"v = {written}")["v"]
         from slimtune.spaces import parse_knob
 
         assert parse_knob(f"space.{name}", as_toml, knob_declarations()[name]) == knob, name

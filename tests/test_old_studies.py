@@ -4,6 +4,7 @@ and resumed with the same meaning (their spec read in this version's sections)."
 
 from __future__ import annotations
 
+import tomllib
 import json
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def test_an_old_spec_reads_as_the_same_settings_in_this_versions_sections(old: s
     assert spec.method("quantize").quantizer == "amax" and spec.method("quantize").bias_bits == 32
     assert spec.method("prune").activation_power == 0.0 and spec.space.knobs["unit_ratio"].fixed == 1.0
     # written today by hand, it is the same study: the same fingerprint
-    today = parse_spec(__import__("tomllib").loads(TABLE_TODAY))
+    today = parse_spec(tomllib.loads(TABLE_TODAY))
     assert today.fingerprint() == spec.fingerprint()
 
 

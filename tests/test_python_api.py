@@ -108,7 +108,8 @@ def test_a_model_object_is_searched_with_its_own_weights_as_the_teacher(net: nn.
                   "--out", str(tmp_path / "x.slim"), "--onnx", str(tmp_path / "x.onnx")]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
-        named = ("model.given: 'tests.test_python_api:SmallNet'", "data.given: 'slimtune.trainers._data:DigitsDataModule'")
+        named = ("model.given: 'tests.test_python_api:SmallNet'",
+                 "data.given: 'slimtune.trainers._data:DigitsDataModule'")
         assert any(f"{what} was given to slimtune.search as a Python object, which this process does not have" in err
                    for what in named), err
         assert "continue it from Python" in err and "Traceback" not in err

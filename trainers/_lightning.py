@@ -123,7 +123,8 @@ class ClassifierModule(_AccuracyMixin, pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = F.cross_entropy(self.model(self.augment(x)), y)
-        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True)
+        if self.logger is not None:  # [runtime] logger: otherwise nothing reads it
+            self.log("train_loss", loss.detach(), on_step=False, on_epoch=True)
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -271,7 +272,8 @@ class DistillationModule(_AccuracyMixin, pl.LightningModule):
             loss = loss + self.l2_weight * self.l2_penalty()
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"non-finite loss ({float(loss.detach())}) at epoch {self.current_epoch}, step {batch_idx}")
-        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True)
+        if self.logger is not None:  # [runtime] logger: otherwise nothing reads it
+            self.log("train_loss", loss.detach(), on_step=False, on_epoch=True)
         return loss
 
     def configure_optimizers(self) -> Any:

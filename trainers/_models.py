@@ -293,13 +293,24 @@ def model_from_meta(meta: Mapping[str, Any], data_info: Mapping[str, int] | None
     return _architecture(spec, meta, sizes)
 
 
+def first_parameter_difference(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> str | None:
+    """The first tensor name whose presence or shape differs between two state dicts, or ``None``.
+
+    >>> first_parameter_difference(nn.Linear(2, 3).state_dict(), nn.Linear(2, 4).state_dict())
+    'bias'
+    """
+    wanted = {k: tuple(v.shape) for k, v in expected.items()}
+    given = {k: tuple(v.shape) for k, v in got.items()}
+    if wanted == given:
+        return None
+    return (sorted(set(wanted) ^ set(given)) or sorted(k for k in wanted if wanted[k] != given[k]))[0]
+
+
 def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    given = {k: tuple(v.shape) for k, v in state.items()}
-    if wanted != given:
-        differ = sorted(set(wanted) ^ set(given)) or sorted(k for k in wanted if wanted[k] != given[k])
+    differ = first_parameter_difference(model.state_dict(), state)
+    if differ is not None:
         raise SpecError("artifact", "meta.model", "an artifact whose tensors fit the model it names",
-                        f"does not fit its tensors (first difference: {differ[0]})")
+                        f"does not fit its tensors (first difference: {differ})")
 
 
 def _architecture(spec: ModelSpec, meta: Mapping[str, Any], data_info: Mapping[str, int] | None) -> nn.Module:
