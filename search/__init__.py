@@ -21,7 +21,7 @@ _EXPORTS = {
     "main": "._cli",
     "CompressionObjective": "._objective", "TrialFailed": "._objective",
     "SearchSummary": "._runner", "load_stored_spec": "._runner", "make_sampler": "._runner",
-    "resolve_spec": "._runner", "run_study": "._runner", "run_workers": "._runner",
+    "resolve_spec": "._runner", "run_study": "._runner", "run_workers": "._runner", "worker_device": "._runner",
     "GracefulStop": "._signals", "Interrupted": "._signals", "SearchFailed": "._signals",
     "run_until_target": "._loop", "stored_fingerprint": "._runner",
     "Study": "._api", "load_study": "._api", "search_objects": "._api", "spec_for_objects": "._api",
@@ -29,7 +29,7 @@ _EXPORTS = {
 __all__ = [
     "CompressionObjective", "GracefulStop", "Interrupted", "SearchFailed", "SearchSummary", "Study", "TrialFailed",
     "load_stored_spec", "load_study", "main", "make_sampler", "resolve_spec", "run_study", "run_until_target",
-    "run_workers", "search_objects", "spec_for_objects", "stored_fingerprint",
+    "run_workers", "search_objects", "spec_for_objects", "stored_fingerprint", "worker_device",
 ]
 
 

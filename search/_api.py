@@ -44,7 +44,7 @@ from ._runner import SearchSummary, run_study
 from ._signals import SearchFailed
 
 # Spec sections a keyword argument may give (``finetune={"epochs": 2}``), and study keys.
-SECTIONS = ("teacher", "finetune", "method", "search", "runtime")
+SECTIONS = ("objective", "teacher", "finetune", "method", "search", "runtime")
 STUDY_KEYS = ("seed", "max_accuracy_drop", "feasible_drop")
 
 

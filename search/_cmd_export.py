@@ -26,8 +26,10 @@ from typing import Any, Iterator
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from slimtune.spaces import SpecError
-from slimtune.studies import TrialRecord, get_blob, keys, load_existing_study, mask_url, open_storage, within_drop
+from slimtune.spaces import Metric, SpecError, metric_of
+from slimtune.studies import (
+    TrialRecord, get_blob, keys, load_existing_study, mask_url, open_storage, study_metric, within_drop,
+)
 
 from ._options import add_storage_option, add_trust_option, number_in
 
@@ -35,7 +37,7 @@ SPLITS = ("val", "test")
 
 
 _trial_number = number_in(int, 0, math.inf, "a trial number (0, 1, 2, ...)")
-_drop = number_in(float, 0, 1, "an accuracy drop in [0, 1] (0.01 = 1 point)")
+_drop = number_in(float, 0, 1e12, "a drop in the study's metric, >= 0 (0.01 = 1 point of accuracy)")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -46,17 +48,17 @@ def add_parser(subparsers: Any) -> None:
     which = export.add_mutually_exclusive_group(required=True)
     which.add_argument("--trial", type=_trial_number, help="a complete trial, by number")
     which.add_argument("--max-drop", type=_drop, metavar="D",
-                       help="the smallest Pareto-optimal trial whose val accuracy is >= the teacher's - D")
+                       help="the smallest Pareto-optimal trial whose val metric is within D of the teacher's")
     export.add_argument("--out", required=True, help="the .slim file to write")
     export.add_argument("--onnx", metavar="PATH", help="also write the dequantized model as ONNX (checked with "
                         "onnxruntime)")
     add_trust_option(export)
     export.set_defaults(handler=_cmd_export)
 
-    evaluate = subparsers.add_parser("evaluate", help="accuracy of a model file written by export")
+    evaluate = subparsers.add_parser("evaluate", help="the study's metric (accuracy) of a model file written by export")
     evaluate.add_argument("artifact", metavar="MODEL", help="a .slim file")
     evaluate.add_argument("--split", choices=SPLITS, default="test")
-    evaluate.add_argument("--json", action="store_true", help='print {"split", "accuracy", "size_bytes"}')
+    evaluate.add_argument("--json", action="store_true", help='print {"split", "<metric>", "size_bytes"}')
     add_trust_option(evaluate)
     evaluate.set_defaults(handler=_cmd_evaluate)
 
@@ -80,11 +82,12 @@ def trial_by_number(study: optuna.Study, number: int) -> FrozenTrial:
     return trial
 
 
-def _describe(trial: FrozenTrial) -> str:
+def _describe(trial: FrozenTrial, metric: Metric) -> str:
     record = TrialRecord.of(trial)
     test, ratio = record.test_accuracy, record.compression_ratio
-    return (f"trial {trial.number}: val {100 * trial.values[0]:.2f}%, "
-            f"test {'-' if test is None else f'{100 * test:.2f}%'}, {int(trial.values[1]):,} bytes, "
+    shown = "" if metric.name == "accuracy" else f"{metric.label} "
+    return (f"trial {trial.number}: {shown}val {metric.format(metric.value(trial.values[0]))}, "
+            f"test {'-' if test is None else metric.format(metric.value(test))}, {int(trial.values[1]):,} bytes, "
             f"ratio {'-' if ratio is None else f'{ratio:.1f}x'}")
 
 
@@ -165,14 +168,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if onnx_path is not None and onnx_path.resolve() == out.resolve():
         raise SpecError("--onnx", args.onnx, "a path other than --out", "is the same file as --out")
     study = load_existing_study(args.study, args.storage)
+    metric = study_metric(study)
     if args.trial is not None:
         trial = trial_by_number(study, args.trial)
-        print(_describe(trial))
+        print(_describe(trial, metric))
     else:
         trial = within_drop(study, args.max_drop)
-        teacher_val = study.user_attrs[keys.TEACHER]["val_accuracy"]
-        print(f"chose {_describe(trial)} (the smallest Pareto-optimal trial within {100 * args.max_drop:.2f} "
-              f"points of the teacher's val {100 * teacher_val:.2f}%)")
+        teacher_val = metric.format(metric.value(study.user_attrs[keys.TEACHER]["val_accuracy"]))
+        within = f"{100 * args.max_drop:.2f} points" if metric.percent else f"{args.max_drop:g}"
+        print(f"chose {_describe(trial, metric)} (the smallest Pareto-optimal trial within {within} of the teacher's "
+              f"val {teacher_val})")
     blob = _artifact(args.storage, study, trial)
     check = ""
     try:
@@ -192,14 +197,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from slimtune.trainers import evaluate_artifact, silence_lightning
+    from slimtune.trainers import evaluate_artifact, silence_lightning, unpack_model
 
     silence_lightning()
     path = Path(args.artifact)
-    accuracy = evaluate_artifact(path, args.split)
+    value = evaluate_artifact(path, args.split)
+    metric = metric_of(unpack_model(path.read_bytes())[1])
     size = path.stat().st_size
     if args.json:
-        print(json.dumps({"split": args.split, "accuracy": accuracy, "size_bytes": size}))
+        print(json.dumps({"split": args.split, metric.column: value, "size_bytes": size}))
     else:
-        print(f"{path}: {args.split} accuracy {100 * accuracy:.2f}% ({size:,} bytes)")
+        print(f"{path}: {args.split} {metric.label} {metric.format(value)} ({size:,} bytes)")
     return 0

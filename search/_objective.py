@@ -85,7 +85,8 @@ class CompressionObjective:
         writer = TrialWriter(trial)
         writer.started(self.worker)
         spec = self.context.spec
-        plan = sample_plan(trial, spec.space, self.context.layer_names, self.context.output_layer)
+        plan = sample_plan(trial, spec.space, self.context.layer_names, self.context.output_layer,
+                           self.context.inert)
         writer.planned(plan.to_dict())
         sample_seconds = time.perf_counter() - started
         refinement = refines_of(trial) is not None

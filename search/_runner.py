@@ -24,6 +24,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,10 @@ from slimtune.studies import (
     keys, load_existing_study, load_preset, mask_url, open_storage, publish_figures, records, touch_blob,
 )
 from slimtune.trainers import (
-    TrialContext, build_datamodule, build_model, check_finite_weights, check_logger, check_model_and_data,
-    compressible_layers, datamodule_info, dense_parameter_bytes, evaluate, first_parameter_difference, import_ref,
-    load_state_bytes, prepare_datamodule, run_logger, silence_lightning, state_to_bytes, train_teacher,
-    uncompressed_weights,
+    MODEL_OUTPUT, TrialContext, build_datamodule, build_model, check_accelerator, check_finite_weights,
+    check_logger, check_model_and_data, compressible_layers, datamodule_info, dense_parameter_bytes, evaluate,
+    first_parameter_difference, import_ref, load_state_bytes, method, prepare_datamodule, run_logger,
+    silence_lightning, state_to_bytes, train_teacher, uncompressed_weights, unit_groups,
 )
 
 from ._env import EXIT_INTERRUPTED, RUN_ENV, STORAGE_ENV
@@ -113,7 +114,7 @@ def _check_runtime(spec: StudySpec, load_checkpoint: bool = True,
     if given_data is not None:
         dm = prepare_datamodule(given_data, "datamodule", spec.data.given)
     else:
-        dm = build_datamodule(spec.data)
+        dm = build_datamodule(spec.data, regression=spec.metric.regression)
     if given_model is not None:
         model = copy.deepcopy(given_model).cpu()
         if spec.model.factory:  # what other processes will build: the same parameters, or refused now
@@ -123,12 +124,40 @@ def _check_runtime(spec: StudySpec, load_checkpoint: bool = True,
     else:
         torch.manual_seed(spec.seed)  # the teacher's initial weights follow the spec's seed
         model = build_model(spec.model, data_info=datamodule_info(dm), load_checkpoint=load_checkpoint)
-    select_layers(compressible_layers(model), spec.space)
+    _check_layer_patterns(model, spec)
     check_logger(spec.runtime)
+    check_accelerator(spec.runtime)
     loaded = given_model is not None or (load_checkpoint and spec.model.checkpoint is not None)
-    check_model_and_data(model, dm, loaded_weights=loaded)
+    check_model_and_data(model, dm, loaded_weights=loaded, regression=spec.metric.regression)
     _warn_uncompressed(model)
     return model, dm
+
+
+def _check_layer_patterns(model: torch.nn.Module, spec: StudySpec) -> list[str]:
+    """The compressed layers, by the space's patterns (a SpecError when none is left). Modules the
+    patterns name that no method can compress, and layers whose units ``unit_ratio`` cannot drop
+    (with the reason), are said in a warning rather than searched without a word."""
+    compressible = compressible_layers(model)
+    others = [name for name, _ in model.named_modules() if name and name not in compressible]
+    chosen = select_layers(compressible, spec.space, others)
+    held = [n for n in others if any(p.numel() for p in model.get_submodule(n).parameters(recurse=False))
+            and any(fnmatchcase(n, p) for p in spec.space.layers) and spec.space.layers != ("*",)]
+    if held:
+        listed = ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})" for n in held[:8])
+        print(f"slimtune: warning: space.layers matches {len(held)} module{'s' * (len(held) != 1)} no method "
+              f"compresses, stored as they are: {listed}{' and more' if len(held) > 8 else ''}", file=sys.stderr)
+    if method("units").needs_input_rms(spec.method("units"), spec.space):
+        groups, untraceable = unit_groups(model)
+        if untraceable:
+            print(f"slimtune: warning: unit_ratio keeps every unit of this model: {untraceable}", file=sys.stderr)
+        else:
+            blocked = {p: g.blocked_by or "nothing reads them" for g in groups for p in g.producers
+                       if p in chosen and (g.blocked_by or not g.consumers) and g.blocked_by != MODEL_OUTPUT}
+            if blocked:
+                listed = "; ".join(f"{n}: {why}" for n, why in list(blocked.items())[:8])
+                print(f"slimtune: note: unit_ratio keeps every unit of {len(blocked)} layer"
+                      f"{'s' * (len(blocked) != 1)} ({listed})", file=sys.stderr)
+    return chosen
 
 
 def _check_factory_builds(spec: StudySpec, model: torch.nn.Module, dm: Any) -> None:
@@ -153,7 +182,8 @@ def _warn_uncompressed(model: torch.nn.Module) -> None:
     more = f" and {len(skipped) - 8} more" if len(skipped) > 8 else ""
     print(f"slimtune: warning: no method compresses {len(skipped)} weight tensor{'s' * (len(skipped) != 1)} "
           f"({100 * share:.1f}% of the model's fp32 bytes), stored as float32 in every artifact: {listed}{more}; "
-          "the methods compress Linear and Conv2d layers", file=sys.stderr)
+          "the methods compress Linear, Conv1d, Conv2d, Embedding, MultiheadAttention and RNN/LSTM/GRU layers",
+          file=sys.stderr)
 
 
 def stored_spec(spec: StudySpec) -> dict[str, Any]:
@@ -173,7 +203,7 @@ def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, force: bo
         study = optuna.load_study(study_name=spec.name, storage=storage)
     else:
         delete_blobs(storage, spec.name)  # left by a deleted study of the same name, if any
-        study.set_metric_names(keys.METRIC_NAMES)
+        study.set_metric_names([spec.metric.objective_name, keys.METRIC_NAMES[1]])
         study.set_user_attr(keys.SPEC, stored_spec(spec))
         study.set_user_attr(keys.VERSION, slimtune.__version__)
         study.set_user_attr(keys.FINGERPRINT, spec.fingerprint())
@@ -337,11 +367,13 @@ def _make_teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spe
     else:
         log(f"training the teacher ({spec.teacher.epochs} epochs) ...")
         with stop.trial_body():
-            train_teacher(model, dm, spec.teacher, spec.seed, logger=run_logger(spec.runtime, spec.name, "teacher"))
+            train_teacher(model, dm, spec.teacher, spec.seed, logger=run_logger(spec.runtime, spec.name, "teacher"),
+                          runtime=spec.runtime, metric=spec.metric)
         source = "trained"
+    metric = spec.metric  # scores (higher is better) in the study; the metric in what is shown
     info = {
-        "val_accuracy": evaluate(model, dm.val_dataloader()),
-        "test_accuracy": evaluate(model, dm.test_dataloader()),
+        "val_accuracy": metric.score(evaluate(model, dm.val_dataloader(), metric.name)),
+        "test_accuracy": metric.score(evaluate(model, dm.test_dataloader(), metric.name)),
         "dense_bytes": dense_parameter_bytes(model),
         "parameters": sum(p.numel() for p in model.parameters()),
         "seconds": time.perf_counter() - started,
@@ -353,8 +385,10 @@ def _make_teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spe
         _wait_for(lambda: keys.TEACHER in study.user_attrs, "the teacher's accuracy record")
         return load_state_bytes(model, get_blob(storage, spec.name, keys.TEACHER_BLOB) or b"")
     study.set_user_attr(keys.TEACHER, info)
-    log(f"teacher: val {100 * info['val_accuracy']:.2f}%, test {100 * info['test_accuracy']:.2f}%, "
-        f"{info['dense_bytes']:,} bytes fp32 ({info['seconds']:.1f} s)")
+    shown = "" if metric.name == "accuracy" else f"{metric.label} "
+    log(f"teacher: {shown}val {metric.format(metric.value(info['val_accuracy']))}, "
+        f"test {metric.format(metric.value(info['test_accuracy']))}, {info['dense_bytes']:,} bytes fp32 "
+        f"({info['seconds']:.1f} s)")
     return model.eval()
 
 
@@ -470,6 +504,11 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
                 log(f"study {spec.name} already holds {finished_count(study)} finished trials (--trials "
                     f"{spec.trials}): nothing to run")
             context = TrialContext.create(spec, teacher, floor=teacher_val - spec.max_accuracy_drop, datamodule=dm)
+            feature_kd = spec.space.knobs["feature_kd_weight"]
+            if context.untappable and (feature_kd.fixed is None or feature_kd.fixed > 0):
+                listed = "; ".join(f"{n}: {why}" for n, why in context.untappable.items())
+                log(f"feature distillation leaves out {len(context.untappable)} layer"
+                    f"{'s' * (len(context.untappable) != 1)} ({listed})")
             objective = CompressionObjective(context, storage, stop, feasible_floor=(
                 None if spec.feasible_drop is None else teacher_val - spec.feasible_drop), run=run)
             bar, refresh = _progress(study, spec.trials, progress)
@@ -500,6 +539,18 @@ def trusted_for_workers(spec: StudySpec) -> list[str]:
     if spec.source is not None:
         return []
     return [module_of(ref) for ref in (spec.model.factory, spec.data.module) if ref]
+
+
+def worker_device(number: int, visible: str | None = None, count: int | None = None) -> dict[str, str]:
+    """The environment giving local worker ``number`` its own GPU when the machine has several
+    (``CUDA_VISIBLE_DEVICES``: one of those this process sees, in turn); empty otherwise.
+
+    >>> worker_device(2, visible="0,2,5"), worker_device(0, visible=None, count=1)
+    ({'CUDA_VISIBLE_DEVICES': '5'}, {})
+    """
+    devices = ([d for d in visible.split(",") if d.strip()] if visible is not None
+               else [str(i) for i in range(torch.cuda.device_count() if count is None else count)])
+    return {"CUDA_VISIBLE_DEVICES": devices[number % len(devices)].strip()} if len(devices) > 1 else {}
 
 
 def run_workers(spec: StudySpec, workers: int, force: bool = False, timeout: float | None = None,
@@ -544,9 +595,11 @@ def run_workers(spec: StudySpec, workers: int, force: bool = False, timeout: flo
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         # Own sessions: a terminal's Ctrl-C reaches only this process, which forwards it once.
-        for _ in range(workers):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        for number in range(workers):
             if not received:
-                procs.append(subprocess.Popen(command, env=env, start_new_session=True))
+                procs.append(subprocess.Popen(command, env={**env, **worker_device(number, visible)},
+                                              start_new_session=True))
         bar, refresh = _progress(study, spec.trials, progress)
         with bar:
             while any(proc.poll() is None for proc in procs):

@@ -34,6 +34,7 @@ from ._methods import (
     register_declaration,
     unregister_declaration,
 )
+from ._metrics import DEFAULT_METRIC, METRICS, Metric, metric, metric_of
 from ._plan import CompressionPlan, LayerPlan, knob_names, sample_plan, select_layers
 from ._settings import MISSING, Errors, Section, Setting, SpecErrors, reference_toml
 from ._spec import (
@@ -69,14 +70,15 @@ from ._trust import (
 )
 
 __all__ = [
-    "AUGMENT_STAGES", "BIAS_BITS", "BITS_ALLOWED", "BUILT_IN", "CompressionPlan", "DATA_PRESETS", "DEFAULT_STORAGE",
-    "DISTILL_DECLARATION", "DataSpec", "Declaration", "Errors", "Knob", "KnobDeclaration", "LOSS_DECLARATION",
-    "LOWRANK_DECLARATION", "LayerPlan", "MISSING", "MISSING_POLICIES", "MODEL_PRESETS", "ModelSpec", "NO_NEUTRAL",
-    "PRUNE_DECLARATION", "PRUNE_SCHEDULES", "Panel", "QUANTIZERS", "QUANTIZE_DECLARATION", "RECIPE_DECLARATION",
-    "SAMPLERS", "SPLIT_VALUES", "Section", "Setting", "SpaceSpec", "SpecError", "SpecErrors", "StudySpec",
-    "TRUST_ENV", "UNITS_DECLARATION", "UntrustedReference", "VALID_BITS", "Values", "declaration", "declarations",
-    "global_knobs", "is_trusted", "is_v01_spec", "knob_declarations", "knob_names", "load_spec_file",
-    "method_sections", "module_of", "parse_data_section", "parse_knob", "parse_spec", "per_layer_knobs",
-    "reference_toml", "register_declaration", "regular_sections", "require_trusted", "sample_plan", "select_layers",
-    "spec_reference", "trust", "trusted_modules", "trusting", "unregister_declaration", "upgrade_stored_spec",
+    "AUGMENT_STAGES", "BIAS_BITS", "BITS_ALLOWED", "BUILT_IN", "CompressionPlan", "DATA_PRESETS", "DEFAULT_METRIC",
+    "DEFAULT_STORAGE", "DISTILL_DECLARATION", "DataSpec", "Declaration", "Errors", "Knob", "KnobDeclaration",
+    "LOSS_DECLARATION", "LOWRANK_DECLARATION", "LayerPlan", "METRICS", "MISSING", "MISSING_POLICIES", "MODEL_PRESETS",
+    "Metric", "ModelSpec", "NO_NEUTRAL", "PRUNE_DECLARATION", "PRUNE_SCHEDULES", "Panel", "QUANTIZERS",
+    "QUANTIZE_DECLARATION", "RECIPE_DECLARATION", "SAMPLERS", "SPLIT_VALUES", "Section", "Setting", "SpaceSpec",
+    "SpecError", "SpecErrors", "StudySpec", "TRUST_ENV", "UNITS_DECLARATION", "UntrustedReference", "VALID_BITS",
+    "Values", "declaration", "declarations", "global_knobs", "is_trusted", "is_v01_spec", "knob_declarations",
+    "knob_names", "load_spec_file", "method_sections", "metric", "metric_of", "module_of", "parse_data_section",
+    "parse_knob", "parse_spec", "per_layer_knobs", "reference_toml", "register_declaration", "regular_sections",
+    "require_trusted", "sample_plan", "select_layers", "spec_reference", "trust", "trusted_modules", "trusting",
+    "unregister_declaration", "upgrade_stored_spec",
 ]

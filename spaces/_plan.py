@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -147,16 +147,18 @@ class CompressionPlan:
         return cls(layers, data.get("logit_temperature"), **{k: v for k, v in data.items() if k in names})
 
 
-def select_layers(candidates: list[str], space: Any) -> list[str]:
+def select_layers(candidates: list[str], space: Any, other_modules: Collection[str] = ()) -> list[str]:
     """The compressible layers among ``candidates`` (in their order), by the space's patterns.
 
     Every pattern in ``layers``, ``exclude`` and ``[space.layer.*]`` must match at least one
-    candidate, so that a typo is an error rather than a silently smaller search.
+    candidate, so that a typo is an error rather than a silently smaller search; a pattern that
+    matches only ``other_modules`` (modules of the model no method compresses: the caller says so)
+    is not a typo.
     """
     for key, patterns in (("space.layers", space.layers), ("space.exclude", space.exclude),
                           ("space.layer", tuple(space.overrides))):
         for pattern in patterns:
-            if not any(fnmatchcase(name, pattern) for name in candidates):
+            if not any(fnmatchcase(name, pattern) for name in (*candidates, *other_modules)):
                 raise SpecError(key, pattern, f"a pattern matching some of the model's compressible layers {candidates}",
                                 "matches no layer")
     chosen = [n for n in candidates
@@ -177,13 +179,15 @@ def _suggest(trial: optuna.Trial, param: str, knob: Knob) -> float | int:
 
 
 def sample_plan(trial: optuna.Trial, space: Any, layer_names: list[str],
-                output_layer: str | None = None) -> CompressionPlan:
+                output_layer: str | None = None, inert: Mapping[str, Collection[str]] | None = None) -> CompressionPlan:
     """Sample a plan for ``layer_names`` (already selected with :func:`select_layers`).
 
     ``output_layer`` names the layer producing the logits: knobs with an ``output_value`` take it
     there (every class's unit stays), and knobs ``for_output_layer`` (its ``kd_temperature``, the
     logit temperature) are sampled for it, as ``<output_layer>.<knob>``, even when the layer
-    itself is excluded from compression.
+    itself is excluded from compression. ``inert`` maps a knob to the layers where it can change
+    nothing (``unit_ratio`` of a layer whose units all stay, ``rank_ratio`` of an embedding): there
+    it takes its neutral value, unsampled, so the sampler searches only what matters.
     """
     values: dict[str, dict[str, float | int]] = {name: {} for name in layer_names}
     logit_temperature = None
@@ -195,6 +199,8 @@ def sample_plan(trial: optuna.Trial, space: Any, layer_names: list[str],
             fixed = _fixed_for(name, space)
             if decl.output_value is not None and name == output_layer:
                 values[name][decl.name] = decl.output_value
+            elif name in (inert or {}).get(decl.name, ()) and decl.neutral is not NO_NEUTRAL:
+                values[name][decl.name] = decl.neutral
             elif decl.name in fixed:
                 values[name][decl.name] = fixed[decl.name]
             elif tied is not None:

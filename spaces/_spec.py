@@ -5,6 +5,7 @@ anything is written; every problem is reported at once. Its sections:
 
 - ``[study]`` what the study is: name, storage, trial target, seed, accuracy floor;
 - ``[model]``, ``[data]`` the network and its data;
+- ``[objective]`` the validation metric (accuracy by default; regression metrics make it a regression);
 - ``[teacher]`` how the teacher is trained (when no checkpoint is given);
 - ``[finetune]`` the student's training recipe;
 - ``[method.<name>]`` each compression method's options (``[method.prune]``, ``[method.quantize]``);
@@ -42,6 +43,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from ._errors import SpecError
+from ._metrics import DEFAULT_METRIC, METRICS, Metric
 from ._knobs import Knob, parse_knob
 from ._methods import declarations, knob_declarations, method_sections, per_layer_knobs
 from ._settings import Errors, Section, Setting, reference_toml
@@ -109,7 +111,15 @@ REFINE = Section("search.refine", "after the search, the best in-band Pareto pla
     Setting("share", float, 0.25, "share of --timeout left to the refinements", low=0.0, high=0.95,
             fingerprinted=False),
 ))
+OBJECTIVE = Section("objective", "what the search maximizes beside smallness: a validation metric (drops, floors "
+                    "and --max-drop are in its units)", (
+    Setting("metric", str, DEFAULT_METRIC, "accuracy, top5_accuracy, f1 (macro), auroc (macro): classification; r2, "
+            "mse, mae: regression (a numeric target, one output per sample, distillation by MSE)",
+            choices=tuple(METRICS), neutral=DEFAULT_METRIC),
+))
 LOGGERS = ("none", "csv", "tensorboard")
+ACCELERATORS = ("auto", "cpu", "gpu", "mps")
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 RUNTIME = Section("runtime", "how this machine runs the study (none of it changes what a trial means)", (
     Setting("cache_mb", int, 1024, "memory for cached teacher features (logits are always cached)", low=0,
             high=1_000_000, fingerprinted=False),
@@ -122,6 +132,10 @@ RUNTIME = Section("runtime", "how this machine runs the study (none of it change
             fingerprinted=False),
     Setting("log_dir", str, "slimtune-logs", "the logger's folder: <log_dir>/<study>/trial-<number> (and /teacher)",
             fingerprinted=False),
+    Setting("accelerator", str, "auto", "where fine-tunes and the teacher's training run (Lightning's Trainer "
+            "accelerator): auto (a GPU when there is one), cpu, gpu or mps", choices=ACCELERATORS, fingerprinted=False),
+    Setting("precision", str, "32-true", "Lightning's Trainer precision for fine-tunes and the teacher's training: "
+            "32-true, 16-mixed or bf16-mixed (mixed precision on a GPU)", choices=PRECISIONS, fingerprinted=False),
     Setting("dashboard_every", int, 5, "refresh slimtune's plots on the study's optuna-dashboard page every this many "
             "finished trials (0: at the start and the end of a run only)", low=0, high=1_000_000, fingerprinted=False),
 ))
@@ -129,7 +143,7 @@ RUNTIME = Section("runtime", "how this machine runs the study (none of it change
 
 def regular_sections() -> list[Section]:
     """The declared sections, in the order the spec reference lists them."""
-    return [TEACHER, FINETUNE, *method_sections(), SEARCH, PROMOTE, REFINE, RUNTIME]
+    return [OBJECTIVE, TEACHER, FINETUNE, *method_sections(), SEARCH, PROMOTE, REFINE, RUNTIME]
 
 
 class Values:
@@ -246,6 +260,12 @@ class StudySpec:
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
     feasible_drop: float | None = None  # val accuracy constraint, None = none
     source: str | None = field(default=None, compare=False)  # None: the user's own spec (see ModelSpec)
+    objective: Values = field(default_factory=lambda: Values("objective", {"metric": DEFAULT_METRIC}))
+
+    @property
+    def metric(self) -> Metric:
+        """The validation metric the study optimizes (``[objective] metric``)."""
+        return METRICS[self.objective.metric]
 
     def method(self, name: str) -> Values:
         """The options of method ``name`` (``[method.<name>]``); a method without options has none."""
@@ -439,7 +459,8 @@ _STUDY_MOVED = {"sampler": "search.sampler", "heartbeat_interval": "runtime.hear
                 "heartbeat_grace": "runtime.heartbeat_grace"}
 
 
-def _study(raw: Any, errors: Errors) -> dict[str, Any]:
+def _study(raw: Any, errors: Errors, high: float = 1.0) -> dict[str, Any]:
+    """The ``[study]`` table; drops are numbers in ``[0, high]`` (see :func:`drop_bound`)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -464,11 +485,17 @@ def _study(raw: Any, errors: Errors) -> dict[str, Any]:
         "trials": errors.catch(lambda: _int("study.trials", raw.get("trials", 20), 1, 1_000_000), 20),
         "seed": errors.catch(lambda: _int("study.seed", raw.get("seed", 0), 0, 2**31 - 1), 0),
         "max_accuracy_drop": errors.catch(lambda: _float("study.max_accuracy_drop",
-                                                         raw.get("max_accuracy_drop", 0.05), 0.0, 1.0), 0.05),
+                                                         raw.get("max_accuracy_drop", 0.05), 0.0, high), 0.05),
     }
     if raw.get("feasible_drop") is not None:
-        out["feasible_drop"] = errors.catch(lambda: _float("study.feasible_drop", raw["feasible_drop"], 0.0, 1.0))
+        out["feasible_drop"] = errors.catch(lambda: _float("study.feasible_drop", raw["feasible_drop"], 0.0, high))
     return out
+
+
+def drop_bound(metric: Metric) -> float:
+    """The largest drop of a metric: 1 for one in [0, 1] (accuracy, F1, AUROC, R²), else unbounded
+    (MSE, MAE: drops in the target's units)."""
+    return float("inf") if metric.name in ("mse", "mae") else 1.0
 
 
 def _model(raw: Any, source: str | None) -> ModelSpec:
@@ -549,11 +576,12 @@ def parse_spec(data: Mapping[str, Any], source: str | None = None) -> StudySpec:
         raise SpecError("spec", data, "a table")
     errors = Errors()
     method_names = {d.name for d in declarations() if d.options}
-    top = {"study", "model", "data", "teacher", "finetune", "method", "search", "runtime", "space"}
+    top = {"study", "model", "data", "objective", "teacher", "finetune", "method", "search", "runtime", "space"}
     for k in data:
         if k not in top:
             errors.add(SpecError(k, data[k], f"sections {sorted(top)}", "is not a known section"))
-    study = _study(data.get("study"), errors)
+    objective = OBJECTIVE.parse(data.get("objective"), errors)  # first: it bounds the study's drops
+    study = _study(data.get("study"), errors, drop_bound(METRICS[objective["metric"]]))
     model = errors.catch(lambda: _model(data.get("model"), source))
     data_spec = errors.catch(lambda: _data_spec(_table({"data": data.get("data", {})}, "data", _DATA_KEYS), source))
     teacher = TEACHER.parse(data.get("teacher"), errors)
@@ -595,6 +623,7 @@ def parse_spec(data: Mapping[str, Any], source: str | None = None) -> StudySpec:
                  {k: v for k, v in {"preset": data_spec.preset, "module": data_spec.module,
                                     "kwargs": data_spec.kwargs}.items() if v is not None}
                  if data_spec.table is None else data_spec.table_options()),
+        "objective": objective,
         "teacher": teacher,
         "finetune": finetune,
         "method": methods,
@@ -616,7 +645,7 @@ def parse_spec(data: Mapping[str, Any], source: str | None = None) -> StudySpec:
         methods={name: Values(f"method.{name}", values) for name, values in methods.items()},
         search=Values("search", search, promote=Values("search.promote", promote),
                       refine=Values("search.refine", refine)),
-        runtime=Values("runtime", runtime), space=space, raw=normalized,
+        runtime=Values("runtime", runtime), space=space, raw=normalized, objective=Values("objective", objective),
         feasible_drop=study.get("feasible_drop"), source=source)
 
 

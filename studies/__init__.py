@@ -20,7 +20,10 @@ from ._dashboard import (
 )
 from ._figures import export_command, front_figure, plans_figure
 from ._format import FORMATS, render
-from ._frames import PARETO_COLUMNS, base_columns, finished_count, pareto_frame, studies_frame, trials_frame
+from ._frames import (
+    PARETO_COLUMNS, base_columns, finished_count, in_metric_units, pareto_frame, studies_frame, study_metric,
+    trials_frame,
+)
 from ._presets import load_preset, preset_names
 from ._record import COMPLETED, TrialRecord, TrialWriter, records, refinement_attrs, refines_of
 from ._report import write_report
@@ -53,9 +56,9 @@ __all__ = [
     "PLANS_PLOT_ID", "STORAGE_ERRORS", "StorageError", "TrialRecord", "TrialWriter", "annotate_studies",
     "annotate_study", "base_columns", "best_at_test_accuracy", "best_ratio_within", "claim_blob", "create_blob_table",
     "delete_blobs", "drop_blob", "engine_of", "export_command", "finished_count", "folder_lock", "front",
-    "front_figure", "get_blob", "is_in_memory", "keys", "load_existing_study", "load_preset", "mask_url",
-    "open_storage", "pareto_frame", "pareto_trials", "plans_figure", "preset_names", "publish_figures", "put_blob",
-    "read_only_app", "records", "refine_candidates", "refined_trials", "refinement_attrs", "refines_of", "render",
-    "search_front", "serve_dashboard", "sqlite_lock", "sqlite_path", "storage_fault", "studies_frame", "study_note",
-    "teacher_accuracy", "touch_blob", "trials_frame", "within_drop", "write_report",
+    "front_figure", "get_blob", "in_metric_units", "is_in_memory", "keys", "load_existing_study", "load_preset",
+    "mask_url", "open_storage", "pareto_frame", "pareto_trials", "plans_figure", "preset_names", "publish_figures",
+    "put_blob", "read_only_app", "records", "refine_candidates", "refined_trials", "refinement_attrs", "refines_of",
+    "render", "search_front", "serve_dashboard", "sqlite_lock", "sqlite_path", "storage_fault", "studies_frame",
+    "study_metric", "study_note", "teacher_accuracy", "touch_blob", "trials_frame", "within_drop", "write_report",
 ]

@@ -38,7 +38,7 @@ from wsgiref.simple_server import WSGIServer, make_server
 import optuna
 import sqlalchemy
 
-from slimtune.spaces import SpecError, parse_spec, per_layer_knobs, upgrade_stored_spec
+from slimtune.spaces import Metric, SpecError, metric_of, parse_spec, per_layer_knobs, upgrade_stored_spec
 
 from . import _keys as keys
 from ._figures import front_figure, layer_names, plans_figure
@@ -61,10 +61,6 @@ def _dashboard() -> ModuleType:
     except ImportError:
         raise SpecError("dashboard", "optuna-dashboard", "pip install optuna-dashboard", "is not installed") from None
     return optuna_dashboard
-
-
-def _percent(value: Any) -> str:
-    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "?"
 
 
 def _ref(section: dict[str, Any], name_key: str) -> str:
@@ -107,6 +103,13 @@ def _spec_lines(raw: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _shown(metric: Metric, score: Any) -> str:
+    """A stored score as the metric reads (``97.31%``, ``0.2500``); ``?`` when it is not a number."""
+    if not isinstance(score, (int, float)) or isinstance(score, bool):
+        return "?"
+    return metric.format(metric.value(float(score)))
+
+
 def study_note(study: optuna.Study) -> str | None:
     """The Markdown note slimtune keeps on a study; ``None`` for a study that is not slimtune's."""
     attrs = study.user_attrs
@@ -115,11 +118,15 @@ def study_note(study: optuna.Study) -> str | None:
         return None
     teacher = attrs.get(keys.TEACHER) or {}
     drop = raw.get("study", {}).get("max_accuracy_drop")
+    metric = metric_of(raw)
+    objective = (f"`{metric.objective_name}` ↑ (maximize): validation {metric.label} of the compressed, "
+                 "fine-tuned student" if metric.maximize else
+                 f"`{metric.objective_name}` ↑ (maximize): minus the validation {metric.label} of the compressed, "
+                 f"fine-tuned student (the {metric.label} itself is minimized)")
     lines = [
         f"## slimtune study `{study.study_name}`",
         "",
-        "**Objectives.** `val_accuracy` ↑ (maximize): validation accuracy of the compressed, fine-tuned "
-        "student, read back from its packed artifact; selection uses it. `size_bytes` ↓ (minimize): the "
+        f"**Objectives.** {objective}, read back from its packed artifact; selection uses it. `size_bytes` ↓ (minimize): the "
         "byte length of the packed artifact that `slimtune export` writes (run-length index of the kept "
         "weights, their integer codes, float16 scales, LZMA2), not a formula. Trial user attrs carry `test_accuracy` (reporting only), "
         "`compression_ratio` (teacher fp32 dense bytes / `size_bytes`), `mean_bits`, `sparsity`, the "
@@ -131,14 +138,15 @@ def study_note(study: optuna.Study) -> str | None:
     if teacher:
         dense = teacher.get("dense_bytes")
         lines += [
-            "| val accuracy | test accuracy | fp32 dense bytes | source |",
+            f"| val {metric.label} | test {metric.label} | fp32 dense bytes | source |",
             "|---|---|---|---|",
-            f"| {_percent(teacher.get('val_accuracy'))} | {_percent(teacher.get('test_accuracy'))} | "
+            f"| {_shown(metric, teacher.get('val_accuracy'))} | {_shown(metric, teacher.get('test_accuracy'))} | "
             f"{f'{dense:,}' if isinstance(dense, int) else '?'} | {teacher.get('source', '?')} |",
         ]
         if isinstance(teacher.get("val_accuracy"), (int, float)) and isinstance(drop, (int, float)):
-            lines += ["", f"Accuracy floor: a trial below {_percent(teacher['val_accuracy'] - drop)} validation "
-                          "accuracy after an epoch is stopped and marked PRUNED."]
+            lines += ["", f"{metric.label[0].upper()}{metric.label[1:]} floor: a trial "
+                          f"{'below' if metric.maximize else 'above'} {_shown(metric, teacher['val_accuracy'] - drop)} "
+                          f"validation {metric.label} after an epoch is stopped and marked PRUNED."]
     else:
         lines.append("Not trained yet (the first trial of a search trains or loads it).")
     lines += ["", "### Spec", ""] + _spec_lines(raw)

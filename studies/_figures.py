@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from slimtune.spaces import Panel, declarations
+from slimtune.spaces import Metric, Panel, declarations, metric_of
 
 from . import _keys as keys
 from ._record import TrialRecord
@@ -69,21 +69,24 @@ def export_command(study_name: str, storage_url: str | None, *, trial: int | Non
     return f"slimtune export --study {shlex.quote(study_name)}{storage} {which} --out {shlex.quote(out)}"
 
 
-def _hover(trial: FrozenTrial, study_name: str, storage_url: str | None) -> list[Any]:
+def _hover(trial: FrozenTrial, study_name: str, storage_url: str | None, metric: Metric) -> list[Any]:
     record = TrialRecord.of(trial)
-    return [record.number, record.test_accuracy, record.compression_ratio, record.mean_bits, record.sparsity,
-            export_command(study_name, storage_url, trial=record.number)]
+    return [record.number, metric.value(record.test_accuracy), record.compression_ratio, record.mean_bits,
+            record.sparsity, export_command(study_name, storage_url, trial=record.number)]
 
 
-_HOVER = ("trial #%{customdata[0]}<br>val accuracy %{y:.2%}<br>test accuracy %{customdata[1]:.2%}<br>"
-          "size %{x:,.0f} B<br>ratio %{customdata[2]:.1f}×<br>mean bits %{customdata[3]:.2f}<br>"
-          "sparsity %{customdata[4]:.1%}<br><i>%{customdata[5]}</i><extra></extra>")
+def _hover_template(metric: Metric) -> str:
+    number = ".2%" if metric.percent else ".4f"
+    return (f"trial #%{{customdata[0]}}<br>val {metric.label} %{{y:{number}}}<br>test {metric.label} "
+            f"%{{customdata[1]:{number}}}<br>size %{{x:,.0f}} B<br>ratio %{{customdata[2]:.1f}}×<br>mean bits "
+            "%{customdata[3]:.2f}<br>sparsity %{customdata[4]:.1%}<br><i>%{customdata[5]}</i><extra></extra>")
 
 
 def _accuracy_range(accuracies: list[float], teacher_val: float | None, floor: float | None,
-                    fig: Any) -> tuple[list[float] | None, str]:
-    """The y range that shows the trials and the reference lines near them, drawing the floor
-    when it is near; and a note when it is too far below to draw."""
+                    fig: Any, metric: Metric) -> tuple[list[float] | None, str]:
+    """The y range (in the metric's units; reversed for a metric that is minimized, so better is
+    up) that shows the trials and the reference lines near them, drawing the floor when it is
+    near; and a note when it is too far below to draw. The arguments are scores."""
     if teacher_val is not None:
         accuracies = accuracies + [teacher_val, teacher_val - max(DROPS)]
     if not accuracies:
@@ -93,13 +96,20 @@ def _accuracy_range(accuracies: list[float], teacher_val: float | None, floor: f
     note = ""
     if floor is not None and floor >= low - span:  # near the trials: draw it and keep it in view
         low = min(low, floor)
-        fig.add_hline(y=floor, line=dict(color="#999", dash="dash", width=1),
-                      annotation_text=f"accuracy floor {pct(floor)}", annotation_position="bottom right",
-                      annotation_font=dict(size=11, color="#777"))
+        fig.add_hline(y=metric.value(floor), line=dict(color="#999", dash="dash", width=1),
+                      annotation_text=f"{metric.label} floor {metric.format(metric.value(floor))}",
+                      annotation_position="bottom right", annotation_font=dict(size=11, color="#777"))
     elif floor is not None:  # far below: a line there would squash the trials into a strip
-        note = f" (accuracy floor {pct(floor)}, below the plotted range)"
+        note = f" ({metric.label} floor {metric.format(metric.value(floor))}, below the plotted range)"
     pad = 0.08 * max(high - low, 0.005)
-    return [low - pad, high + pad], note
+    return [metric.value(low - pad), metric.value(high + pad)], note
+
+
+def _drop_text(drop: float, metric: Metric) -> str:
+    """A reference line's label: ``−0.5 pt`` of a percentage, ``+0.005`` of an error."""
+    if metric.percent:
+        return f"−{100 * drop:g} pt"
+    return f"{'−' if metric.maximize else '+'}{drop:g}"
 
 
 def _ratio_axis(fig: Any, sizes: list[float], dense: float, teacher_val: float) -> None:
@@ -133,6 +143,9 @@ def front_figure(study: optuna.Study, storage_url: str | None = None) -> Any:
     teacher_val, dense = teacher.get("val_accuracy"), teacher.get("dense_bytes")
     floor = accuracy_floor(study)
     name = study.study_name
+    metric = metric_of(study.user_attrs.get(keys.SPEC))
+    value, hover = metric.value, _hover_template(metric)
+    number = ".2%" if metric.percent else ".4f"
 
     fig = go.Figure()
     front_numbers = {t.number for t in front}
@@ -140,41 +153,42 @@ def front_figure(study: optuna.Study, storage_url: str | None = None) -> Any:
     if others:  # an empty trace would draw no group in the SVG
         fig.add_trace(go.Scatter(
             name=f"other complete trials ({len(others)})", uid="others", x=[t.values[1] for t in others],
-            y=[t.values[0] for t in others],
+            y=[value(t.values[0]) for t in others],
             mode="markers", marker=dict(color=OTHER_COLOR, size=8, line=dict(color="#8a8a8a", width=0.5)),
-            customdata=[_hover(t, name, storage_url) for t in others], hovertemplate=_HOVER))
+            customdata=[_hover(t, name, storage_url, metric) for t in others], hovertemplate=hover))
     fig.add_trace(go.Scatter(
-        name=PARETO_TRACE, uid=PARETO_UID, x=[t.values[1] for t in front], y=[t.values[0] for t in front],
+        name=PARETO_TRACE, uid=PARETO_UID, x=[t.values[1] for t in front], y=[value(t.values[0]) for t in front],
         mode="lines+markers", line=dict(color=FRONT_COLOR, shape="hv", width=1.5, dash="dot"),
         marker=dict(color=FRONT_COLOR, size=11, line=dict(color="white", width=1)),
-        customdata=[_hover(t, name, storage_url) for t in front], hovertemplate=_HOVER))
+        customdata=[_hover(t, name, storage_url, metric) for t in front], hovertemplate=hover))
     tested = [t for t in front if TrialRecord.of(t).test_accuracy is not None]
     if tested:
         fig.add_trace(go.Scatter(
             name=TEST_TRACE, uid="pareto-test", x=[t.values[1] for t in tested],
-            y=[TrialRecord.of(t).test_accuracy for t in tested], mode="markers",
+            y=[value(TrialRecord.of(t).test_accuracy) for t in tested], mode="markers",
             marker=dict(color=FRONT_COLOR, size=10, symbol="circle-open", line=dict(width=1.5)),
             customdata=[[t.number] for t in tested],
-            hovertemplate="trial #%{customdata[0]}<br>test accuracy %{y:.2%}<br>size %{x:,.0f} B<extra></extra>"))
+            hovertemplate=f"trial #%{{customdata[0]}}<br>test {metric.label} %{{y:{number}}}<br>size %{{x:,.0f}} B"
+                          "<extra></extra>"))
     if dense and teacher_val is not None:
         fig.add_trace(go.Scatter(
-            name="teacher (fp32, dense)", uid="teacher", x=[dense], y=[teacher_val], mode="markers",
+            name="teacher (fp32, dense)", uid="teacher", x=[dense], y=[value(teacher_val)], mode="markers",
             marker=dict(symbol="star", size=16, color=TEACHER_COLOR, line=dict(color="white", width=1)),
-            customdata=[[teacher.get("test_accuracy")]],
-            hovertemplate="teacher<br>val accuracy %{y:.2%}<br>test accuracy %{customdata[0]:.2%}<br>"
-                          "fp32 dense %{x:,.0f} B<extra></extra>"))
+            customdata=[[value(teacher.get("test_accuracy"))]],
+            hovertemplate=f"teacher<br>val {metric.label} %{{y:{number}}}<br>test {metric.label} "
+                          f"%{{customdata[0]:{number}}}<br>fp32 dense %{{x:,.0f}} B<extra></extra>"))
     if teacher_val is not None:
-        fig.add_hline(y=teacher_val, line=dict(color=TEACHER_COLOR, width=1, dash="dot"),
-                      annotation_text=f"teacher {pct(teacher_val)}", annotation_position="top left",
+        fig.add_hline(y=value(teacher_val), line=dict(color=TEACHER_COLOR, width=1, dash="dot"),
+                      annotation_text=f"teacher {metric.format(value(teacher_val))}", annotation_position="top left",
                       annotation_font=dict(size=11, color=TEACHER_COLOR))
         for drop in DROPS:
-            fig.add_hline(y=teacher_val - drop, line=dict(color="#bbb", width=1, dash="dash"),
-                          annotation_text=f"−{100 * drop:g} pt", annotation_position="top left",
+            fig.add_hline(y=value(teacher_val - drop), line=dict(color="#bbb", width=1, dash="dash"),
+                          annotation_text=_drop_text(drop, metric), annotation_position="top left",
                           annotation_font=dict(size=11, color="#888"))
-    y_range, floor_note = _accuracy_range([t.values[0] for t in complete], teacher_val, floor, fig)
+    y_range, floor_note = _accuracy_range([t.values[0] for t in complete], teacher_val, floor, fig, metric)
     sizes = [t.values[1] for t in complete] + ([dense] if dense else [])
     if sizes and dense and teacher_val is not None:
-        _ratio_axis(fig, sizes, float(dense), teacher_val)
+        _ratio_axis(fig, sizes, float(dense), value(teacher_val))
     not_plotted = [f"{counts[s]} {s.lower()}" for s in ("PRUNED", "FAIL", "RUNNING", "WAITING") if counts.get(s)]
     title = f"{len(complete)} complete trials, {len(front)} on the Pareto front"
     if not_plotted:
@@ -184,7 +198,8 @@ def front_figure(study: optuna.Study, storage_url: str | None = None) -> Any:
         hovermode="closest", margin=dict(l=70, r=20, t=110, b=60),
         legend=dict(orientation="h", yanchor="bottom", y=-0.35, x=0),
         xaxis=dict(type="log", title=dict(text="size of the packed artifact (bytes, log scale)")),
-        yaxis=dict(title=dict(text="accuracy (validation; open circles: test)"), tickformat=".1%", range=y_range))
+        yaxis=dict(title=dict(text=f"{metric.label} (validation; open circles: test)"),
+                   tickformat=".1%" if metric.percent else "", range=y_range))
     return fig
 
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import pandas as pd
 
-from slimtune.spaces import SpecError
+from slimtune.spaces import METRICS, SpecError, metric
 
 FORMATS = ("table", "csv", "json")
-_PERCENT = ("val_accuracy", "test_accuracy", "teacher_val", "teacher_test", "sparsity")
+_PERCENT = ("sparsity", *(f"{split}_{m.column}" for m in METRICS.values() if m.percent for split in ("val", "test")))
+_DECIMAL = tuple(f"{split}_{m.column}" for m in METRICS.values() if not m.percent for split in ("val", "test"))
+_TEACHER = ("teacher_val", "teacher_test")  # in each row's metric (a "metric" column; accuracy without one)
 
 
 def render(frame: pd.DataFrame, fmt: str, table_columns: list[str] | None = None) -> str:
@@ -33,9 +35,16 @@ def render(frame: pd.DataFrame, fmt: str, table_columns: list[str] | None = None
         raise SpecError("--format", fmt, ", ".join(FORMATS))
     if frame.empty:
         return "(none)\n"
+    if table_columns:  # the accuracy columns stand for the study's metric columns (val_mse, ...)
+        table_columns = [_metric_column(c, frame) for c in table_columns]
     shown = frame[[c for c in table_columns if c in frame.columns]] if table_columns else frame.copy()
+    metrics = [metric(m) for m in frame["metric"]] if "metric" in frame.columns else [metric("accuracy")] * len(frame)
     for column in shown.columns:
-        if column in _PERCENT:
+        if column in _TEACHER:
+            shown[column] = [m.format(None if pd.isna(v) else v) for m, v in zip(metrics, shown[column])]
+        elif column in _DECIMAL:
+            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
+        elif column in _PERCENT:
             shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{100 * v:.2f}%")
         elif column in ("compression_ratio", "best_ratio_within_1pt"):
             shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.1f}x")
@@ -47,3 +56,11 @@ def render(frame: pd.DataFrame, fmt: str, table_columns: list[str] | None = None
             shown[column] = shown[column].map(lambda v: "" if v is None or (isinstance(v, float) and pd.isna(v))
                                               else v)
     return shown.to_string(index=False) + "\n"
+
+
+def _metric_column(name: str, frame: pd.DataFrame) -> str:
+    """``val_accuracy``/``test_accuracy``, or the frame's column of the same split for its metric."""
+    if name in frame.columns or name not in ("val_accuracy", "test_accuracy"):
+        return name
+    split = name.split("_")[0]
+    return next((f"{split}_{m.column}" for m in METRICS.values() if f"{split}_{m.column}" in frame.columns), name)

@@ -20,7 +20,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from slimtune.spaces import declarations, global_knobs
+from slimtune.spaces import Metric, declarations, global_knobs, metric_of
 
 from . import _keys as keys
 from ._record import TrialRecord
@@ -83,16 +83,34 @@ def _frame(trials: list[FrozenTrial], columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns + extra)
 
 
+def study_metric(study: optuna.Study) -> Metric:
+    """The validation metric of a slimtune study (its stored spec's ``[objective]``; accuracy by default)."""
+    return metric_of(study.user_attrs.get(keys.SPEC))
+
+
+def in_metric_units(frame: pd.DataFrame, metric: Metric) -> pd.DataFrame:
+    """``frame`` with its ``val_accuracy``/``test_accuracy`` score columns as ``val_<metric>`` and
+    ``test_<metric>`` in the metric's own units (unchanged for accuracy)."""
+    if metric.name == "accuracy":
+        return frame
+    frame = frame.copy()
+    for split in ("val", "test"):
+        frame[f"{split}_accuracy"] = frame[f"{split}_accuracy"].map(
+            lambda v: None if v is None or pd.isna(v) else metric.value(v))
+    return frame.rename(columns={"val_accuracy": f"val_{metric.column}", "test_accuracy": f"test_{metric.column}"})
+
+
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """Every trial of a slimtune study, one row each, ordered by trial number."""
-    return _frame(study.get_trials(deepcopy=False), base_columns())
+    """Every trial of a slimtune study, one row each, ordered by trial number (the metric columns
+    named and valued as the study's metric: ``val_accuracy``, or e.g. ``val_mse``)."""
+    return in_metric_units(_frame(study.get_trials(deepcopy=False), base_columns()), study_metric(study))
 
 
 def pareto_frame(study: optuna.Study) -> pd.DataFrame:
-    """The Pareto-optimal trials (val accuracy up, size down), sorted by size."""
+    """The Pareto-optimal trials (val metric at its best, size down), sorted by size."""
     best = pareto_trials(study)
     frame = _frame(best, PARETO_COLUMNS + [k for k in _global_columns() if k != "lr"])
-    return frame.reset_index(drop=True)
+    return in_metric_units(frame.reset_index(drop=True), study_metric(study))
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -101,19 +119,22 @@ def finished_count(study: optuna.Study) -> int:
 
 
 def studies_frame(storage: optuna.storages.BaseStorage) -> pd.DataFrame:
-    """One row per slimtune study in ``storage``: trials, teacher accuracy, best ratio within 1 point."""
+    """One row per slimtune study in ``storage``: trials, its metric, the teacher's (in the metric's
+    units), the best ratio within 1 point."""
     rows = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         teacher = study.user_attrs.get(keys.TEACHER, {})
         spec = study.user_attrs.get(keys.SPEC, {})
+        metric = metric_of(spec)
         rows.append({
             "study": summary.study_name,
             "finished": finished_count(study),
             "target": spec.get("study", {}).get("trials"),
-            "teacher_val": teacher.get("val_accuracy"),
-            "teacher_test": teacher.get("test_accuracy"),
+            "metric": metric.name,
+            "teacher_val": metric.value(teacher.get("val_accuracy")),
+            "teacher_test": metric.value(teacher.get("test_accuracy")),
             "best_ratio_within_1pt": best_ratio_within(study, 0.01),
         })
-    return pd.DataFrame(rows, columns=["study", "finished", "target", "teacher_val", "teacher_test",
+    return pd.DataFrame(rows, columns=["study", "finished", "target", "metric", "teacher_val", "teacher_test",
                                        "best_ratio_within_1pt"])

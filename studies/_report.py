@@ -44,12 +44,14 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
+from slimtune.spaces import Metric
+
 from . import _keys as keys
 from ._figures import (
     DROPS, FRONT_COLOR, TEACHER_COLOR, accuracy_floor, export_command, front_figure, layer_names, pct,
     plans_figure,
 )
-from ._frames import pareto_frame
+from ._frames import pareto_frame, study_metric
 from ._record import TrialRecord
 from ._selection import pareto_trials, within_drop
 from ._storage import mask_url
@@ -309,12 +311,16 @@ def _facts_table(rows: list[tuple[str, str]]) -> str:
     return "<table class=\"facts\">" + "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows) + "</table>"
 
 
-def _pareto_table(frame: pd.DataFrame) -> str:
+def _pareto_table(frame: pd.DataFrame, metric: Metric) -> str:
     if frame.empty:
         return "<p class=\"note\">No complete trials yet, so no Pareto front.</p>"
+
+    def shown(value: Any) -> str:  # the frame holds metric values
+        return metric.format(None if pd.isna(value) else value)
+
     columns = [("trial", "trial", lambda v: f"#{int(v)}"),
-               ("val_accuracy", "val accuracy", pct),
-               ("test_accuracy", "test accuracy", pct),
+               (f"val_{metric.column}", f"val {metric.label}", shown),
+               (f"test_{metric.column}", f"test {metric.label}", shown),
                ("size_bytes", "size (bytes)", lambda v: f"{int(v):,}"),
                ("compression_ratio", "ratio", lambda v: "" if pd.isna(v) else f"{v:.1f}×"),
                ("mean_bits", "mean bits", lambda v: "" if pd.isna(v) else f"{v:.2f}"),
@@ -340,13 +346,14 @@ def _cell(text: str, key: Any = None, numeric: bool = True) -> str:
     return f"<td class=\"{'num' if numeric else ''}\" data-key=\"{_esc(data)}\">{_esc(text)}</td>"
 
 
-def _trials_table(trials: list[FrozenTrial]) -> str:
+def _trials_table(trials: list[FrozenTrial], metric: Metric) -> str:
     """Every trial, sortable by a click on a column: state, accuracies, size, ratio, bits,
     sparsity, seconds, why it stopped."""
     if not trials:
         return "<p class=\"note\">No trials yet.</p>"
-    head = ("trial", "state", "val accuracy", "test accuracy", "size (bytes)", "ratio", "mean bits", "sparsity",
-            "seconds", "refines", "stop reason")
+    head = ("trial", "state", f"val {metric.label}", f"test {metric.label}", "size (bytes)", "ratio", "mean bits",
+            "sparsity", "seconds", "refines", "stop reason")
+    show = _score_text(metric)
     rows = []
     for trial in trials:
         record = TrialRecord.of(trial)
@@ -355,7 +362,7 @@ def _trials_table(trials: list[FrozenTrial]) -> str:
         if seconds is None and trial.datetime_start and trial.datetime_complete:
             seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
         cells = [_cell(f"#{trial.number}", trial.number), _cell(trial.state.name.lower(), None, numeric=False),
-                 _cell(pct(val), val), _cell(pct(record.test_accuracy), record.test_accuracy),
+                 _cell(show(val), val), _cell(show(record.test_accuracy), record.test_accuracy),
                  _cell(f"{record.size_bytes:,}" if record.size_bytes else "", record.size_bytes),
                  _cell(f"{record.compression_ratio:.1f}×" if record.compression_ratio else "", record.compression_ratio),
                  _cell(f"{record.mean_bits:.2f}" if record.mean_bits is not None else "", record.mean_bits),
@@ -387,7 +394,7 @@ def _time_facts(trials: list[FrozenTrial]) -> str | None:
     return " · ".join(parts)
 
 
-def _picks(study: optuna.Study, storage_url: str) -> str:
+def _picks(study: optuna.Study, storage_url: str, metric: Metric) -> str:
     """What ``slimtune export --max-drop`` picks for 0.5 and 1 point, and the command."""
     from slimtune.spaces import SpecError
 
@@ -397,17 +404,28 @@ def _picks(study: optuna.Study, storage_url: str) -> str:
         try:
             trial = within_drop(study, drop)
         except SpecError as exc:
-            rows.append(f"<tr><th>within {100 * drop:g} point</th><td>no trial yet ({_esc(exc)})</td></tr>")
+            rows.append(f"<tr><th>within {_within(drop, metric)}</th><td>no trial yet ({_esc(exc)})</td></tr>")
             continue
         record = TrialRecord.of(trial)
         ratio = f", {record.compression_ratio:.1f}×" if record.compression_ratio else ""
-        rows.append(f"<tr><th>within {100 * drop:g} point</th><td>trial <b>#{trial.number}</b>: val "
-                    f"{pct(record.val_accuracy)}, test {pct(record.test_accuracy)}, {record.size_bytes:,} bytes{ratio}"
+        rows.append(f"<tr><th>within {_within(drop, metric)}</th><td>trial <b>#{trial.number}</b>: val "
+                    f"{metric.format(metric.value(record.val_accuracy))}, test "
+                    f"{metric.format(metric.value(record.test_accuracy))}, {record.size_bytes:,} bytes{ratio}"
                     f"<br><code>{_esc(command)}</code></td></tr>")
     return f"<table class=\"facts\" id=\"picks\">{''.join(rows)}</table>"
 
 
-def _others_table(trials: list[FrozenTrial]) -> str:
+def _score_text(metric: Metric) -> Any:
+    """A function showing a stored score as the metric reads (``97.31%``, ``0.2500``)."""
+    return lambda score: metric.format(metric.value(score))
+
+
+def _within(drop: float, metric: Metric) -> str:
+    """``0.5 point`` of a percentage, ``0.005`` of another metric."""
+    return f"{100 * drop:g} point" if metric.percent else f"{drop:g}"
+
+
+def _others_table(trials: list[FrozenTrial], metric: Metric) -> str:
     rows = []
     for trial in trials:
         if trial.state == TrialState.COMPLETE:
@@ -416,12 +434,12 @@ def _others_table(trials: list[FrozenTrial]) -> str:
         history = record.val_history
         reason = record.reason or ""
         rows.append(f"<tr><td class=\"num\">#{trial.number}</td><td>{_esc(trial.state.name)}</td>"
-                    f"<td class=\"num\">{pct(history[-1]) if history else ''}</td>"
+                    f"<td class=\"num\">{metric.format(metric.value(history[-1])) if history else ''}</td>"
                     f"<td class=\"num\">{pct(record.sparsity, 1)}</td><td>{_esc(reason)}</td></tr>")
     if not rows:
         return "<p class=\"note\">None: every trial completed.</p>"
     return ("<table id=\"stopped-table\"><thead><tr><th class=\"num\">trial</th><th>state</th>"
-            "<th class=\"num\">last val accuracy</th><th class=\"num\">sparsity</th><th>reason</th></tr></thead>"
+            f"<th class=\"num\">last val {metric.label}</th><th class=\"num\">sparsity</th><th>reason</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
@@ -442,6 +460,8 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
     max_drop = spec.get("study", {}).get("max_accuracy_drop")
     floor = accuracy_floor(study)
     name = study.study_name
+    metric = study_metric(study)
+    show = _score_text(metric)  # scores in the study, the metric shown
 
     states = " ".join(f"<span class=\"state\">{_esc(s.lower())} {counts[s]}</span>"
                       for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING") if counts.get(s)) or "none yet"
@@ -453,18 +473,19 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
         tool_version = study.user_attrs.get(keys.VERSION, "?")
     facts = [("study", f"<b>{_esc(name)}</b>"), ("storage", f"<code>{_esc(mask_url(storage_url))}</code>")]
     if teacher:
-        facts += [("teacher", f"val {pct(teacher.get('val_accuracy'))} · test {pct(teacher.get('test_accuracy'))}"),
+        facts += [("teacher", f"val {show(teacher.get('val_accuracy'))} · test {show(teacher.get('test_accuracy'))}"
+                              + ("" if metric.name == "accuracy" else f" ({metric.label})")),
                   ("teacher size", f"{teacher.get('dense_bytes', 0):,} bytes fp32 dense"
                                    + (f" ({teacher['parameters']:,} parameters)" if teacher.get("parameters") else "")),
                   ("teacher source", _esc(teacher.get("source", "")))]
     else:
         facts.append(("teacher", "not recorded yet"))
     if floor is not None:
-        facts.append(("accuracy floor", f"{pct(floor)} (teacher val − max_accuracy_drop {max_drop:g}; "
-                                        "trials below it are pruned)"))
+        facts.append((f"{metric.label} floor", f"{show(floor)} (teacher val {'−' if metric.maximize else '+'} "
+                                               f"max_accuracy_drop {max_drop:g}; trials beyond it are pruned)"))
     feasible_drop = spec.get("study", {}).get("feasible_drop")
     if teacher.get("val_accuracy") is not None and feasible_drop is not None:
-        facts.append(("feasible", f"val ≥ {pct(teacher['val_accuracy'] - feasible_drop)} (teacher val − "
+        facts.append(("feasible", f"val {'≥' if metric.maximize else '≤'} {show(teacher['val_accuracy'] - feasible_drop)} (teacher val − "
                                   f"feasible_drop {feasible_drop:g}); the Pareto front holds feasible trials only"))
     refinements = [t for t in study.get_trials(deepcopy=False) if TrialRecord.of(t).refines is not None]
     if refinements:
@@ -499,11 +520,11 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
         "<h3 style=\"font-size:16px;margin:18px 0 6px\">Pareto-optimal trials, smallest first</h3>"
         "<p class=\"note\">Ratio = teacher fp32 dense bytes / artifact bytes; mean bits weighted by weight count; "
         "test accuracy is for reporting only.</p>"
-        f"{_pareto_table(pareto_frame(study) if complete else pd.DataFrame())}"
+        f"{_pareto_table(pareto_frame(study) if complete else pd.DataFrame(), metric)}"
         "<h3 style=\"font-size:16px;margin:18px 0 6px\">What <code>export --max-drop</code> picks</h3>"
         "<p class=\"note\">The smallest Pareto trial whose validation accuracy is within the drop of the "
         "teacher's, and the command that writes it.</p>"
-        f"{_picks(study, storage_url)}</section>")
+        f"{_picks(study, storage_url, metric)}</section>")
 
     if ordered_front and layer_names(ordered_front):
         heat_fig, heat_height = plans_figure(ordered_front)
@@ -518,7 +539,10 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
         f"{heat}</section>")
 
     dense = teacher.get("dense_bytes")
-    if complete and dense:
+    if complete and dense and not metric.maximize:
+        hv = (f"<p class=\"note\">Not drawn: {_esc(metric.label)} is minimized and has no natural reference point "
+              "for an area; the Pareto front above shows the trade-off.</p>")
+    elif complete and dense:
         hv = _figure_html(_hypervolume_figure(trials, float(dense)), HYPERVOLUME_DIV, 340)
     else:
         hv = "<p class=\"note\">Needs complete trials and the teacher's size.</p>"
@@ -550,8 +574,9 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
 
     sections.append("<section id=\"trials\"><h2>All trials</h2><p class=\"note\">Click a column to sort by it. "
                     "Seconds: the trial's own time (sampling, compression, fine-tune, packing, evaluation, storage); "
-                    "a pruned trial shows its last validation accuracy.</p>" + _trials_table(trials) + "</section>")
-    sections.append("<section id=\"stopped\"><h2>Pruned and failed trials</h2>" + _others_table(trials) + "</section>")
+                    "a pruned trial shows its last validation accuracy.</p>" + _trials_table(trials, metric) + "</section>")
+    sections.append("<section id=\"stopped\"><h2>Pruned and failed trials</h2>" + _others_table(trials, metric)
+                    + "</section>")
 
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from slimtune.search import main
 from slimtune.spaces import Declaration, KnobDeclaration, LayerPlan, Panel, Setting, parse_spec
 from slimtune.studies import TrialRecord, load_existing_study, pareto_frame, write_report
-from slimtune.trainers import CompressionMethod, register_method, unregister_method, weight_modules
+from slimtune.trainers import CompressionMethod, register_method, unregister_method, weight_tensors
 
 from .conftest import SPEC_TOML
 
@@ -48,12 +48,12 @@ class Clip(CompressionMethod):
 
     def apply(self, model: nn.Module, name: str, layer: nn.Module, values: LayerPlan, context: Any) -> None:
         if values["clip_ratio"] < 1:
-            for module in weight_modules(layer):
+            for module, tensor in weight_tensors(layer):
                 parametrize.register_parametrization(
-                    module, "weight", ClipTo(values["clip_ratio"], context.options("clip").per_row))
+                    module, tensor, ClipTo(values["clip_ratio"], context.options("clip").per_row))
 
     def achieved(self, layer: nn.Module) -> dict[str, float]:
-        weights = [m.weight.detach() for m in weight_modules(layer)]
+        weights = [getattr(m, tensor).detach() for m, tensor in weight_tensors(layer)]
         top = max(float(w.abs().max()) for w in weights)
         at_bound = sum(int((w.abs() >= top - 1e-12).sum()) for w in weights)
         return {"clipped": at_bound / sum(w.numel() for w in weights)}

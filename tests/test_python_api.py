@@ -148,9 +148,9 @@ def test_bad_settings_raise_before_anything_is_written(net: nn.Module, tmp_path:
         slimtune.search(net, DigitsDataModule(), study="bad", storage="sqlite:///:memory:", trials=1)
     with pytest.raises(SpecError, match="is not a torch module"):
         slimtune.search(SmallNet, DigitsDataModule(), study="bad", storage=f"sqlite:///{db}")
-    with pytest.raises(SpecError, match=r"model.factory: 'tests.test_python_api:Conv1dNet' builds another model"):
+    with pytest.raises(SpecError, match=r"model.factory: 'tests.test_python_api:BilinearNet' builds another model"):
         slimtune.search(net, DigitsDataModule(), study="bad", storage=f"sqlite:///{db}",
-                        factory="tests.test_python_api:Conv1dNet")
+                        factory="tests.test_python_api:BilinearNet")
     with pytest.raises(SpecError, match=r"slimtune.search\(finetun=...\).*is not a known setting"):
         slimtune.search(net, DigitsDataModule(), study="bad", storage=f"sqlite:///{db}", finetun={"epochs": 1})
     with pytest.raises(SpecError, match="finetune.epochs"):
@@ -158,27 +158,28 @@ def test_bad_settings_raise_before_anything_is_written(net: nn.Module, tmp_path:
     assert not db.exists()
 
 
-class Conv1dNet(nn.Module):
-    """Rows of the 8x8 digit as a sequence: a Conv1d (no method compresses it) and a Linear."""
+class BilinearNet(nn.Module):
+    """The digit's two halves mixed by an ``nn.Bilinear`` (no method compresses its 3-D weight), then a Linear."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(8, 16, kernel_size=3)
-        self.head = nn.Linear(16 * 6, 10)
+        self.mix = nn.Bilinear(32, 32, 24)
+        self.head = nn.Linear(24, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.conv(x.view(-1, 8, 8))).flatten(1))
+        flat = x.flatten(1)
+        return self.head(torch.relu(self.mix(flat[:, :32], flat[:, 32:])))
 
 
 def test_weights_no_method_compresses_are_named_before_the_search(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
-    study = slimtune.search(_trained(Conv1dNet()), DigitsDataModule(), study="conv1d", storage=url, trials=1,
+    study = slimtune.search(_trained(BilinearNet()), DigitsDataModule(), study="bilinear", storage=url, trials=1,
                             space=SPACE, **SETTINGS)
     err = capsys.readouterr().err
-    share = 4 * 16 * 8 * 3 / (4 * sum(p.numel() for p in Conv1dNet().parameters()))
+    share = 4 * 24 * 32 * 32 / (4 * sum(p.numel() for p in BilinearNet().parameters()))
     assert (f"no method compresses 1 weight tensor ({100 * share:.1f}% of the model's fp32 bytes), stored as "
-            "float32 in every artifact: conv.weight (Conv1d, 384 values)") in err, err
+            "float32 in every artifact: mix.weight (Bilinear, 24,576 values)") in err, err
     assert len(study.trials()) == 1
 
 

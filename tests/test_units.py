@@ -102,8 +102,8 @@ def test_units_are_scored_with_the_teachers_input_rms() -> None:
     favourite = int(w2.norm(dim=0).argmin())  # the weakest outgoing weights ...
     rms[favourite] = 1e3  # ... but by far the largest activation
     keeps = unit_keeps(model, _plan({"0": (0.0, 32, 1 / 32)}), {"2": rms})
-    kept, consumer = keeps["0"]
-    assert consumer == "2" and kept.nonzero().flatten().tolist() == [favourite]
+    kept, consumers = keeps["0"]
+    assert consumers == ("2",) and kept.nonzero().flatten().tolist() == [favourite]
 
 
 def test_reselected_masks_never_revive_a_dropped_unit() -> None:

@@ -85,7 +85,7 @@ def check_finite_weights(model: nn.Module, what: str = "the teacher") -> None:
                             "a teacher whose weights are finite numbers")
 
 
-def check_model_and_data(model: nn.Module, dm: Any, loaded_weights: bool = False) -> None:
+def check_model_and_data(model: nn.Module, dm: Any, loaded_weights: bool = False, regression: bool = False) -> None:
     """Raise :class:`SpecError` unless ``dm``'s train, val and test splits are non-empty, a
     validation batch's inputs are finite, ``model`` maps it to finite ``(N, C)`` logits with ``C``
     greater than every validation and training label, and (``loaded_weights``: a checkpoint or a
@@ -114,6 +114,9 @@ def check_model_and_data(model: nn.Module, dm: Any, loaded_weights: bool = False
     finally:
         model.train(was_training)
     n = x.shape[0] if x.dim() else 0
+    if regression:
+        _check_regression(out, y, n, tuple(x.shape[1:]))
+        return
     # every validation label; the training labels of an in-memory set, else of the first batch
     largest = max(_max_label(loaders["val"], "val", whole=True), _max_label(loaders["train"], "train", whole=False))
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != n or out.shape[1] <= largest:
@@ -122,3 +125,17 @@ def check_model_and_data(model: nn.Module, dm: Any, loaded_weights: bool = False
                         f"for a batch of {n} inputs of shape {tuple(x.shape[1:])}")
     if not bool(torch.isfinite(out).all()):
         raise SpecError("model", "logits with NaN or infinite values", "finite logits on the validation inputs")
+
+
+def _check_regression(out: Any, y: torch.Tensor, n: int, shape: tuple[int, ...]) -> None:
+    """One finite output per sample and finite numeric targets (a regression metric)."""
+    if not y.is_floating_point() and not y.dtype.is_signed:
+        raise SpecError("data", f"val targets of dtype {y.dtype}", "numeric targets (the objective is a regression metric)")
+    if not bool(torch.isfinite(y.float()).all()):
+        raise SpecError("data", "validation targets with NaN or infinite values", "finite numeric targets")
+    if not isinstance(out, torch.Tensor) or out.shape[0:1] != (n,) or out.numel() != y.numel():
+        shown = f"outputs of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise SpecError("model", shown, f"one output per sample, (N,) or (N, 1), for the regression targets of shape "
+                        f"{tuple(y.shape)} (a batch of {n} inputs of shape {shape})")
+    if not bool(torch.isfinite(out).all()):
+        raise SpecError("model", "outputs with NaN or infinite values", "finite outputs on the validation inputs")

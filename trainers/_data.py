@@ -82,23 +82,29 @@ def _preset_class(name: str) -> Any:
     return BreastCancerDataModule if name == "breast-cancer" else PRESET_DATA[name]
 
 
-def datamodule_info(dm: Any) -> dict[str, int]:
+def datamodule_info(dm: Any) -> dict[str, int | float]:
     """What a data module says about its shapes, for models sized by the data (``mlp``):
-    ``{"input_dim": ..., "num_classes": ...}``, each only if the module has that attribute.
+    ``{"input_dim": ..., "num_classes": ...}`` (integers), and for a regression table the
+    training target's ``target_mean`` and ``target_std`` (numbers), each only if the module has
+    that attribute.
 
     Example:
         >>> datamodule_info(build_datamodule(DataSpec(preset="breast-cancer")))
         {'input_dim': 30, 'num_classes': 2}
     """
-    return {k: int(getattr(dm, k)) for k in ("input_dim", "num_classes") if getattr(dm, k, None) is not None}
+    info: dict[str, int | float] = {k: int(getattr(dm, k)) for k in ("input_dim", "num_classes")
+                                    if getattr(dm, k, None) is not None}
+    info.update({k: float(getattr(dm, k)) for k in ("target_mean", "target_std") if getattr(dm, k, None) is not None})
+    return info
 
 
-def build_datamodule(spec: DataSpec) -> pl.LightningDataModule:
-    """Instantiate and set up the data module named by ``spec``; failures are :class:`SpecError`."""
+def build_datamodule(spec: DataSpec, regression: bool = False) -> pl.LightningDataModule:
+    """Instantiate and set up the data module named by ``spec``; failures are :class:`SpecError`.
+    ``regression`` (the study's metric is a regression metric) reads a table's target as numbers."""
     if spec.given is not None:
         raise given_object_error("data", spec.given)
     if spec.table is not None:
-        key, ref, kwargs = "data.table", spec.table, spec.table_options()
+        key, ref, kwargs = "data.table", spec.table, {**spec.table_options(), "regression": regression}
         cls: Any = TableDataModule
     else:
         key, ref = ("data.preset", spec.preset) if spec.preset else ("data.module", spec.module)

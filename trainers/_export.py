@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimtune.spaces import DataSpec, SpecError, parse_data_section
+from slimtune.spaces import DataSpec, SpecError, metric_of, parse_data_section
 
 from ._data import build_datamodule
 from ._models import model_from_meta
@@ -94,18 +94,20 @@ def load_artifact(source: str | os.PathLike[str] | bytes, name: str | None = Non
 
 
 def artifact_datamodule(meta: dict[str, Any], name: str = "artifact") -> Any:
-    """The data module named by an artifact's ``meta["data"]``, set up."""
-    return build_datamodule(_data_reference(meta, name))
+    """The data module named by an artifact's ``meta["data"]``, set up (a table's target read as
+    numbers when ``meta["objective"]`` is a regression metric)."""
+    return build_datamodule(_data_reference(meta, name), regression=metric_of(meta).regression)
 
 
 def evaluate_artifact(source: str | os.PathLike[str] | bytes, split: str = "test") -> float:
-    """Top-1 accuracy of an artifact's model on ``split`` (``val`` or ``test``) of its data."""
+    """The study's metric (``meta["objective"]``; top-1 accuracy by default) of an artifact's
+    model on ``split`` (``val`` or ``test``) of its data, in the metric's units."""
     if split not in SPLITS:
         raise SpecError("--split", split, ", ".join(SPLITS))
     data, name = _read(source)
     model, meta = _load(data, name)
     dm = artifact_datamodule(meta, name)
-    return evaluate(model, dm.val_dataloader() if split == "val" else dm.test_dataloader())
+    return evaluate(model, dm.val_dataloader() if split == "val" else dm.test_dataloader(), metric_of(meta).name)
 
 
 def example_batch(dm: Any) -> torch.Tensor:
@@ -148,8 +150,8 @@ def check_onnx(path: str | os.PathLike[str], x: torch.Tensor, expected: torch.Te
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    want = expected.detach().numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})[0]
+    want = expected.detach().cpu().numpy()
     if got.shape != want.shape:
         raise ValueError(f"onnxruntime returned shape {got.shape}, PyTorch {want.shape}")
     diff = float(np.abs(got - want).max()) if want.size else 0.0

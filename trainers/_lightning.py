@@ -25,9 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtune.spaces import Metric, metric
+
 from ._augment import ImageShift
 from ._distill import feature_kd_loss, logit_kd_loss
-from .methods import weight_modules
+from ._metrics import metric_value, regression_outputs
+from .methods import weight_tensors
+
+ACCURACY = metric("accuracy")
 
 
 def silence_lightning() -> None:
@@ -42,13 +47,18 @@ def silence_lightning() -> None:
 
 
 def quiet_trainer(max_epochs: int, seed: int, callbacks: list[pl.Callback] | None = None,
-                  logger: Any = None) -> pl.Trainer:
-    """A seeded CPU trainer with no checkpoints, progress bar or model summary, and no logger
-    unless one is given (``run_logger``)."""
+                  logger: Any = None, runtime: Any = None) -> pl.Trainer:
+    """A seeded one-device trainer with no checkpoints, progress bar or model summary, and no
+    logger unless one is given (``run_logger``). ``runtime`` (a spec's ``[runtime]``) gives the
+    ``accelerator`` and ``precision``; without it, the CPU in float32. A worker started by
+    ``search --workers`` on a machine with several GPUs sees only its own (``CUDA_VISIBLE_DEVICES``)."""
     silence_lightning()
     pl.seed_everything(seed, verbose=False)
+    accelerator = getattr(runtime, "accelerator", "cpu")
+    precision = getattr(runtime, "precision", "32-true")
     return pl.Trainer(
-        max_epochs=max_epochs, accelerator="cpu", devices=1, logger=logger or False, enable_checkpointing=False,
+        max_epochs=max_epochs, accelerator=accelerator, devices=1, precision=precision, logger=logger or False,
+        enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         callbacks=callbacks or [], deterministic=False,
     )
@@ -83,37 +93,61 @@ def check_logger(runtime: Any) -> None:
                             "needs the tensorboard package, which is not installed")
 
 
-class _AccuracyMixin:
-    """Validation accuracy accumulated over an epoch; ``val_history`` holds one value per epoch."""
+def check_accelerator(runtime: Any) -> None:
+    """A :class:`SpecError` when ``[runtime] accelerator`` names a device this machine lacks, or
+    ``precision`` asks for 16-bit floats on the CPU (Lightning runs only bfloat16 there).
+
+    >>> from types import SimpleNamespace
+    >>> check_accelerator(SimpleNamespace(accelerator="cpu", precision="bf16-mixed")) is None
+    True
+    """
+    from slimtune.spaces import SpecError
+
+    accelerator = runtime.accelerator
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise SpecError("runtime.accelerator", "gpu", '"auto" or "cpu" on this machine', "finds no CUDA GPU here")
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise SpecError("runtime.accelerator", "mps", '"auto" or "cpu" on this machine', "finds no Apple GPU here")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
+                                      and not torch.backends.mps.is_available())
+    if on_cpu and runtime.precision == "16-mixed":
+        raise SpecError("runtime.precision", "16-mixed", '"32-true" or "bf16-mixed" on the CPU',
+                        "needs a GPU (Lightning runs float16 mixed precision on GPUs only)")
+
+
+class _MetricMixin:
+    """The validation metric over an epoch, as a score (higher is better; see
+    ``slimtune.spaces.Metric``): ``val_history`` holds one score per epoch."""
 
     val_history: list[float]
-
-    def _reset_counts(self) -> None:
-        self._correct = 0
-        self._total = 0
+    metric: Metric
 
     def on_validation_epoch_start(self) -> None:
-        self._reset_counts()
+        self._outputs: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch[-2], batch[-1]
-        logits = self(x)  # type: ignore[operator]
-        self._correct += int((logits.argmax(1) == y).sum())
-        self._total += int(y.numel())
+        self._outputs.append(self(x).detach().float().cpu())  # type: ignore[operator]
+        self._targets.append(y.detach().cpu())
 
     def on_validation_epoch_end(self) -> None:
-        self.val_history.append(self._correct / max(self._total, 1))
-        self.log("val_accuracy", self.val_history[-1])  # type: ignore[attr-defined]  (for a run's logger)
+        value = metric_value(self.metric.name, torch.cat(self._outputs), torch.cat(self._targets))
+        self.val_history.append(self.metric.score(value))
+        self.log(f"val_{self.metric.name}", value)  # type: ignore[attr-defined]  (for a run's logger)
 
 
-class ClassifierModule(_AccuracyMixin, pl.LightningModule):
-    """Plain supervised training (the teacher); ``augment_shift`` k > 0 trains on images moved
-    by a random offset of up to k pixels (:class:`ImageShift`, seeded by ``augment_seed``)."""
+class ClassifierModule(_MetricMixin, pl.LightningModule):
+    """Plain supervised training (the teacher): cross-entropy, or MSE for a regression
+    ``metric``; ``augment_shift`` k > 0 trains on images moved by a random offset of up to k
+    pixels (:class:`ImageShift`, seeded by ``augment_seed``)."""
 
-    def __init__(self, model: nn.Module, lr: float, augment_shift: int = 0, augment_seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, lr: float, augment_shift: int = 0, augment_seed: int = 0,
+                 metric: Metric = ACCURACY) -> None:
         super().__init__()
         self.model = model
         self.lr = lr
+        self.metric = metric
         self.val_history = []
         self.augment = ImageShift(augment_shift, augment_seed)
 
@@ -122,7 +156,7 @@ class ClassifierModule(_AccuracyMixin, pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = F.cross_entropy(self.model(self.augment(x)), y)
+        loss = supervised_loss(self.model(self.augment(x)), y, self.metric)
         if self.logger is not None:  # [runtime] logger: otherwise nothing reads it
             self.log("train_loss", loss.detach(), on_step=False, on_epoch=True)
         return loss
@@ -141,14 +175,64 @@ class FeatureTap:
         self._handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
 
     def _hook(self, name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            self.outputs[name] = output
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            self.outputs[name] = layer_output(output)
         return hook
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def supervised_loss(outputs: torch.Tensor, targets: torch.Tensor, metric: Metric) -> torch.Tensor:
+    """Cross-entropy on logits, or MSE of one output per sample for a regression metric."""
+    if metric.regression:
+        return F.mse_loss(regression_outputs(outputs, targets), targets.to(outputs.dtype))
+    return F.cross_entropy(outputs, targets)
+
+
+def distillation_loss(outputs: torch.Tensor, teacher_outputs: torch.Tensor, temperature: float,
+                      metric: Metric) -> torch.Tensor:
+    """Hinton's KD loss on logits, or MSE to the teacher's outputs for a regression metric."""
+    if metric.regression:
+        return F.mse_loss(outputs, teacher_outputs.to(outputs.dtype))
+    return logit_kd_loss(outputs, teacher_outputs, temperature)
+
+
+def layer_output(output: Any) -> Any:
+    """The tensor a layer's output is distilled on: the output, or the first item of a tuple
+    (an attention layer's ``(values, weights)``, a recurrent layer's ``(outputs, state)``)."""
+    return output[0] if isinstance(output, (tuple, list)) and output else output
+
+
+@torch.no_grad()
+def untappable_layers(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, str]:
+    """Why each of ``names`` cannot be distilled on its output, for a forward pass on ``x``:
+    the model never calls it as a module (its parent reads its weights directly, as
+    ``nn.MultiheadAttention`` does with ``out_proj``), or its output is not one tensor with a
+    batch dimension.
+
+    >>> attention = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
+    >>> untappable_layers(attention, ["0.self_attn.out_proj", "0.linear1"], torch.zeros(2, 3, 8))
+    {'0.self_attn.out_proj': 'never called as a module (its parent uses its weights directly)'}
+    """
+    tap = FeatureTap(model, names)
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        tap.remove()
+        model.train(was_training)
+    reasons = {}
+    for name in names:
+        output = tap.outputs.get(name)
+        if name not in tap.outputs:
+            reasons[name] = "never called as a module (its parent uses its weights directly)"
+        elif not isinstance(output, torch.Tensor) or output.dim() < 2 or output.shape[0] != x.shape[0]:
+            reasons[name] = "its output is not one tensor with a batch dimension"
+    return reasons
 
 
 class _Shared:
@@ -163,7 +247,7 @@ class _Shared:
         return self
 
 
-class DistillationModule(_AccuracyMixin, pl.LightningModule):
+class DistillationModule(_MetricMixin, pl.LightningModule):
     """Knowledge-distillation fine-tune of a compressed student.
 
     ``feature_temperatures`` maps hidden layer names to their feature-KD temperature (empty
@@ -193,8 +277,9 @@ class DistillationModule(_AccuracyMixin, pl.LightningModule):
                  feature_kd_weight: float, feature_temperatures: dict[str, float],
                  teacher: nn.Module | None = None, cache: Any = None, l1_weight: float = 0.0,
                  l1_layers: list[str] | None = None, augment_shift: int = 0, augment_seed: int = 0,
-                 l2_weight: float = 0.0) -> None:
+                 l2_weight: float = 0.0, metric: Metric = ACCURACY) -> None:
         super().__init__()
+        self.metric = metric
         if teacher is None and cache is None:
             raise ValueError("DistillationModule needs a teacher or a cache of teacher outputs")
         self.student = student
@@ -234,7 +319,7 @@ class DistillationModule(_AccuracyMixin, pl.LightningModule):
         """``sum over l1_layers of mean |W_l| ** power`` (both factors of a factorized layer together)."""
         terms = []
         for name in self.l1_layers:
-            weights = [m.weight for m in weight_modules(self.student.get_submodule(name))]
+            weights = [getattr(m, n) for m, n in weight_tensors(self.student.get_submodule(name))]
             terms.append(torch.stack([w.abs().pow(power).sum() for w in weights]).sum()
                          / sum(w.numel() for w in weights))
         return torch.stack(terms).sum() if terms else torch.zeros(())
@@ -247,9 +332,14 @@ class DistillationModule(_AccuracyMixin, pl.LightningModule):
         """``sum over l1_layers of mean W_l^2``."""
         return self._penalty(2)
 
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:  # the shared teacher runs where the student trains
+            self.teacher.to(self.device)
+
     def _teacher_outputs(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.cache is not None and len(batch) == 3:
-            return self.cache.lookup(batch[0], list(self.feature_temperatures))
+        if self.cache is not None and len(batch) == 3:  # the cache stays in host memory
+            logits, features = self.cache.lookup(batch[0].cpu(), list(self.feature_temperatures))
+            return logits.to(self.device), {n: f.to(self.device) for n, f in features.items()}
         assert self.teacher is not None and self._shared.teacher_tap is not None
         with torch.no_grad():
             logits = self.teacher(batch[-2])
@@ -259,9 +349,9 @@ class DistillationModule(_AccuracyMixin, pl.LightningModule):
         x, y = batch[-2], batch[-1]
         teacher_logits, teacher_features = self._teacher_outputs(batch)
         logits = self.student(self.augment(x))
-        loss = self.kd_alpha * logit_kd_loss(logits, teacher_logits, self.logit_temperature)
+        loss = self.kd_alpha * distillation_loss(logits, teacher_logits, self.logit_temperature, self.metric)
         if self.kd_alpha < 1:
-            loss = loss + (1 - self.kd_alpha) * F.cross_entropy(logits, y)
+            loss = loss + (1 - self.kd_alpha) * supervised_loss(logits, y, self.metric)
         if self.feature_temperatures:
             feature_loss = sum(feature_kd_loss(self._shared.student_tap.outputs[n], teacher_features[n], t)
                                for n, t in self.feature_temperatures.items())
@@ -303,6 +393,10 @@ class AccuracyFloor(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         history = getattr(pl_module, "val_history", [])
         if history and history[-1] < self.floor:
-            self.reason = (f"val accuracy {history[-1]:.4f} after epoch {len(history)} is below the floor "
-                           f"{self.floor:.4f} (teacher minus max_accuracy_drop)")
+            metric = getattr(pl_module, "metric", ACCURACY)
+            value, bound = metric.value(history[-1]), metric.value(self.floor)
+            self.reason = (f"val {metric.label} {value:.4f} after epoch {len(history)} is below the floor {bound:.4f} "
+                           "(teacher minus max_accuracy_drop)" if metric.maximize else
+                           f"val {metric.label} {value:.4f} after epoch {len(history)} is above the ceiling "
+                           f"{bound:.4f} (teacher plus max_accuracy_drop)")
             trainer.should_stop = True

@@ -27,8 +27,8 @@ Example:
 from __future__ import annotations
 
 import copy
-
 import importlib
+import math
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
@@ -37,7 +37,8 @@ from torch import nn
 
 from slimtune.spaces import MODEL_PRESETS, TRUST_ENV, ModelSpec, SpecError, require_trusted
 
-from .methods import methods
+from ._fold import rebuild_folded
+from .methods import is_compressible, methods
 
 
 class LeNet300(nn.Module):
@@ -97,8 +98,10 @@ class TableMLP(nn.Module):
         (['fc1', 'fc2', 'out'], torch.Size([4, 2]))
     """
 
-    def __init__(self, input_dim: int, num_classes: int, hidden: Sequence[int] = (64, 32)) -> None:
+    def __init__(self, input_dim: int, num_classes: int, hidden: Sequence[int] = (64, 32), target_mean: float = 0.0,
+                 target_std: float = 1.0) -> None:
         super().__init__()
+        self.target_mean, self.target_std = float(target_mean), float(target_std)  # a regression's output scale
         for key, value in (("input_dim", input_dim), ("num_classes", num_classes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
@@ -117,7 +120,8 @@ class TableMLP(nn.Module):
         x = x.flatten(1)
         for name in self.hidden_names:
             x = torch.relu(getattr(self, name)(x))
-        return self.out(x)
+        out = self.out(x)
+        return out if self.target_std == 1.0 and self.target_mean == 0.0 else out * self.target_std + self.target_mean
 
 
 PRESET_MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -128,6 +132,7 @@ PRESET_MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 # Presets whose sizes come from the data module (``data_info``), unless given in kwargs.
 DATA_SIZED_PRESETS = {"mlp": ("input_dim", "num_classes")}
+DATA_TARGET_SCALE = {"mlp": ("target_mean", "target_std")}
 assert set(PRESET_MODELS) == set(MODEL_PRESETS)
 
 
@@ -178,6 +183,9 @@ def build_model(spec: ModelSpec, load_checkpoint: bool = True,
         raise given_object_error("model", spec.given)
     if spec.preset is not None:
         kwargs = dict(spec.kwargs)
+        for key in DATA_TARGET_SCALE.get(spec.preset, ()):  # a regression table's target scale, when it says it
+            if key not in kwargs and data_info and key in data_info:
+                kwargs[key] = float(data_info[key])
         for key in DATA_SIZED_PRESETS.get(spec.preset, ()):
             if key not in kwargs:
                 if not data_info or key not in data_info:
@@ -277,6 +285,7 @@ def model_from_meta(meta: Mapping[str, Any], data_info: Mapping[str, int] | None
     """
     if template is not None:
         model = copy.deepcopy(template)
+        rebuild_folded(model, meta)
         for method in methods():
             method.rebuild(model, meta)
         if state is not None:
@@ -285,7 +294,9 @@ def model_from_meta(meta: Mapping[str, Any], data_info: Mapping[str, int] | None
     spec = _reference_in(meta, source)
     sizes = data_info if data_info is not None else meta.get("data_info")
     if sizes is not None and (not isinstance(sizes, Mapping) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31 for v in sizes.values())):
+            (isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31) if k not in ("target_mean", "target_std")
+            else (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+            for k, v in sizes.items())):
         raise SpecError("artifact", "meta.data_info", "positive integer sizes", "is unreadable")
     if state is not None:
         with torch.device("meta"):
@@ -315,24 +326,31 @@ def _check_fits(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 
 def _architecture(spec: ModelSpec, meta: Mapping[str, Any], data_info: Mapping[str, int] | None) -> nn.Module:
     model = build_model(spec, load_checkpoint=False, data_info=data_info)
+    rebuild_folded(model, meta)  # batch norms folded into their layers
     for method in methods():  # e.g. low rank: the factorized layers' two thin factors
         method.rebuild(model, meta)
     return model
 
 
 def compressible_layers(model: nn.Module) -> list[str]:
-    """Names of the ``Linear`` and ``Conv2d`` modules, in registration order."""
-    return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    """Names of the layers the methods compress (``Linear``, ``Conv1d``, ``Conv2d``,
+    ``Embedding``, ``MultiheadAttention``, ``RNN``/``LSTM``/``GRU``; see
+    ``slimtune.trainers.methods.is_compressible``), in registration order.
+
+    >>> compressible_layers(nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.GRU(4, 4)))
+    ['0', '2']
+    """
+    return [name for name, m in model.named_modules() if is_compressible(m)]
 
 
 def uncompressed_weights(model: nn.Module) -> list[tuple[str, str, int]]:
     """The weight tensors (2-D or more) that no method compresses, because they belong to no
-    ``Linear`` or ``Conv2d``: ``(parameter name, owning module's type, values)``, in order.
-    They are stored as float32 (counted in every artifact's size).
+    compressible layer (:func:`compressible_layers`): ``(parameter name, owning module's type,
+    values)``, in order. They are stored as float32 (counted in every artifact's size).
 
-    >>> net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+    >>> net = nn.Sequential(nn.Bilinear(4, 4, 2), nn.Linear(2, 2))
     >>> uncompressed_weights(net)
-    [('0.weight', 'Embedding', 40)]
+    [('0.weight', 'Bilinear', 32)]
     """
     compressible = set(compressible_layers(model))
     found = []

@@ -225,12 +225,12 @@ def unpack_model(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def layer_stats(model: nn.Module, layer_names: list[str]) -> dict[str, dict[str, float]]:
     """What each method achieved on each layer (sparsity, bits, rank, units kept), plus the
     layer's weight count (``weights``: both factors of a factorized layer)."""
-    from .methods import weight_modules
+    from .methods import weight_tensors
 
     out: dict[str, dict[str, float]] = {}
     for name in layer_names:
         layer = model.get_submodule(name)
-        stats: dict[str, float] = {"weights": sum(m.weight.numel() for m in weight_modules(layer))}
+        stats: dict[str, float] = {"weights": sum(getattr(m, n).numel() for m, n in weight_tensors(layer))}
         for method in methods():
             stats.update(method.achieved(layer))
         out[name] = stats

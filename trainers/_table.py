@@ -122,7 +122,8 @@ class TableDataModule(TensorDataModule):
 
     def __init__(self, table: str | os.PathLike[str], target: str, categorical: Sequence[str] = (),
                  missing: str = "refuse", split_column: str | None = None, val_fraction: float = 0.2,
-                 test_fraction: float = 0.2, split_seed: int = 0, batch_size: int = 64, seed: int = 0) -> None:
+                 test_fraction: float = 0.2, split_seed: int = 0, batch_size: int = 64, seed: int = 0,
+                 regression: bool = False) -> None:
         if missing not in MISSING_POLICIES:
             raise SpecError("data.missing", missing, ", ".join(f'"{m}"' for m in MISSING_POLICIES))
         if split_column is None and not (0 < val_fraction < 1 and 0 < test_fraction < 1
@@ -155,6 +156,10 @@ class TableDataModule(TensorDataModule):
                                 f"does not name the non-numeric column {name!r} (e.g. {example!r} in row {row})")
 
         frame = self._handle_missing(frame, features, target, split_column, missing)
+        if regression:
+            self._regression(frame, features, categorical, target, split_column, val_fraction, test_fraction,
+                             split_seed, missing, batch_size, seed)
+            return
         labels = frame[target].to_numpy()
         if pd.api.types.is_float_dtype(frame[target]) and not np.all(np.mod(labels.astype(np.float64), 1) == 0):
             raise SpecError("data.target", target, "a column of class labels (integers, text or booleans)",
@@ -171,6 +176,26 @@ class TableDataModule(TensorDataModule):
         self.input_dim = x.shape[1]
         self.num_classes = len(self.classes)
         self.target = target
+        splits = {name: (torch.from_numpy(x[pos]), torch.from_numpy(y[pos])) for name, pos in positions.items()}
+        super().__init__(splits, batch_size=batch_size, seed=seed)
+
+    def _regression(self, frame: pd.DataFrame, features: list[str], categorical: list[str], target: str,
+                    split_column: str | None, val_fraction: float, test_fraction: float, split_seed: int,
+                    missing: str, batch_size: int, seed: int) -> None:
+        """A numeric target (a regression metric): float32 targets, a random split, the training
+        target's mean and standard deviation (``target_mean``, ``target_std``: the ``mlp`` preset
+        starts its output there)."""
+        if not pd.api.types.is_numeric_dtype(frame[target]) or pd.api.types.is_bool_dtype(frame[target]):
+            raise SpecError("data.target", target, "a numeric column (the objective is a regression metric)",
+                            f"holds {frame[target].dtype} values")
+        y = frame[target].to_numpy().astype(np.float32)
+        strata = np.zeros(len(frame), dtype=np.int64)  # no classes to stratify by
+        positions = self._split(frame, strata, target, split_column, val_fraction, test_fraction, split_seed)
+        self.rows = {name: frame.index[pos].to_numpy() for name, pos in positions.items()}
+        x, self.feature_names, self.stats = _encode(frame, features, categorical, positions["train"], missing)
+        self.input_dim, self.num_classes, self.classes, self.target = x.shape[1], 1, [], target
+        self.target_mean = float(y[positions["train"]].mean())
+        self.target_std = float(y[positions["train"]].std()) or 1.0
         splits = {name: (torch.from_numpy(x[pos]), torch.from_numpy(y[pos])) for name, pos in positions.items()}
         super().__init__(splits, batch_size=batch_size, seed=seed)
 

@@ -20,24 +20,30 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from slimtune.spaces import Values
+from slimtune.spaces import Metric, Values
 
 from ._tensordata import batch_loader, materialize
-from ._lightning import ClassifierModule, FeatureTap, quiet_trainer
+from ._lightning import ACCURACY, ClassifierModule, FeatureTap, quiet_trainer
+from ._metrics import metric_value
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Any]) -> float:
-    """Top-1 accuracy of ``model`` over ``(x, y)`` batches (the last two items of each batch)."""
+def evaluate(model: nn.Module, batches: Iterable[Any], metric: str = "accuracy") -> float:
+    """The ``metric`` (top-1 accuracy by default; see ``slimtune.spaces.METRICS``) of ``model``
+    over ``(x, y)`` batches (the last two items of each batch), in the metric's own units."""
     was_training = model.training
     model.eval()
-    correct = total = 0
-    for batch in batches:
-        x, y = batch[-2], batch[-1]
-        correct += int((model(x).argmax(1) == y).sum())
-        total += int(y.numel())
-    model.train(was_training)
-    return correct / max(total, 1)
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    outputs, targets = [], []
+    try:
+        for batch in batches:
+            outputs.append(model(batch[-2].to(device)).float().cpu())
+            targets.append(batch[-1])
+    finally:
+        model.train(was_training)
+    if not outputs:
+        return 0.0
+    return metric_value(metric, torch.cat(outputs), torch.cat(targets))
 
 
 def train_loader_for(dm: pl.LightningDataModule, batch_size: int, seed: int) -> Any:
@@ -50,14 +56,16 @@ def train_loader_for(dm: pl.LightningDataModule, batch_size: int, seed: int) -> 
 
 
 def train_teacher(model: nn.Module, dm: pl.LightningDataModule, spec: Values, seed: int,
-                  logger: Any = None) -> nn.Module:
+                  logger: Any = None, runtime: Any = None, metric: Metric | None = None) -> nn.Module:
     """Train ``model`` with cross-entropy for ``spec.epochs`` (Adam, cosine schedule; images shifted
-    by up to ``spec.augment_shift`` pixels when it is set); in place. ``logger``: a Lightning
-    logger for the run (``run_logger``), or none."""
-    trainer = quiet_trainer(spec.epochs, seed, logger=logger)
-    trainer.fit(ClassifierModule(model, spec.lr, spec.augment_shift, seed), train_dataloaders=train_loader_for(dm, spec.batch_size, seed),
+    by up to ``spec.augment_shift`` pixels when it is set); in place, and back on the CPU.
+    ``logger``: a Lightning logger for the run (``run_logger``), or none; ``runtime``: the spec's
+    ``[runtime]`` (accelerator, precision); ``metric``: the study's (a regression metric trains with MSE)."""
+    trainer = quiet_trainer(spec.epochs, seed, logger=logger, runtime=runtime)
+    module = ClassifierModule(model, spec.lr, spec.augment_shift, seed, metric=metric or ACCURACY)
+    trainer.fit(module, train_dataloaders=train_loader_for(dm, spec.batch_size, seed),
                 val_dataloaders=dm.val_dataloader())
-    return model.eval()
+    return model.cpu().eval()
 
 
 def state_to_bytes(model: nn.Module) -> bytes:

@@ -26,9 +26,10 @@ from torch.utils.data import Subset
 from slimtune.spaces import CompressionPlan, StudySpec, select_layers
 
 from ._compress import apply_plan
+from ._fold import add_missing_biases, fold_batchnorm, foldable_pairs
 from ._data import build_datamodule, datamodule_info
 from ._tensordata import materialize
-from ._lightning import AccuracyFloor, DistillationModule, quiet_trainer, run_logger
+from ._lightning import AccuracyFloor, DistillationModule, quiet_trainer, run_logger, untappable_layers
 from ._models import compressible_layers, dense_parameter_bytes, model_from_meta
 from ._pack import layer_stats, pack_model, unpack_model
 from ._schedule import PromotionGate, weight_averaging
@@ -71,7 +72,9 @@ INPUT_SCALE_SAMPLES = 10_000  # training inputs the teacher's per-input RMS is m
 
 @dataclass
 class TrialContext:
-    """Everything a study's trials share within one process."""
+    """Everything a study's trials share within one process. ``teacher`` is a copy of the
+    given teacher in which the layers before a foldable batch norm (``folded``: ``{norm:
+    layer}``) have a bias; ``dense_bytes`` counts the given teacher's parameters."""
 
     spec: StudySpec
     teacher: nn.Module
@@ -82,20 +85,34 @@ class TrialContext:
     dense_bytes: int
     cache: TeacherCache | None
     input_rms: dict[str, torch.Tensor] | None = None  # every layer's input RMS, when a method needs it
+    untappable: dict[str, str] = field(default_factory=dict)  # layers feature KD leaves out, and why
+    folded: dict[str, str] = field(default_factory=dict)  # batch norms each student folds: {norm: layer}
+    inert: dict[str, set[str]] = field(default_factory=dict)  # {knob: layers where it can change nothing}
+
+    @property
+    def feature_layers(self) -> list[str]:
+        """The compressed hidden layers whose outputs feature distillation compares."""
+        return [n for n in self.layer_names if n != self.output_layer and n not in self.untappable]
 
     @classmethod
     def create(cls, spec: StudySpec, teacher: nn.Module, floor: float = 0.0,
                datamodule: pl.LightningDataModule | None = None) -> TrialContext:
         """Build the shared state; teacher outputs are cached when the data is deterministic."""
-        dm = datamodule or build_datamodule(spec.data)
+        dm = datamodule or build_datamodule(spec.data, regression=spec.metric.regression)
+        dense_bytes = dense_parameter_bytes(teacher)  # the teacher as the user has it
+        teacher = copy.deepcopy(teacher).eval()
+        folded = foldable_pairs(teacher)  # each trial folds them after its fine-tune
+        add_missing_biases(teacher, folded)
         every_layer = compressible_layers(teacher)
-        layer_names = select_layers(every_layer, spec.space)
+        layer_names = select_layers(every_layer, spec.space, [n for n, _ in teacher.named_modules() if n])
         output_layer = every_layer[-1]  # the layer producing the logits (maybe not compressed)
         cache = None
         train_x: torch.Tensor | None = None  # the training inputs, in index order, once read
+        hidden = [n for n in layer_names if n != output_layer]
+        untappable = untappable_layers(teacher, hidden, _first_inputs(dm)) if hidden else {}
+        hidden = [n for n in hidden if n not in untappable]
         if getattr(dm, "deterministic_train", False):
             train_x, y = materialize(dm.train_dataloader().dataset)
-            hidden = [n for n in layer_names if n != output_layer]
             cache = TeacherCache.build(teacher, train_x, y, hidden, spec.runtime.cache_mb)
         input_rms = None
         if any(m.needs_input_rms(spec.method(m.name), spec.space) for m in methods()):
@@ -103,18 +120,41 @@ class TrialContext:
                 dataset = dm.train_dataloader().dataset
                 train_x, _ = materialize(Subset(dataset, range(min(len(dataset), INPUT_SCALE_SAMPLES))))
             input_rms = layer_input_scales(teacher, every_layer, train_x[:INPUT_SCALE_SAMPLES], 1.0)
-        return cls(spec, teacher.eval(), dm, layer_names, output_layer, floor, dense_parameter_bytes(teacher), cache,
-                   input_rms)
+        inert: dict[str, set[str]] = {}
+        for method in methods():
+            for knob, layers in method.inert_layers(teacher, layer_names).items():
+                inert.setdefault(knob, set()).update(layers)
+        return cls(spec, teacher, dm, layer_names, output_layer, floor, dense_bytes, cache, input_rms, untappable,
+                   folded, inert)
 
     def artifact_meta(self) -> dict[str, Any]:
         """What a loader needs besides weights: the model and data references from the spec, and
         the data's shapes (``data_info``) when the data module states them (tables)."""
         spec = self.spec.to_dict()
         meta: dict[str, Any] = {"model": spec["model"], "data": spec["data"]}
+        if self.spec.metric.name != "accuracy":
+            meta["objective"] = spec["objective"]
         info = datamodule_info(self.datamodule)
         if info:
             meta["data_info"] = info
+        if self.folded:
+            meta["folded_batchnorm"] = dict(self.folded)
         return meta
+
+
+def _folded_copy(student: nn.Module, pairs: dict[str, str]) -> nn.Module:
+    """A copy of the student as it would be packed now (its batch norms folded)."""
+    if not pairs:
+        return student
+    folded = copy.deepcopy(student).eval()
+    fold_batchnorm(folded, pairs)
+    return folded
+
+
+def _first_inputs(dm: pl.LightningDataModule, count: int = 2) -> torch.Tensor:
+    """A few validation inputs, to probe which layers the forward pass calls."""
+    batch = next(iter(dm.val_dataloader()))
+    return batch[-2][:count]
 
 
 PromotionRule = Callable[[float, int], bool]
@@ -142,7 +182,7 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
                          ctx.input_rms, ctx.output_layer)
     result.seconds["compress"] = time.perf_counter() - started
 
-    hidden = [n for n in plan.layers if n != ctx.output_layer]
+    hidden = [n for n in plan.layers if n in ctx.feature_layers]
     logit_temperature = (plan.logit_temperature if plan.logit_temperature is not None
                          else plan.layers[ctx.output_layer].kd_temperature)
     feature_temperatures = {n: plan.layers[n].kd_temperature for n in hidden}
@@ -156,7 +196,7 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
         feature_kd_weight=plan.feature_kd_weight, feature_temperatures=feature_temperatures,
         teacher=None if cached else ctx.teacher, cache=ctx.cache if cached else None,
         l1_weight=plan.l1_weight, l2_weight=plan.l2_weight, l1_layers=list(plan.layers), augment_shift=shift,
-        augment_seed=seed)
+        augment_seed=seed, metric=ctx.spec.metric)
     if cached:
         assert ctx.cache is not None
         train_batches = ctx.cache.loader(ft.batch_size, seed)
@@ -172,20 +212,25 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     extra = ctx.spec.search.promote.epochs if extra_epochs is None else extra_epochs
     if extra > 0 and promote is not None:
         meta = ctx.artifact_meta()
-        gate = PromotionGate(ft.epochs, lambda: promote(module.val_history[-1], len(pack_model(student, meta))))
+        gate = PromotionGate(ft.epochs, lambda: promote(module.val_history[-1], len(pack_model(
+            _folded_copy(student, ctx.folded), meta))))
         callbacks.append(gate)
     logger = run_logger(ctx.spec.runtime, ctx.spec.name, log_version) if log_version else None
-    trainer = quiet_trainer(ft.epochs + (extra if gate else 0), seed, callbacks=callbacks, logger=logger)
+    trainer = quiet_trainer(ft.epochs + (extra if gate else 0), seed, callbacks=callbacks, logger=logger,
+                            runtime=ctx.spec.runtime)
     result.teacher_source = "cache" if cached else "live"
     started = time.perf_counter()
     try:
         trainer.fit(module, train_dataloaders=train_batches, val_dataloaders=ctx.datamodule.val_dataloader())
     finally:  # Lightning skips teardown when fit raises: never leave hooks on the shared teacher
         module.remove_taps()
+        ctx.teacher.cpu()  # where every trial's copy starts from
+        student.cpu()
     result.seconds["finetune"] = time.perf_counter() - started
     result.val_history = list(module.val_history)
     result.promoted = gate.promoted if gate else None
     student.eval()
+    fold_batchnorm(student, ctx.folded)  # what the artifact stores and the accuracy is measured on
     result.layers = layer_stats(student, list(plan.layers))
     if floor.reason is not None:
         result.pruned_reason = floor.reason
@@ -204,7 +249,8 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     template = ctx.teacher if ctx.spec.model.given is not None else None
     restored = model_from_meta(meta, source=ctx.spec.model.source, template=template)
     restored.load_state_dict(state)
-    result.val_accuracy = evaluate(restored, ctx.datamodule.val_dataloader())
-    result.test_accuracy = evaluate(restored, ctx.datamodule.test_dataloader())
+    metric = ctx.spec.metric  # scores: higher is better (the metric, or minus it)
+    result.val_accuracy = metric.score(evaluate(restored, ctx.datamodule.val_dataloader(), metric.name))
+    result.test_accuracy = metric.score(evaluate(restored, ctx.datamodule.test_dataloader(), metric.name))
     result.seconds["evaluate"] = time.perf_counter() - started
     return result

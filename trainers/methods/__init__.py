@@ -25,6 +25,8 @@ from ._base import (
     straight_through,
     unregister_method,
 )
+from ._graph import MODEL_OUTPUT, UnitGroup, unit_groups
+from ._layers import COMPRESSIBLE, bias_tensors, is_compressible, weight_tensors
 from .lowrank import (
     Factorized,
     LowRank,
@@ -55,10 +57,12 @@ for _method in (LowRank(), Units(), Prune(), Quantize()):
     register_method(_method)
 
 __all__ = [
-    "ApplyContext", "Codec", "CompressionMethod", "DynamicPruning", "FP16_SCALE_MAX_BITS", "Factorized", "FakeQuant",
-    "FitContext", "GradualPruning", "HalfPrecision", "LowRank", "Mask", "Prune", "PruneMask", "Quantize", "UnitMask",
-    "Units", "allowed_mask", "allowed_weights", "channel_scales", "cubic_sparsity", "dequantize", "factorize",
-    "factorized_ranks", "factorized_shell", "full_rank", "importance", "layer_input_scales", "magnitude_mask",
+    "ApplyContext", "COMPRESSIBLE", "Codec", "CompressionMethod", "DynamicPruning", "FP16_SCALE_MAX_BITS",
+    "Factorized", "FakeQuant", "FitContext", "GradualPruning", "HalfPrecision", "LowRank", "MODEL_OUTPUT", "Mask",
+    "Prune", "PruneMask", "Quantize", "UnitGroup", "UnitMask", "Units", "allowed_mask", "allowed_weights",
+    "bias_tensors", "channel_scales", "cubic_sparsity", "dequantize", "factorize", "factorized_ranks",
+    "factorized_shell", "full_rank", "importance", "is_compressible", "layer_input_scales", "magnitude_mask",
     "masked_before", "method", "methods", "pruned_weights", "quantize", "rank_for", "register_method",
-    "replace_submodule", "straight_through", "unit_keeps", "unregister_method", "weight_modules",
+    "replace_submodule", "straight_through", "unit_groups", "unit_keeps", "unregister_method", "weight_modules",
+    "weight_tensors",
 ]

@@ -26,8 +26,8 @@ Example (a toy method that clips each weight to a share of its largest magnitude
 
         def apply(self, model, name, layer, values, context):
             if values["clip_ratio"] < 1:
-                for module in weight_modules(layer):
-                    parametrize.register_parametrization(module, "weight", ClipTo(values["clip_ratio"]))
+                for module, tensor_name in weight_tensors(layer):
+                    parametrize.register_parametrization(module, tensor_name, ClipTo(values["clip_ratio"]))
             return None
 
     register_method(Clip())
@@ -133,6 +133,11 @@ class CompressionMethod:
         """What the method achieved on one compressed layer (its declared stats)."""
         return {}
 
+    def inert_layers(self, model: nn.Module, layer_names: list[str]) -> dict[str, set[str]]:
+        """``{knob: layers}``: the layers of ``layer_names`` where a knob of this method can change
+        nothing (the sampler leaves it at its neutral value there)."""
+        return {}
+
 
 _METHODS: dict[str, CompressionMethod] = {}
 
@@ -184,13 +189,13 @@ class Mask(nn.Module):
         return weight * self.mask
 
 
-def masked_before(module: nn.Module) -> torch.Tensor | None:
-    """The product of the :class:`Mask` parametrizations already on ``module.weight`` (``None``: none)."""
+def masked_before(module: nn.Module, tensor_name: str = "weight") -> torch.Tensor | None:
+    """The product of the :class:`Mask` parametrizations already on ``module.<tensor_name>`` (``None``: none)."""
     from torch.nn.utils import parametrize
 
-    if not parametrize.is_parametrized(module, "weight"):
+    if not parametrize.is_parametrized(module, tensor_name):
         return None
-    masks = [p.mask for p in module.parametrizations["weight"] if isinstance(p, Mask)]
+    masks = [p.mask for p in module.parametrizations[tensor_name] if isinstance(p, Mask)]
     if not masks:
         return None
     product = masks[0].clone()

@@ -140,17 +140,32 @@ def weight_modules(layer: nn.Module) -> list[nn.Module]:
     return list(layer) if isinstance(layer, Factorized) else [layer]
 
 
+def _read_by_parent(model: nn.Module, name: str) -> bool:
+    """Whether the layer's parent may read its weights directly instead of calling it (the
+    ``out_proj`` of ``nn.MultiheadAttention``; the feed-forward layers of a Transformer layer,
+    whose fast inference path does): it cannot become two factors."""
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return isinstance(parent, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+
+
 class LowRank(CompressionMethod):
-    """``rank_ratio < 1`` replaces the layer by its two truncated-SVD factors (applied first, so
-    that the other methods compress both factors)."""
+    """``rank_ratio < 1`` replaces a ``Linear``/``Conv2d`` layer by its two truncated-SVD factors
+    (applied first, so that the other methods compress both factors); other layers keep full
+    rank, and so does a layer its parent may not call (an attention's ``out_proj``, a Transformer
+    layer's ``linear1``/``linear2``)."""
 
     declaration = LOWRANK_DECLARATION
 
     def apply(self, model: nn.Module, name: str, layer: nn.Module, values: LayerPlan,
               context: ApplyContext) -> nn.Module | None:
-        if values["rank_ratio"] >= 1:
-            return None
+        if values["rank_ratio"] >= 1 or not isinstance(layer, FACTORIZABLE) or _read_by_parent(model, name):
+            return None  # others keep full rank (see the class docstring)
         return factorize(layer, rank_for(layer, values["rank_ratio"]))
+
+    def inert_layers(self, model: nn.Module, layer_names: list[str]) -> dict[str, set[str]]:
+        return {"rank_ratio": {n for n in layer_names
+                               if not isinstance(model.get_submodule(n), FACTORIZABLE) or _read_by_parent(model, n)
+                               or getattr(model.get_submodule(n), "groups", 1) != 1}}
 
     def architecture(self, model: nn.Module) -> dict[str, Any]:
         ranks = factorized_ranks(model)
@@ -172,4 +187,7 @@ class LowRank(CompressionMethod):
             replace_submodule(model, name, factorized_shell(layer, rank))
 
     def achieved(self, layer: nn.Module) -> dict[str, float]:
-        return {"rank": layer.rank if isinstance(layer, Factorized) else full_rank(layer)}
+        if isinstance(layer, (Factorized, *FACTORIZABLE)):
+            return {"rank": layer.rank if isinstance(layer, Factorized) else full_rank(layer)}
+        weight = next(p for p in layer.parameters() if p.dim() >= 2)  # an attention, recurrent or embedding layer
+        return {"rank": min(weight.shape[0], weight[0].numel())}

@@ -40,7 +40,7 @@ from torch.nn.utils import parametrize
 
 from slimtune.spaces import PRUNE_DECLARATION, LayerPlan, Values
 
-from .lowrank import weight_modules
+from ._layers import register_parametrization, weight_tensors
 from ._base import ApplyContext, CompressionMethod, FitContext, Mask, masked_before, straight_through
 
 
@@ -72,8 +72,8 @@ def layer_input_scales(model: nn.Module, layer_names: list[str], inputs: torch.T
                        chunk: int = 1000) -> dict[str, torch.Tensor]:
     """``rms(input) ** power`` per input feature or channel of each layer, over ``inputs``.
 
-    Layers other than ``Linear`` and ungrouped ``Conv2d`` are left out (their masks stay
-    magnitude masks).
+    Layers other than ``Linear`` and ungrouped ``Conv1d``/``Conv2d`` are left out (their masks
+    stay magnitude masks), and so are layers the forward pass never calls as modules.
     """
     squares: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -81,7 +81,10 @@ def layer_input_scales(model: nn.Module, layer_names: list[str], inputs: torch.T
     def tap(name: str):  # type: ignore[no-untyped-def]
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             x = args[0].detach().float()
-            per_feature = x.pow(2).sum(dim=(0, 2, 3)) if x.dim() == 4 else x.flatten(1).pow(2).sum(dim=0)
+            if isinstance(module, nn.Linear):  # features along the last dimension, any leading ones
+                per_feature = x.reshape(-1, x.shape[-1]).pow(2).sum(dim=0)
+            else:  # a convolution: channels along dimension 1
+                per_feature = x.transpose(0, 1).reshape(x.shape[1], -1).pow(2).sum(dim=1)
             squares[name] = squares.get(name, 0) + per_feature
             counts[name] = counts.get(name, 0) + x.numel() // per_feature.numel()
         return hook
@@ -89,7 +92,7 @@ def layer_input_scales(model: nn.Module, layer_names: list[str], inputs: torch.T
     handles = []
     for name in layer_names:
         module = model.get_submodule(name)
-        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
+        if isinstance(module, nn.Linear) or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1):
             handles.append(module.register_forward_hook(tap(name)))
     was_training = model.training
     model.eval()
@@ -145,14 +148,16 @@ def cubic_sparsity(target: float, step: int, ramp_steps: int) -> float:
     return float(CubicSL.sparsity_compute_fn(s_0=0.0, s_f=target, t=step, t_0=0, dt=1, n=ramp_steps))
 
 
-def pruned_weights(model: nn.Module) -> list[tuple[nn.Module, PruneMask, float]]:
-    """``(module, mask, planned ratio)`` for every weight carrying a :class:`PruneMask`."""
+def pruned_weights(model: nn.Module) -> list[tuple[Any, PruneMask, float]]:
+    """``(parametrization list, mask, planned ratio)`` for every tensor carrying a :class:`PruneMask`
+    (the list's ``original`` is the tensor the mask is chosen from)."""
     found = []
     for module in model.modules():
-        if parametrize.is_parametrized(module, "weight"):
-            for p in module.parametrizations["weight"]:
-                if isinstance(p, PruneMask):
-                    found.append((module, p, float((p.mask == 0).sum()) / p.mask.numel()))
+        if parametrize.is_parametrized(module):
+            for chain in module.parametrizations.values():
+                for p in chain:
+                    if isinstance(p, PruneMask):
+                        found.append((chain, p, float((p.mask == 0).sum()) / p.mask.numel()))
     return found
 
 
@@ -172,8 +177,8 @@ class GradualPruning(pl.Callback):
         self._set_all(0)
 
     def _set_all(self, step: int) -> None:
-        for module, mask, target in self.targets:
-            mask.reselect(module.parametrizations["weight"].original, cubic_sparsity(target, step, self.ramp_steps))
+        for chain, mask, target in self.targets:
+            mask.reselect(chain.original, cubic_sparsity(target, step, self.ramp_steps))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -210,16 +215,17 @@ class DynamicPruning(pl.Callback):
         if step >= self.update_steps:
             self._set_straight_through(False)
         elif step > 0 and step % self.every == 0:
-            for module, mask, target in self.targets:
-                mask.reselect(module.parametrizations["weight"].original, target)
+            for chain, mask, target in self.targets:
+                mask.reselect(chain.original, target)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._set_straight_through(False)
 
 
 class Prune(CompressionMethod):
-    """Masks on a layer's weights (both factors of a factorized one; the second factor's scores
-    are plain magnitudes)."""
+    """Masks on a layer's weight tensors (both factors of a factorized one, each matrix of an
+    attention or recurrent layer); scores use the teacher's input RMS only for the input side of
+    a ``Linear``/``Conv`` layer, plain magnitudes elsewhere."""
 
     declaration = PRUNE_DECLARATION
 
@@ -232,12 +238,12 @@ class Prune(CompressionMethod):
             return None
         power = context.options("prune").activation_power
         rms = (context.input_rms or {}).get(name) if power > 0 else None
-        for position, module in enumerate(weight_modules(layer)):
+        for position, (module, tensor_name) in enumerate(weight_tensors(layer)):
             scale = rms.pow(power) if rms is not None and position == 0 else None
-            allowed = masked_before(module)
-            weight = module.weight.detach()
+            allowed = masked_before(module, tensor_name)
+            weight = getattr(module, tensor_name).detach()
             mask = allowed_mask(importance(weight, scale), values["prune_ratio"], allowed)
-            parametrize.register_parametrization(module, "weight", PruneMask(mask, scale, allowed))
+            register_parametrization(module, tensor_name, PruneMask(mask, scale, allowed))
         return None
 
     def callbacks(self, context: FitContext) -> list[pl.Callback]:
@@ -249,6 +255,6 @@ class Prune(CompressionMethod):
         return []
 
     def achieved(self, layer: nn.Module) -> dict[str, float]:
-        weights = [m.weight.detach() for m in weight_modules(layer)]
+        weights = [getattr(m, n).detach() for m, n in weight_tensors(layer)]
         count = sum(w.numel() for w in weights)
         return {"sparsity": sum(int((w == 0).sum()) for w in weights) / max(count, 1)}

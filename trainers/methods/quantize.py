@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 from slimtune.spaces import QUANTIZE_DECLARATION, LayerPlan
 
 from .._index import bitmap, positions, run_lengths
-from .lowrank import weight_modules
+from ._layers import bias_tensors, register_parametrization, weight_tensors
 from ._base import ApplyContext, Blocks, Codec, CompressionMethod, straight_through
 
 FP16_MAX = 65504.0
@@ -216,22 +216,24 @@ def _decode_half(entry: dict[str, Any], parts: Blocks, count: int, shape: tuple[
 
 
 class Quantize(CompressionMethod):
-    """Fake quantization on a layer's weights (both factors of a factorized one) below 32 bits,
-    and float16 biases with ``bias_bits = 16``."""
+    """Fake quantization on a layer's weight tensors below 32 bits (both factors of a factorized
+    one, each matrix of an attention or recurrent layer; per row of an embedding), and float16
+    biases with ``bias_bits = 16``."""
 
     declaration = QUANTIZE_DECLARATION
 
     def apply(self, model: nn.Module, name: str, layer: nn.Module, values: LayerPlan,
               context: ApplyContext) -> nn.Module | None:
         options = context.options("quantize")
-        for module in weight_modules(layer):
-            if values["weight_bits"] < 32:
-                learned = options.quantizer == "lsq"
-                parametrize.register_parametrization(
-                    module, "weight", FakeQuant(values["weight_bits"], learned,
-                                                module.weight.detach() if learned else None))
-            if options.bias_bits == 16 and getattr(module, "bias", None) is not None:
-                parametrize.register_parametrization(module, "bias", HalfPrecision())
+        if values["weight_bits"] < 32:
+            learned = options.quantizer == "lsq"
+            for module, tensor_name in weight_tensors(layer):
+                weight = getattr(module, tensor_name).detach()
+                register_parametrization(
+                    module, tensor_name, FakeQuant(values["weight_bits"], learned, weight if learned else None))
+        if options.bias_bits == 16:
+            for module, tensor_name in bias_tensors(layer):
+                register_parametrization(module, tensor_name, HalfPrecision())
         return None
 
     def codecs(self) -> list[Codec]:
@@ -243,8 +245,8 @@ class Quantize(CompressionMethod):
 
     def achieved(self, layer: nn.Module) -> dict[str, float]:
         bits = 32
-        for module in weight_modules(layer):
-            if parametrize.is_parametrized(module, "weight"):
-                found = [p.bits for p in module.parametrizations["weight"] if isinstance(p, FakeQuant)]
+        for module, tensor_name in weight_tensors(layer):
+            if parametrize.is_parametrized(module, tensor_name):
+                found = [p.bits for p in module.parametrizations[tensor_name] if isinstance(p, FakeQuant)]
                 bits = found[-1] if found else bits
         return {"bits": bits}

@@ -1,0 +1,85 @@
+"""The validation metrics a study can optimize (``[objective] metric``), as plain data.
+
+A metric has a direction. Inside a study every value is a *score*, higher is better: the metric
+itself when it is maximized (accuracy, F1, AUROC, R²), its negative when it is minimized (MSE,
+MAE). The Pareto front, the accuracy floor, ``--max-drop`` and the samplers all work on
+scores; what people read (tables, reports, plots) is the metric in its own units
+(:meth:`Metric.value`). Drops are in the metric's units: 0.01 is one point of accuracy, 0.01 of
+R², 0.01 of MSE. The regression metrics make the task a regression: a numeric target, a model
+with one output per sample, a teacher trained with MSE, distillation by MSE to the teacher's
+outputs.
+
+Example:
+    >>> mse = metric("mse")
+    >>> mse.regression, mse.score(0.25), mse.value(-0.25), mse.format(0.25)
+    (True, -0.25, 0.25, '0.2500')
+    >>> metric("accuracy").format(0.9731)
+    '97.31%'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A validation metric: its name in the spec, how people call it, its direction, whether it
+    reads as a percentage, and whether it makes the task a regression."""
+
+    name: str
+    label: str
+    maximize: bool = True
+    percent: bool = True
+    regression: bool = False
+
+    def score(self, value: float) -> float:
+        """The higher-is-better score of a metric value."""
+        return value if self.maximize else -value
+
+    def value(self, score: float | None) -> float | None:
+        """The metric value of a score (``None`` stays ``None``)."""
+        return None if score is None else (score if self.maximize else -score)
+
+    def format(self, value: float | None) -> str:
+        """A metric value as people read it: ``97.31%`` or ``0.2500``; empty for none."""
+        if value is None:
+            return ""
+        return f"{100 * value:.2f}%" if self.percent else f"{value:.4f}"
+
+    @property
+    def objective_name(self) -> str:
+        """The study's first objective as Optuna names it: ``val_accuracy``, or ``val_neg_mse``
+        for a minimized metric (the score is its negative)."""
+        return f"val_{self.name}" if self.maximize else f"val_neg_{self.name}"
+
+    @property
+    def column(self) -> str:
+        """The name of its columns in tables: ``accuracy``, ``f1``, ``mse``."""
+        return self.name
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("accuracy", "accuracy"),
+    Metric("top5_accuracy", "top-5 accuracy"),
+    Metric("f1", "macro F1"),
+    Metric("auroc", "macro AUROC"),
+    Metric("r2", "R²", percent=False, regression=True),
+    Metric("mse", "MSE", maximize=False, percent=False, regression=True),
+    Metric("mae", "MAE", maximize=False, percent=False, regression=True),
+)}
+DEFAULT_METRIC = "accuracy"
+
+
+def metric(name: str) -> Metric:
+    """The metric called ``name`` (one of :data:`METRICS`)."""
+    return METRICS[name]
+
+
+def metric_of(spec: Mapping[str, Any] | None) -> Metric:
+    """The metric of a stored spec (a study's ``slimtune:spec`` attr or an artifact's meta);
+    accuracy when it names none or one this version does not know."""
+    chosen = ((spec or {}).get("objective") or {}).get("metric", DEFAULT_METRIC)
+    return METRICS.get(chosen, METRICS[DEFAULT_METRIC]) if isinstance(chosen, str) else METRICS[DEFAULT_METRIC]
