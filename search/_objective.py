@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -63,7 +64,8 @@ def beaten_by_completed(study: optuna.Study, margin: float, base_epochs: int,
     def promote(val_accuracy: float, size_bytes: int) -> bool:
         for done in records(study, states=(optuna.trial.TrialState.COMPLETE,)):
             accuracy = done.val_after(base_epochs)
-            if (done.size_bytes or 0) <= size_tolerance * size_bytes and (accuracy or 0.0) > val_accuracy + margin:
+            known = accuracy if accuracy is not None else -math.inf  # scores: minus an error can be below 0
+            if (done.size_bytes or 0) <= size_tolerance * size_bytes and known > val_accuracy + margin:
                 return False
         return True
     return promote

@@ -45,7 +45,7 @@ from slimtune.studies import (
 from slimtune.trainers import (
     MODEL_OUTPUT, TrialContext, build_datamodule, build_model, check_accelerator, check_finite_weights,
     check_logger, check_model_and_data, compressible_layers, datamodule_info, dense_parameter_bytes, evaluate,
-    first_parameter_difference, import_ref, load_state_bytes, method, prepare_datamodule, run_logger,
+    example_batch, first_parameter_difference, import_ref, load_state_bytes, method, prepare_datamodule, run_logger,
     silence_lightning, state_to_bytes, train_teacher, uncompressed_weights, unit_groups,
 )
 
@@ -124,16 +124,16 @@ def _check_runtime(spec: StudySpec, load_checkpoint: bool = True,
     else:
         torch.manual_seed(spec.seed)  # the teacher's initial weights follow the spec's seed
         model = build_model(spec.model, data_info=datamodule_info(dm), load_checkpoint=load_checkpoint)
-    _check_layer_patterns(model, spec)
     check_logger(spec.runtime)
     check_accelerator(spec.runtime)
     loaded = given_model is not None or (load_checkpoint and spec.model.checkpoint is not None)
     check_model_and_data(model, dm, loaded_weights=loaded, regression=spec.metric.regression)
+    _check_layer_patterns(model, spec, example_batch(dm)[:2])  # after: it traces a forward pass
     _warn_uncompressed(model)
     return model, dm
 
 
-def _check_layer_patterns(model: torch.nn.Module, spec: StudySpec) -> list[str]:
+def _check_layer_patterns(model: torch.nn.Module, spec: StudySpec, example: torch.Tensor) -> list[str]:
     """The compressed layers, by the space's patterns (a SpecError when none is left). Modules the
     patterns name that no method can compress, and layers whose units ``unit_ratio`` cannot drop
     (with the reason), are said in a warning rather than searched without a word."""
@@ -147,12 +147,16 @@ def _check_layer_patterns(model: torch.nn.Module, spec: StudySpec) -> list[str]:
         print(f"slimtune: warning: space.layers matches {len(held)} module{'s' * (len(held) != 1)} no method "
               f"compresses, stored as they are: {listed}{' and more' if len(held) > 8 else ''}", file=sys.stderr)
     if method("units").needs_input_rms(spec.method("units"), spec.space):
-        groups, untraceable = unit_groups(model)
+        groups, untraceable = unit_groups(model, example)
         if untraceable:
             print(f"slimtune: warning: unit_ratio keeps every unit of this model: {untraceable}", file=sys.stderr)
         else:
-            blocked = {p: g.blocked_by or "nothing reads them" for g in groups for p in g.producers
-                       if p in chosen and (g.blocked_by or not g.consumers) and g.blocked_by != MODEL_OUTPUT}
+            outside = {id(g): next((c for c in g.consumers if c not in chosen), None) for g in groups}
+            blocked = {p: g.blocked_by or (f"{outside[id(g)]}, outside the plan, reads them" if outside[id(g)]
+                                           else "nothing reads them")
+                       for g in groups for p in g.producers
+                       if p in chosen and (g.blocked_by or not g.consumers or outside[id(g)])
+                       and g.blocked_by != MODEL_OUTPUT}
             if blocked:
                 listed = "; ".join(f"{n}: {why}" for n, why in list(blocked.items())[:8])
                 print(f"slimtune: note: unit_ratio keeps every unit of {len(blocked)} layer"

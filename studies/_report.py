@@ -485,7 +485,8 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
                                                f"max_accuracy_drop {max_drop:g}; trials beyond it are pruned)"))
     feasible_drop = spec.get("study", {}).get("feasible_drop")
     if teacher.get("val_accuracy") is not None and feasible_drop is not None:
-        facts.append(("feasible", f"val {'≥' if metric.maximize else '≤'} {show(teacher['val_accuracy'] - feasible_drop)} (teacher val − "
+        facts.append(("feasible", f"val {'≥' if metric.maximize else '≤'} {show(teacher['val_accuracy'] - feasible_drop)} "
+                                  f"(teacher val {'−' if metric.maximize else '+'} "
                                   f"feasible_drop {feasible_drop:g}); the Pareto front holds feasible trials only"))
     refinements = [t for t in study.get_trials(deepcopy=False) if TrialRecord.of(t).refines is not None]
     if refinements:

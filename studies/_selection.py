@@ -3,7 +3,9 @@ trial within a drop of the teacher, the best at a test accuracy, and the plans t
 
 Every choice is made on validation accuracy and size (test accuracy only where a caller asks for
 a test-accuracy figure, which is then reporting, not selection), among the complete and feasible
-trials; a trial whose plan a refinement trained again is judged by that refinement.
+trials; a trial whose plan a refinement trained again is judged by that refinement. "Accuracy"
+here is the study's score of its ``[objective] metric``: the metric itself, or minus it for a
+metric that is minimized (``slimtune.spaces.Metric``), so higher is always better.
 
 Example:
     >>> import optuna
@@ -21,7 +23,7 @@ import math
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from slimtune.spaces import SpecError
+from slimtune.spaces import SpecError, metric_of
 
 from . import _keys as keys
 from ._record import TrialRecord
@@ -93,9 +95,10 @@ def within_drop(study: optuna.Study, max_drop: float) -> FrozenTrial:
                         f"selects nothing: study {study.study_name} has no complete trial yet")
     best = max(complete, key=lambda t: t.values[0])
     needed = math.ceil((teacher_val - best.values[0] - 1e-13) * 1e4) / 1e4  # rounded up, so it selects
+    metric = metric_of(study.user_attrs.get(keys.SPEC))
     raise SpecError("--max-drop", max_drop, f"a drop of at least {needed:.4f}: the best trial, {best.number}, has val "
-                    f"{100 * best.values[0]:.2f}% against the teacher's {100 * teacher_val:.2f}%",
-                    "selects no trial")
+                    f"{metric.format(metric.value(best.values[0]))} against the teacher's "
+                    f"{metric.format(metric.value(teacher_val))}", "selects no trial")
 
 
 def best_ratio_within(study: optuna.Study, max_drop: float, split: str = "val") -> float | None:

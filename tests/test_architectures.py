@@ -127,6 +127,64 @@ def test_a_group_with_a_layer_outside_the_plan_keeps_its_units_and_a_model_fx_ca
     groups, reason = unit_groups(Branchy())
     assert groups == [] and reason is not None and reason.startswith("torch.fx cannot trace the model's forward")
 
+    class Shared(nn.Module):  # one layer applied twice
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(torch.relu(self.a(x)))))
+
+    groups, _ = unit_groups(Shared())
+    assert {g.blocked_by for g in groups if g.producers == ["a"]} == {"a is called more than once"}
+
+    class TwoReads(nn.Module):  # one layer reading the units of two others, separately
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.relu(self.a(x))) + self.c(torch.relu(self.b(x)))
+
+    groups, _ = unit_groups(TwoReads())
+    assert {g.blocked_by for g in groups if g.producers in (["a"], ["b"])} == {"c also reads other units"}
+
+    class Rows(nn.Module):  # a mean over one of two spatial dimensions: a Linear then reads positions
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x).mean(2))
+
+    groups, _ = unit_groups(Rows())
+    assert next(g for g in groups if g.producers == ["conv"]).blocked_by == "mean reads them"
+
+
+def test_a_layer_left_out_of_the_plan_keeps_the_units_it_reads() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    apply_plan(model, _plan(["0"], unit_ratio=0.5))  # "2", its reader, is not compressed
+    assert not (bake(model)[0].weight == 0).all(dim=1).any()
+
+
+def test_a_norm_after_a_linear_layer_on_sequences_is_not_folded() -> None:
+    class Tokens(nn.Module):  # Linear on (N, T, F), then BatchNorm1d over T
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.norm, self.head = nn.Linear(5, 5), nn.BatchNorm1d(5), nn.Linear(25, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.norm(self.fc(x)).flatten(1))
+
+    from slimtune.trainers._fold import foldable_pairs
+
+    assert foldable_pairs(Tokens(), torch.zeros(2, 5, 5)) == {}
+    flat = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    assert foldable_pairs(flat, torch.zeros(2, 5)) == {"1": "0"} and foldable_pairs(flat) == {}
+    groups, _ = unit_groups(flat, torch.zeros(2, 5))
+    assert next(g for g in groups if g.producers == ["0"]).consumers == ["3"]
+
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES, ids=lambda a: a.__name__)
 def test_every_weight_tensor_of_every_layer_is_pruned_and_quantized_and_packs_exactly(architecture: type) -> None:
@@ -152,7 +210,7 @@ def test_every_weight_tensor_of_every_layer_is_pruned_and_quantized_and_packs_ex
     x = torch.rand(8, 1, 8, 8)
     fresh = fold_and_eval(architecture())
     fresh.load_state_dict(state)
-    assert torch.equal(fresh(x), baked(x))
+    assert torch.equal(fresh(x), baked(x)) and torch.equal(fresh(x), baked(x))  # and again: nothing kept stale
 
 
 def fold_and_eval(model: nn.Module) -> nn.Module:

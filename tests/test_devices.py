@@ -12,6 +12,7 @@ import slimtune
 from slimtune.search import main, worker_device
 from slimtune.trainers import DigitsDataModule, build_model, evaluate, quiet_trainer
 from slimtune.spaces import ModelSpec
+from slimtune.studies import keys
 
 from .conftest import SPEC_TOML
 
@@ -40,7 +41,8 @@ def test_a_search_in_bfloat16_mixed_precision_measures_the_stored_model(tmp_path
                             space={"weight_bits": {"choices": [4, 8]}, "lr": {"fixed": 2e-3}})
     small, record = study.best(max_drop=0.5)
     assert evaluate(small, data.val_dataloader()) == pytest.approx(record.val_accuracy, abs=1e-12)
-    assert next(small.parameters()).dtype == torch.float32  # mixed precision trains; the artifact holds codes
+    assert study.optuna_study.user_attrs[keys.SPEC]["runtime"]["precision"] == "bf16-mixed"
+    assert len(study.trials()) == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -102,7 +102,8 @@ def test_classification_metrics_other_than_accuracy() -> None:
     assert metric_value("accuracy", logits, labels) == 0.75
     assert metric_value("f1", logits, labels) == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
     assert metric_value("top5_accuracy", logits, labels) == 1.0  # 3 classes: the top 3 always hold the label
-    assert 0.5 < metric_value("auroc", logits, labels) <= 1
+    two = torch.tensor([[0.0, 2.2], [0.0, 1.4], [0.0, -0.85], [0.0, -2.2]])  # positive-class scores, falling
+    assert metric_value("auroc", two, torch.tensor([1, 0, 1, 0])) == pytest.approx(0.75)  # 3 of 4 pairs ordered
     assert metric("f1").format(0.5) == "50.00%" and metric("mae").format(0.5) == "0.5000"
 
 

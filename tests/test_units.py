@@ -101,7 +101,7 @@ def test_units_are_scored_with_the_teachers_input_rms() -> None:
     rms = torch.ones(32)
     favourite = int(w2.norm(dim=0).argmin())  # the weakest outgoing weights ...
     rms[favourite] = 1e3  # ... but by far the largest activation
-    keeps = unit_keeps(model, _plan({"0": (0.0, 32, 1 / 32)}), {"2": rms})
+    keeps = unit_keeps(model, _plan({"0": (0.0, 32, 1 / 32), "2": (0.0, 32, 1.0)}), {"2": rms})
     kept, consumers = keeps["0"]
     assert consumers == ("2",) and kept.nonzero().flatten().tolist() == [favourite]
 

@@ -54,13 +54,15 @@ def method_options(options: Mapping[str, Any] | None = None) -> dict[str, Values
 
 
 def apply_plan(model: nn.Module, plan: CompressionPlan, options: Mapping[str, Any] | None = None,
-               input_rms: dict[str, torch.Tensor] | None = None, output_layer: str | None = None) -> nn.Module:
+               input_rms: dict[str, torch.Tensor] | None = None, output_layer: str | None = None,
+               example_input: torch.Tensor | None = None) -> nn.Module:
     """Compress ``model`` in place by ``plan``: each method prepares the whole model, then applies
     itself to every layer of the plan, in method order (``lowrank``, ``units``, ``prune``,
     ``quantize``, then any registered method). ``options`` are the methods' options (a spec's
     ``methods``; see :func:`method_options`), ``input_rms`` the teacher's root-mean-square input per
-    layer (``TrialContext`` measures it when a method needs it)."""
-    context = ApplyContext(plan, method_options(options), input_rms, output_layer)
+    layer (``TrialContext`` measures it when a method needs it), ``example_input`` a few of the
+    data's inputs (the ranks of tensors that tracing the model does not tell)."""
+    context = ApplyContext(plan, method_options(options), input_rms, output_layer, example_input=example_input)
     for method in methods():
         method.prepare(model, context)
     for name, values in plan.layers.items():

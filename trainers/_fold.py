@@ -35,23 +35,24 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import nn
+from torch.fx import Node
 from torch.nn.utils import parametrize
 
 from slimtune.spaces import SpecError
 
-from .methods import FakeQuant, replace_submodule, weight_modules
+from .methods import FakeQuant, replace_submodule, traced, weight_modules
 
 _PAIRS = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Linear, nn.BatchNorm1d))
 
 
-def foldable_pairs(model: nn.Module) -> dict[str, str]:
+def foldable_pairs(model: nn.Module, example: torch.Tensor | None = None) -> dict[str, str]:
     """``{norm: layer}`` for every batch norm that only ever reads one layer's output (which
-    nothing else reads), from the model's traced graph; empty when the model cannot be traced."""
-    try:
-        graph = fx.Tracer().trace(model)
-    except Exception:  # fx raises many types for what it cannot follow: then nothing is folded
+    nothing else reads), from the model's traced graph; empty when the model cannot be traced. A
+    norm after a Linear layer folds only when ``example`` (a few inputs) shows the layer's output
+    is 2-D ``(N, features)``: on ``(N, T, F)`` a ``BatchNorm1d`` normalizes ``T``, not the features."""
+    graph, ranks, _ = traced(model, example)
+    if graph is None:
         return {}
     calls: dict[str, int] = {}
     for node in graph.nodes:
@@ -59,15 +60,17 @@ def foldable_pairs(model: nn.Module) -> dict[str, str]:
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     pairs: dict[str, str] = {}
     for node in graph.nodes:
-        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], Node):
             continue
         norm, source = model.get_submodule(str(node.target)), node.args[0]
         if source.op != "call_module" or len(source.users) != 1 or len(node.args) != 1 or node.kwargs:
             continue
         layer = model.get_submodule(str(source.target))
+        if isinstance(layer, nn.Linear) and ranks.get(source) != 2:
+            continue
         if (any(isinstance(layer, a) and type(norm) is b for a, b in _PAIRS) and norm.track_running_stats
                 and calls[str(node.target)] == 1 and calls[str(source.target)] == 1
-                and isinstance(norm.running_mean, torch.Tensor)):
+                and isinstance(norm.running_mean, torch.Tensor) and norm.num_features == layer.weight.shape[0]):
             pairs[str(node.target)] = str(source.target)
     return pairs
 

@@ -88,6 +88,7 @@ class TrialContext:
     untappable: dict[str, str] = field(default_factory=dict)  # layers feature KD leaves out, and why
     folded: dict[str, str] = field(default_factory=dict)  # batch norms each student folds: {norm: layer}
     inert: dict[str, set[str]] = field(default_factory=dict)  # {knob: layers where it can change nothing}
+    example_input: torch.Tensor | None = None  # a few validation inputs (ranks for tracing the model)
 
     @property
     def feature_layers(self) -> list[str]:
@@ -101,7 +102,8 @@ class TrialContext:
         dm = datamodule or build_datamodule(spec.data, regression=spec.metric.regression)
         dense_bytes = dense_parameter_bytes(teacher)  # the teacher as the user has it
         teacher = copy.deepcopy(teacher).eval()
-        folded = foldable_pairs(teacher)  # each trial folds them after its fine-tune
+        example = _first_inputs(dm)
+        folded = foldable_pairs(teacher, example)  # each trial folds them after its fine-tune
         add_missing_biases(teacher, folded)
         every_layer = compressible_layers(teacher)
         layer_names = select_layers(every_layer, spec.space, [n for n, _ in teacher.named_modules() if n])
@@ -109,7 +111,7 @@ class TrialContext:
         cache = None
         train_x: torch.Tensor | None = None  # the training inputs, in index order, once read
         hidden = [n for n in layer_names if n != output_layer]
-        untappable = untappable_layers(teacher, hidden, _first_inputs(dm)) if hidden else {}
+        untappable = untappable_layers(teacher, hidden, example) if hidden else {}
         hidden = [n for n in hidden if n not in untappable]
         if getattr(dm, "deterministic_train", False):
             train_x, y = materialize(dm.train_dataloader().dataset)
@@ -122,10 +124,10 @@ class TrialContext:
             input_rms = layer_input_scales(teacher, every_layer, train_x[:INPUT_SCALE_SAMPLES], 1.0)
         inert: dict[str, set[str]] = {}
         for method in methods():
-            for knob, layers in method.inert_layers(teacher, layer_names).items():
+            for knob, layers in method.inert_layers(teacher, layer_names, example).items():
                 inert.setdefault(knob, set()).update(layers)
         return cls(spec, teacher, dm, layer_names, output_layer, floor, dense_bytes, cache, input_rms, untappable,
-                   folded, inert)
+                   folded, inert, example)
 
     def artifact_meta(self) -> dict[str, Any]:
         """What a loader needs besides weights: the model and data references from the spec, and
@@ -179,7 +181,7 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     result = TrialResult()
     started = time.perf_counter()
     student = apply_plan(copy.deepcopy(ctx.teacher).train().requires_grad_(True), plan, ctx.spec.methods,
-                         ctx.input_rms, ctx.output_layer)
+                         ctx.input_rms, ctx.output_layer, ctx.example_input)
     result.seconds["compress"] = time.perf_counter() - started
 
     hidden = [n for n in plan.layers if n in ctx.feature_layers]

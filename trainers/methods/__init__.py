@@ -25,7 +25,7 @@ from ._base import (
     straight_through,
     unregister_method,
 )
-from ._graph import MODEL_OUTPUT, UnitGroup, unit_groups
+from ._graph import MODEL_OUTPUT, UnitGroup, traced, unit_groups
 from ._layers import COMPRESSIBLE, bias_tensors, is_compressible, weight_tensors
 from .lowrank import (
     Factorized,
@@ -63,6 +63,6 @@ __all__ = [
     "bias_tensors", "channel_scales", "cubic_sparsity", "dequantize", "factorize", "factorized_ranks",
     "factorized_shell", "full_rank", "importance", "is_compressible", "layer_input_scales", "magnitude_mask",
     "masked_before", "method", "methods", "pruned_weights", "quantize", "rank_for", "register_method",
-    "replace_submodule", "straight_through", "unit_groups", "unit_keeps", "unregister_method", "weight_modules",
-    "weight_tensors",
+    "replace_submodule", "straight_through", "traced", "unit_groups", "unit_keeps", "unregister_method",
+    "weight_modules", "weight_tensors",
 ]

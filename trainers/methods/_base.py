@@ -53,13 +53,15 @@ class ApplyContext:
     """What :meth:`CompressionMethod.prepare` and ``apply`` may use: the plan, each method's
     options (``options("prune").activation_power``), the teacher's root-mean-square input per
     layer and input feature or channel (``input_rms``; ``None`` unless a method asked for it),
-    the layer producing the logits, and ``shared``: a scratch dict methods fill in ``prepare``."""
+    the layer producing the logits, ``shared``: a scratch dict methods fill in ``prepare``, and
+    ``example_input``: a few of the data's inputs, when the caller has them."""
 
     plan: CompressionPlan
     method_options: Mapping[str, Values] = field(default_factory=dict)
     input_rms: dict[str, torch.Tensor] | None = None
     output_layer: str | None = None
     shared: dict[str, Any] = field(default_factory=dict)
+    example_input: torch.Tensor | None = None  # a few of the data's inputs (tensor ranks for tracing), if known
 
     def options(self, method: str) -> Values:
         """The options of ``method`` (``apply_plan`` fills in every method's)."""
@@ -133,9 +135,10 @@ class CompressionMethod:
         """What the method achieved on one compressed layer (its declared stats)."""
         return {}
 
-    def inert_layers(self, model: nn.Module, layer_names: list[str]) -> dict[str, set[str]]:
+    def inert_layers(self, model: nn.Module, layer_names: list[str],
+                     example_input: torch.Tensor | None = None) -> dict[str, set[str]]:
         """``{knob: layers}``: the layers of ``layer_names`` where a knob of this method can change
-        nothing (the sampler leaves it at its neutral value there)."""
+        nothing (the sampler leaves it at its neutral value there); ``example_input``: a few inputs."""
         return {}
 
 

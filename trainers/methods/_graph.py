@@ -33,6 +33,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +43,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 MODEL_OUTPUT = "the model's output"  # why the logits keep every unit
 CHANNELS, FEATURES, FLAT = "channels", "features", "flat"  # where a tensor's units lie: dim 1, last dim, blocks of dim 1
@@ -75,6 +78,7 @@ class UnitGroup:
 class _Flow:
     group: int
     layout: str
+    rank: int | None = None  # the tensor's number of dimensions, when known
 
 
 class _Groups:
@@ -83,11 +87,18 @@ class _Groups:
     def __init__(self) -> None:
         self.parent: list[int] = []
         self.data: list[UnitGroup] = []
+        self.made_by: dict[str, list[int]] = {}
 
     def new(self, producer: str, units: int) -> int:
         self.parent.append(len(self.parent))
         self.data.append(UnitGroup([producer], units=units))
-        return len(self.parent) - 1
+        group = len(self.parent) - 1
+        earlier = self.made_by.setdefault(producer, [])
+        earlier.append(group)
+        if len(earlier) > 1:  # a layer called twice: one row mask cannot serve two sets of units
+            for each in earlier:
+                self.block(each, f"{producer} is called more than once")
+        return group
 
     def root(self, group: int) -> int:
         while self.parent[group] != group:
@@ -129,14 +140,39 @@ def _dims(node: fx.Node) -> tuple[Any, bool]:
     return dims, bool(keep)
 
 
-def unit_groups(model: nn.Module) -> tuple[list[UnitGroup], str | None]:
-    """The model's groups of units (see the module docstring), and why there are none when the
-    model cannot be traced (``None`` otherwise)."""
+def traced(model: nn.Module, example: torch.Tensor | None = None) -> tuple[fx.Graph | None, dict[fx.Node, int], str]:
+    """The model's ``torch.fx`` graph (``None`` and why, when it cannot be traced) and, with an
+    ``example`` input, each node's number of dimensions (``ShapeProp``)."""
     try:
         graph = fx.Tracer().trace(model)
     except Exception as error:  # fx raises many types for what it cannot follow
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return [], f"torch.fx cannot trace the model's forward ({type(error).__name__}: {first_line[:160]})"
+        return None, {}, f"torch.fx cannot trace the model's forward ({type(error).__name__}: {first_line[:160]})"
+    ranks: dict[fx.Node, int] = {}
+    if example is not None:
+        was_training = model.training
+        try:  # ShapeProp prints a failing node's traceback itself: keep it off the user's screen
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                ShapeProp(fx.GraphModule(model, graph)).propagate(example)
+            for node in graph.nodes:
+                meta = node.meta.get("tensor_meta")
+                if meta is not None and hasattr(meta, "shape"):
+                    ranks[node] = len(meta.shape)
+        except Exception:  # shapes are a help, not a need: without them, unknown ranks block
+            ranks = {}
+        finally:
+            model.train(was_training)
+    return graph, ranks, ""
+
+
+def unit_groups(model: nn.Module, example: torch.Tensor | None = None) -> tuple[list[UnitGroup], str | None]:
+    """The model's groups of units (see the module docstring), and why there are none when the
+    model cannot be traced (``None`` otherwise). ``example`` (a few inputs) tells the ranks of
+    tensors the graph alone does not (a Linear layer's output), which lets a batch norm or a
+    flatten after a Linear layer pass its units."""
+    graph, ranks, why = traced(model, example)
+    if graph is None:
+        return [], why
     groups = _Groups()
     flows: dict[fx.Node, _Flow | None] = {}
 
@@ -155,7 +191,7 @@ def unit_groups(model: nn.Module) -> tuple[list[UnitGroup], str | None]:
         rest = (node.args[1:], node.kwargs)
         if node.op == "call_module":
             module = model.get_submodule(str(node.target))
-            out = _through_module(str(node.target), module, first, groups)
+            out = _through_module(str(node.target), module, first, groups, ranks.get(node))
             if out is None and first is not None and not _consumes(module):
                 groups.block(first.group, f"{type(module).__name__} {node.target} reads them")
             block_all(rest, f"{node.target} reads them as an extra input")
@@ -165,8 +201,8 @@ def unit_groups(model: nn.Module) -> tuple[list[UnitGroup], str | None]:
                 out = _join(node, flows, groups)
             elif node.op == "call_method" and node.target in _SHAPE_METHODS or node.target is getattr:
                 out = None
-            elif first is not None and _keeps_units(node, first):
-                out = _Flow(first.group, _layout_after(node, first))
+            elif first is not None and (after := _through_function(node, first)) is not None:
+                out = after
                 block_all(rest, f"{name} reads them as an extra input")
             else:
                 block_all((node.args, node.kwargs), f"{name} reads them")
@@ -174,6 +210,14 @@ def unit_groups(model: nn.Module) -> tuple[list[UnitGroup], str | None]:
             block_all(node.args, MODEL_OUTPUT)
         flows[node] = out
     found = groups.result()
+    reading: dict[str, list[UnitGroup]] = {}
+    for group in found:
+        for name in dict.fromkeys(group.consumers):
+            reading.setdefault(name, []).append(group)
+    for name, read in reading.items():
+        if len(read) > 1:  # one column mask cannot serve two sets of units
+            for group in read:
+                group.blocked_by = group.blocked_by or f"{name} also reads other units"
     for group in found:
         for name in group.consumers:
             width = _width(model.get_submodule(name))[0]
@@ -195,9 +239,11 @@ def _consumes(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and getattr(module, "groups", 1) == 1
 
 
-def _through_module(name: str, module: nn.Module, first: _Flow | None, groups: _Groups) -> _Flow | None:
+def _through_module(name: str, module: nn.Module, first: _Flow | None, groups: _Groups,
+                    rank: int | None) -> _Flow | None:
     """The flow out of a leaf module: a new group for a layer (which consumes its input's units),
-    the input's flow through a module that keeps units apart, else ``None``."""
+    the input's flow through a module that keeps units apart, else ``None``. ``rank``: the
+    output's number of dimensions, when known."""
     if _consumes(module):
         if first is not None:
             linear = isinstance(module, nn.Linear)
@@ -205,48 +251,68 @@ def _through_module(name: str, module: nn.Module, first: _Flow | None, groups: _
                 groups.block(first.group, f"{name} reads them along another dimension")
             else:
                 groups.data[groups.root(first.group)].consumers.append(name)
-        return _Flow(groups.new(name, _width(module)[1]), FEATURES if isinstance(module, nn.Linear) else CHANNELS)
+        if isinstance(module, nn.Linear):
+            known = rank if rank is not None else (first.rank if first is not None else None)
+            return _Flow(groups.new(name, _width(module)[1]), FEATURES, known)
+        return _Flow(groups.new(name, _width(module)[1]), CHANNELS, 3 if isinstance(module, nn.Conv1d) else 4)
     if first is None:
         return None
     if isinstance(module, _UNARY_MODULES):
         return first
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and first.layout in (CHANNELS, FEATURES):
-        return first
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and (
+            first.layout == CHANNELS or (first.layout == FEATURES and first.rank == 2)):
+        return first  # over a Linear layer's output, a norm reads its features only when it is 2-D
     if isinstance(module, _POOL_MODULES) and first.layout == CHANNELS:
         return first
-    if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1 and first.layout == CHANNELS:
-        return _Flow(first.group, FLAT)
+    if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
+        return _flattened(first)
     return None
 
 
-def _keeps_units(node: fx.Node, first: _Flow) -> bool:
-    """Whether a function or method node passes its first argument's units through, apart."""
+def _flattened(first: _Flow) -> _Flow | None:
+    """``x.flatten(1)``: a conv's channels become blocks of features; a 2-D tensor stays as it is."""
+    if first.layout == CHANNELS:
+        return _Flow(first.group, FLAT, 2)
+    return first if first.rank == 2 else None
+
+
+def _through_function(node: fx.Node, first: _Flow) -> _Flow | None:
+    """The flow out of a function or method node that passes its first argument's units through,
+    apart (``None``: it mixes them, or it is not known to keep them apart)."""
     target = node.target
     if target in _UNARY_FUNCTIONS or (node.op == "call_method" and target in _UNARY_METHODS):
-        return True
+        return first
     if target in _POOL_FUNCTIONS:
-        return first.layout == CHANNELS
+        return first if first.layout == CHANNELS else None
     if target in (torch.flatten, "flatten"):
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
         end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-        return first.layout == CHANNELS and start == 1 and end == -1
+        return _flattened(first) if start == 1 and end == -1 else None
     if target in ("view", "reshape", torch.reshape):  # x.view(x.size(0), -1): channels into blocks
         shape = node.args[1:] if len(node.args) > 1 and not isinstance(node.args[1], (tuple, list)) else (
             tuple(node.args[1]) if len(node.args) > 1 else ())
-        return first.layout == CHANNELS and len(shape) == 2 and shape[1] == -1
+        return _Flow(first.group, FLAT, 2) if first.layout == CHANNELS and len(shape) == 2 and shape[1] == -1 else None
     if target in ("mean", "sum", "amax", torch.mean, torch.sum, torch.amax):
-        dims, _ = _dims(node)
-        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
-        return first.layout == CHANNELS and bool(dims) and all(isinstance(d, int) and d >= 2 for d in dims)
-    return False
+        return _reduced(node, first)
+    return None
 
 
-def _layout_after(node: fx.Node, first: _Flow) -> str:
-    if node.target in (torch.flatten, "flatten", "view", "reshape", torch.reshape):
-        return FLAT
-    if node.target in ("mean", "sum", "amax", torch.mean, torch.sum, torch.amax) and not _dims(node)[1]:
-        return FLAT
-    return first.layout
+def _reduced(node: fx.Node, first: _Flow) -> _Flow | None:
+    """A mean, sum or max over dimensions of a conv's output: over every spatial dimension it
+    leaves ``(N, C)`` (or ``(N, C, 1, 1)`` with ``keepdim``); over some of them it keeps the
+    channels, with ``keepdim`` only (without, a Linear layer would read positions, not channels)."""
+    if first.layout != CHANNELS or first.rank is None:
+        return None
+    dims, keep = _dims(node)
+    dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+    if not dims or not all(isinstance(d, int) for d in dims):
+        return None
+    reduced = {d % first.rank for d in dims}
+    if not reduced <= set(range(2, first.rank)):
+        return None  # the batch or the channels themselves
+    if keep:
+        return first
+    return _Flow(first.group, FLAT, 2) if reduced == set(range(2, first.rank)) else None
 
 
 def _join(node: fx.Node, flows: dict[fx.Node, _Flow | None], groups: _Groups) -> _Flow | None:
@@ -263,4 +329,4 @@ def _join(node: fx.Node, flows: dict[fx.Node, _Flow | None], groups: _Groups) ->
     group = present[0].group
     for other in present[1:]:
         group = groups.join(group, other.group)
-    return _Flow(group, present[0].layout)
+    return _Flow(group, present[0].layout, present[0].rank)

@@ -73,4 +73,5 @@ def register_parametrization(module: nn.Module, tensor_name: str, parametrizatio
 
 
 def _forget_flat_weights(module: nn.Module, args: Any, output: Any) -> None:
-    module._flat_weights = [None] * len(module._flat_weights_names)
+    if parametrize.is_parametrized(module):  # once baked, its weights are parameters again: keep them
+        module._flat_weights = [None] * len(module._flat_weights_names)

@@ -162,7 +162,8 @@ class LowRank(CompressionMethod):
             return None  # others keep full rank (see the class docstring)
         return factorize(layer, rank_for(layer, values["rank_ratio"]))
 
-    def inert_layers(self, model: nn.Module, layer_names: list[str]) -> dict[str, set[str]]:
+    def inert_layers(self, model: nn.Module, layer_names: list[str],
+                     example_input: torch.Tensor | None = None) -> dict[str, set[str]]:
         return {"rank_ratio": {n for n in layer_names
                                if not isinstance(model.get_submodule(n), FACTORIZABLE) or _read_by_parent(model, n)
                                or getattr(model.get_submodule(n), "groups", 1) != 1}}

@@ -131,7 +131,8 @@ class PruneMask(Mask):
     def reselect(self, weight: torch.Tensor, ratio: float) -> None:
         """Keep the ``1 - ratio`` share of ``weight`` with the highest importance (never a
         weight outside ``allowed``)."""
-        self.mask.copy_(allowed_mask(importance(weight, self.input_scale), ratio, self.allowed))
+        allowed = self.allowed.to(weight) if self.allowed is not None else None  # plain attributes: not moved
+        self.mask.copy_(allowed_mask(importance(weight, self.input_scale), ratio, allowed))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         masked = weight * self.mask

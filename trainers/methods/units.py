@@ -10,8 +10,8 @@ among the kept units' weights.
 
 Who reads a unit comes from the model's traced data flow (:func:`unit_groups`): layers whose
 outputs meet at an addition (a residual connection) drop the same units, at the largest
-``unit_ratio`` planned for any of them; units that anything but a layer reads (the logits, a
-layer norm, a concatenation) all stay.
+``unit_ratio`` planned for any of them; units that anything but a compressed layer reads (the
+logits, a layer norm, a concatenation, a layer left out of the plan) all stay.
 
 Example:
     >>> from slimtune.spaces import CompressionPlan, LayerPlan
@@ -44,19 +44,20 @@ class UnitMask(Mask):
     """The 0/1 mask of a layer's kept units (rows) and of a consumer's inputs that read them (columns)."""
 
 
-def unit_keeps(model: nn.Module, plan: CompressionPlan,
-               input_rms: dict[str, torch.Tensor] | None = None) -> dict[str, tuple[torch.Tensor, tuple[str, ...]]]:
+def unit_keeps(model: nn.Module, plan: CompressionPlan, input_rms: dict[str, torch.Tensor] | None = None,
+               example_input: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, tuple[str, ...]]]:
     """Which output units each layer of a group planned with ``unit_ratio < 1`` keeps, and the
     layers that read them: ``{layer: (kept units as a bool vector, consumer names)}`` (see the
     module docstring; ``input_rms``: the teacher's root-mean-square input per consumer input, 1
-    when not given)."""
+    when not given; ``example_input``: a few inputs, for the ranks the graph does not tell)."""
     keeps: dict[str, tuple[torch.Tensor, tuple[str, ...]]] = {}
     if all(values["unit_ratio"] >= 1 for values in plan.layers.values()):
         return keeps  # nothing to trace for
-    groups, _ = unit_groups(model)
+    groups, _ = unit_groups(model, example_input)
     for group in groups:
         ratios = [plan.layers[p]["unit_ratio"] if p in plan.layers else 1.0 for p in group.producers]
-        if group.blocked_by is not None or not group.consumers or max(ratios) >= 1:
+        if (group.blocked_by is not None or not group.consumers or max(ratios) >= 1
+                or any(c not in plan.layers for c in group.consumers)):  # a reader outside the plan reads them all
             continue
         score = torch.zeros(group.units)
         for consumer_name in group.consumers:
@@ -97,7 +98,7 @@ class Units(CompressionMethod):
         return knob.fixed != 1.0 or any(v.get("unit_ratio", 1.0) != 1.0 for v in space.overrides.values())
 
     def prepare(self, model: nn.Module, context: ApplyContext) -> None:
-        keeps = unit_keeps(model, context.plan, context.input_rms)
+        keeps = unit_keeps(model, context.plan, context.input_rms, context.example_input)
         context.shared["units.keeps"] = keeps
         context.shared["units.read_by"] = {c: kept for kept, consumers in keeps.values() for c in consumers}
 
@@ -116,9 +117,11 @@ class Units(CompressionMethod):
                 parametrize.register_parametrization(module, "weight", UnitMask(allowed))
         return None
 
-    def inert_layers(self, model: nn.Module, layer_names: list[str]) -> dict[str, set[str]]:
-        groups, _ = unit_groups(model)
-        droppable = {p for g in groups if g.blocked_by is None and g.consumers for p in g.producers}
+    def inert_layers(self, model: nn.Module, layer_names: list[str],
+                     example_input: torch.Tensor | None = None) -> dict[str, set[str]]:
+        groups, _ = unit_groups(model, example_input)
+        droppable = {p for g in groups if g.blocked_by is None and g.consumers
+                     and all(c in layer_names for c in g.consumers) for p in g.producers}
         return {"unit_ratio": set(layer_names) - droppable}
 
     def achieved(self, layer: nn.Module) -> dict[str, float]:
