@@ -45,7 +45,7 @@ from ._signals import SearchFailed
 
 # Spec sections a keyword argument may give (``finetune={"epochs": 2}``), and study keys.
 SECTIONS = ("objective", "teacher", "finetune", "method", "search", "runtime")
-STUDY_KEYS = ("seed", "max_accuracy_drop", "feasible_drop")
+STUDY_KEYS = ("seed", "max_accuracy_drop", "feasible_drop", "goal_drop")
 
 
 def _qualname(obj: Any) -> str:

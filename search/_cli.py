@@ -29,7 +29,7 @@ from slimtune.studies import STORAGE_ERRORS, FORMATS, load_existing_study, open_
 from ._signals import SearchFailed
 
 from ._env import EXIT_BAD_INPUT, EXIT_INTERRUPTED, STORAGE_ENV, TRACEBACK_ENV
-from ._options import positive_seconds, positive_int, seed_number, add_storage_option, add_trust_option
+from ._options import add_storage_option, add_trust_option, drop_number, positive_int, positive_seconds, seed_number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=positive_seconds, help="stop starting new trials after this many seconds")
         p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: all cores)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--goal-drop", type=drop_number, help="end once the smallest plan within this drop of the "
+                       "teacher's val metric has not shrunk for [search] goal_patience trials (study.goal_drop)")
         add_trust_option(p)
 
     search = sub.add_parser("search", help="launch a search (or continue the same study)")
@@ -100,11 +102,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     options = {"timeout": args.timeout, "threads": args.threads, "progress": not args.quiet}
     if args.command in ("resume", "worker"):
-        spec = load_stored_spec(args.study, args.storage).with_overrides(trials=args.trials)
+        spec = load_stored_spec(args.study, args.storage).with_overrides(trials=args.trials, goal_drop=args.goal_drop)
         summary = run_study(spec, joining=True, **options)
     else:
         spec = resolve_spec(args.spec, args.preset, name=args.study, storage=args.storage, trials=args.trials,
-                            seed=args.seed)
+                            seed=args.seed, goal_drop=args.goal_drop)
         args.storage, args.study = spec.storage, spec.name  # for the messages of main()
         if args.workers > 1:
             summary = run_workers(spec, args.workers, force=args.force, **options)
@@ -113,6 +115,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
     print(f"study {summary.study_name} in {summary.storage}: {summary.finished}/{summary.target} finished trials "
           f"({summary.ran} run now, {summary.seconds:.0f} s)", file=sys.stderr)
     storage_hint = f"${STORAGE_ENV}" if "***" in summary.storage else summary.storage
+    if summary.goal and not summary.stopped_by:  # run_study said why (workers: say it here)
+        if args.command == "search" and args.workers > 1:
+            print(summary.goal, file=sys.stderr)
+        from slimtune.studies import PARETO_COLUMNS, pareto_frame
+
+        print(render(pareto_frame(load_existing_study(spec.name, spec.storage)), "table", PARETO_COLUMNS), end="")
+        return 0
     if summary.stopped_by:
         print(f"search stopped ({summary.stopped_by}); a trial that was running is marked FAIL with reason "
               f"'interrupted'. Continue with:\n  slimtune resume --study {summary.study_name} --storage {storage_hint}",

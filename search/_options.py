@@ -41,6 +41,7 @@ def number_in(kind: type, low: float, high: float, allowed: str) -> Callable[[st
 positive_int = number_in(int, 1, math.inf, "a positive integer")
 seed_number = number_in(int, 0, 2**31 - 1, "an integer in [0, 2147483647]")
 positive_seconds = number_in(float, 1e-9, math.inf, "a positive number of seconds")
+drop_number = number_in(float, 0, math.inf, "a drop in the study's metric, >= 0 (0.005 = half a point of accuracy)")
 
 
 def add_storage_option(parser: argparse.ArgumentParser) -> None:

@@ -50,6 +50,7 @@ from slimtune.trainers import (
 )
 
 from ._env import EXIT_INTERRUPTED, RUN_ENV, STORAGE_ENV
+from ._goal import GoalReached, goal_of
 from ._loop import every, run_until_target
 from ._objective import CompressionObjective
 from ._refine import refine_until_deadline
@@ -73,6 +74,7 @@ class SearchSummary:
     seconds: float
     stopped_by: str | None = None
     failed_workers: int = 0
+    goal: str | None = None  # why an accuracy goal ended the search (study.goal_drop), if it did
 
 
 def resolve_spec(spec_path: str | None = None, preset: str | None = None, **overrides: Any) -> StudySpec:
@@ -496,6 +498,7 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
     run = run_id()
     study: optuna.Study | None = None
     stopped: str | None = None
+    goal_text: str | None = None
     with GracefulStop() as stop:
         try:
             study = _open_study(spec, storage, force, log)
@@ -518,15 +521,22 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
             bar, refresh = _progress(study, spec.trials, progress)
             figures = LiveFigures(spec.storage, spec.runtime.dashboard_every, log)
             figures.publish(study)
+            goal = goal_of(spec)
             with bar:
                 def search(target: int, until: float | None) -> int:
                     return run_until_target(study, storage, objective, target, stop, spec.storage, until,
-                                            callbacks=[refresh, figures],
+                                            callbacks=[refresh, figures, *([goal.watch(spec.storage)] if goal else [])],
                                             sampler_for=lambda number: make_sampler(spec, number))
 
-                search(spec.trials, search_deadline)
-                refine_until_deadline(study, storage, objective, spec, stop, teacher_val, search, deadline,
-                                      callbacks=[refresh, figures])
+                try:
+                    if goal is not None and (reached := goal.met(study, spec.storage)):
+                        raise GoalReached(reached)
+                    search(spec.trials, search_deadline)
+                    refine_until_deadline(study, storage, objective, spec, stop, teacher_val, search, deadline,
+                                          callbacks=[refresh, figures])
+                except GoalReached as exc:  # no refinement after a goal: the study is done
+                    goal_text = str(exc)
+                    log(goal_text)
             figures.publish(study)
         except Interrupted as exc:
             stopped = str(exc)
@@ -534,7 +544,7 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
             stopped = f"interrupted by {stop.signal_name}"
     finished = finished_count(study) if study is not None else 0
     return SearchSummary(spec.name, mask_url(spec.storage), finished, spec.trials, _ran_by(study, run),
-                         time.perf_counter() - started, stopped_by=stopped)
+                         time.perf_counter() - started, stopped_by=stopped, goal=goal_text)
 
 
 def trusted_for_workers(spec: StudySpec) -> list[str]:
@@ -582,7 +592,8 @@ def run_workers(spec: StudySpec, workers: int, force: bool = False, timeout: flo
                                  spec.trials, 0, time.perf_counter() - started, stopped_by=str(exc))
     share = max(1, (threads or os.cpu_count() or 1) // workers)
     command = [sys.executable, "-m", "slimtune", "worker", "--study", spec.name, "--threads", str(share),
-               "--quiet"] + (["--timeout", str(timeout)] if timeout else [])
+               "--quiet"] + (["--timeout", str(timeout)] if timeout else []) + (
+                   ["--goal-drop", repr(spec.goal_drop)] if spec.goal_drop is not None else [])
     env = {**os.environ, STORAGE_ENV: spec.storage, RUN_ENV: run}  # the URL not on the command line: a password
     trusted = trusted_for_workers(spec)
     if trusted:
@@ -623,8 +634,10 @@ def run_workers(spec: StudySpec, workers: int, force: bool = False, timeout: flo
     failed = sum(code not in (0, EXIT_INTERRUPTED) for code in codes)
     if failed:
         log(f"{failed} of {workers} workers ended with an error (exit codes {codes})")
+    goal = goal_of(spec)
     return SearchSummary(spec.name, mask_url(spec.storage), finished_count(study), spec.trials, _ran_by(study, run),
-                         time.perf_counter() - started, stopped_by=stopped, failed_workers=failed)
+                         time.perf_counter() - started, stopped_by=stopped, failed_workers=failed,
+                         goal=goal.met(study, spec.storage) if goal is not None else None)
 
 
 def load_stored_spec(study_name: str, storage_url: str) -> StudySpec:

@@ -3,7 +3,7 @@
 A spec comes from a TOML file, a dict or a named preset and is checked completely before
 anything is written; every problem is reported at once. Its sections:
 
-- ``[study]`` what the study is: name, storage, trial target, seed, accuracy floor;
+- ``[study]`` what the study is: name, storage, trial target, seed, accuracy floor, accuracy goal;
 - ``[model]``, ``[data]`` the network and its data;
 - ``[objective]`` the validation metric (accuracy by default; regression metrics make it a regression);
 - ``[teacher]`` how the teacher is trained (when no checkpoint is given);
@@ -64,7 +64,7 @@ _REF_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # "user:password@" in something that looks like a URL, masked before it is shown.
 _PASSWORD_RE = re.compile(r"([^:/@\s]+:)[^@\s]*@")
 # Study keys that change how a study runs, not what its trials mean.
-_NOT_FINGERPRINTED = ("name", "storage", "trials")
+_NOT_FINGERPRINTED = ("name", "storage", "trials", "goal_drop")
 
 TEACHER = Section("teacher", "how the teacher is trained (when model.checkpoint gives none)", (
     Setting("epochs", int, 10, "epochs of training", low=1, high=10_000),
@@ -89,8 +89,10 @@ FINETUNE = Section("finetune", "the student's training recipe (its learning rate
           "refine_epochs": "search.refine.epochs", "refine_top": "search.refine.top",
           "refine_within": "search.refine.within", "refine_share": "search.refine.share",
           "cache_mb": "runtime.cache_mb"})
-SEARCH = Section("search", "the sampler", (
+SEARCH = Section("search", "the sampler, and when a search with an accuracy goal ends", (
     Setting("sampler", str, "tpe", "tpe | nsga2 | random", choices=SAMPLERS),
+    Setting("goal_patience", int, 10, "with study.goal_drop (search --goal-drop): stop once the smallest plan within "
+            "that drop has not shrunk for this many finished trials", low=1, high=1_000_000, fingerprinted=False),
 ))
 PROMOTE = Section("search.promote", "multi-fidelity: the trials no completed trial beats train longer", (
     Setting("epochs", int, 0, "extra epochs for a trial that no completed trial as small or smaller beats by more "
@@ -259,6 +261,7 @@ class StudySpec:
     space: SpaceSpec
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
     feasible_drop: float | None = None  # val accuracy constraint, None = none
+    goal_drop: float | None = None  # end the search once the smallest plan within it stops shrinking
     source: str | None = field(default=None, compare=False)  # None: the user's own spec (see ModelSpec)
     objective: Values = field(default_factory=lambda: Values("objective", {"metric": DEFAULT_METRIC}))
 
@@ -454,7 +457,7 @@ def parse_data_section(raw: Any, source: str | None = None) -> DataSpec:
     return _data_spec(_table({"data": raw}, "data", _DATA_KEYS), source)
 
 
-_STUDY_KEYS = {"name", "storage", "trials", "seed", "max_accuracy_drop", "feasible_drop"}
+_STUDY_KEYS = {"name", "storage", "trials", "seed", "max_accuracy_drop", "feasible_drop", "goal_drop"}
 _STUDY_MOVED = {"sampler": "search.sampler", "heartbeat_interval": "runtime.heartbeat_interval",
                 "heartbeat_grace": "runtime.heartbeat_grace"}
 
@@ -489,6 +492,8 @@ def _study(raw: Any, errors: Errors, high: float = 1.0) -> dict[str, Any]:
     }
     if raw.get("feasible_drop") is not None:
         out["feasible_drop"] = errors.catch(lambda: _float("study.feasible_drop", raw["feasible_drop"], 0.0, high))
+    if raw.get("goal_drop") is not None:
+        out["goal_drop"] = errors.catch(lambda: _float("study.goal_drop", raw["goal_drop"], 0.0, high))
     return out
 
 
@@ -646,7 +651,7 @@ def parse_spec(data: Mapping[str, Any], source: str | None = None) -> StudySpec:
         search=Values("search", search, promote=Values("search.promote", promote),
                       refine=Values("search.refine", refine)),
         runtime=Values("runtime", runtime), space=space, raw=normalized, objective=Values("objective", objective),
-        feasible_drop=study.get("feasible_drop"), source=source)
+        feasible_drop=study.get("feasible_drop"), goal_drop=study.get("goal_drop"), source=source)
 
 
 # How a spec stored by slimtune 0.1 names what now lives elsewhere, and the values it meant when
