@@ -85,7 +85,6 @@ class Goal:
                 f"with:\n  {command}")
 
 
-
 class GoalReached(Exception):
     """Raised by :meth:`Goal.watch` after a trial: the goal is met (the message says how)."""
 
