@@ -29,7 +29,7 @@ from slimtune.spaces import Metric, metric
 
 from ._augment import ImageShift
 from ._distill import feature_kd_loss, logit_kd_loss
-from ._metrics import metric_value, regression_outputs
+from ._metrics import MetricAccumulator, regression_outputs
 from .methods import weight_tensors
 
 ACCURACY = metric("accuracy")
@@ -123,16 +123,14 @@ class _MetricMixin:
     metric: Metric
 
     def on_validation_epoch_start(self) -> None:
-        self._outputs: list[torch.Tensor] = []
-        self._targets: list[torch.Tensor] = []
+        self._accumulated = MetricAccumulator(self.metric.name)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch[-2], batch[-1]
-        self._outputs.append(self(x).detach().float().cpu())  # type: ignore[operator]
-        self._targets.append(y.detach().cpu())
+        self._accumulated.update(self(x), y)  # type: ignore[operator]
 
     def on_validation_epoch_end(self) -> None:
-        value = metric_value(self.metric.name, torch.cat(self._outputs), torch.cat(self._targets))
+        value = self._accumulated.value()
         self.val_history.append(self.metric.score(value))
         self.log(f"val_{self.metric.name}", value)  # type: ignore[attr-defined]  (for a run's logger)
 

@@ -50,3 +50,48 @@ def metric_value(name: str, outputs: torch.Tensor, targets: torch.Tensor) -> flo
     if classes == 2:
         return float(tmf.auroc(probabilities[:, 1], targets, task="binary"))
     return float(tmf.auroc(probabilities, targets, task="multiclass", num_classes=classes, average="macro"))
+
+
+class MetricAccumulator:
+    """A metric over many batches: accuracy and top-5 accuracy as counts, MSE and MAE as sums
+    (nothing kept per sample, whatever the split's size); F1, AUROC and R² keep the outputs
+    (they need them all). ``value()`` equals :func:`metric_value` on the concatenated batches.
+
+    >>> acc = MetricAccumulator("accuracy")
+    >>> acc.update(torch.tensor([[2.0, 0.0]]), torch.tensor([0])); acc.update(torch.tensor([[0.0, 1.0]]), torch.tensor([0]))
+    >>> acc.value()
+    0.5
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.count = 0
+        self.total = 0.0
+        self.outputs: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        outputs, targets = outputs.detach().float().cpu(), targets.detach().cpu()
+        if self.name == "accuracy":  # argmax, as metric_value counts it (ties: the first class)
+            self.total += int((outputs.argmax(1) == targets).sum())
+            self.count += int(targets.numel())
+        elif self.name == "top5_accuracy":
+            top = outputs.topk(min(5, outputs.shape[1]), dim=1).indices
+            self.total += int((top == targets[:, None]).any(dim=1).sum())
+            self.count += int(targets.numel())
+        elif self.name in ("mse", "mae"):
+            error = regression_outputs(outputs, targets) - targets.float()
+            self.total += float((error.pow(2) if self.name == "mse" else error.abs()).sum())
+            self.count += int(targets.numel())
+        else:
+            self.outputs.append(outputs)
+            self.targets.append(targets)
+
+    def value(self) -> float:
+        if self.name in ("mse", "mae"):
+            return self.total / max(self.count, 1)
+        if self.name in ("accuracy", "top5_accuracy"):
+            return int(self.total) / max(self.count, 1)
+        if not self.outputs:
+            return 0.0
+        return metric_value(self.name, torch.cat(self.outputs), torch.cat(self.targets))

@@ -24,7 +24,7 @@ from slimtune.spaces import Metric, Values
 
 from ._tensordata import batch_loader, materialize
 from ._lightning import ACCURACY, ClassifierModule, FeatureTap, quiet_trainer
-from ._metrics import metric_value
+from ._metrics import MetricAccumulator
 
 
 @torch.no_grad()
@@ -34,16 +34,13 @@ def evaluate(model: nn.Module, batches: Iterable[Any], metric: str = "accuracy")
     was_training = model.training
     model.eval()
     device = next(iter(model.parameters()), torch.empty(0)).device
-    outputs, targets = [], []
+    accumulated = MetricAccumulator(metric)
     try:
         for batch in batches:
-            outputs.append(model(batch[-2].to(device)).float().cpu())
-            targets.append(batch[-1])
+            accumulated.update(model(batch[-2].to(device)), batch[-1])
     finally:
         model.train(was_training)
-    if not outputs:
-        return 0.0
-    return metric_value(metric, torch.cat(outputs), torch.cat(targets))
+    return accumulated.value()
 
 
 def train_loader_for(dm: pl.LightningDataModule, batch_size: int, seed: int) -> Any:
