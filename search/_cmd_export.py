@@ -86,8 +86,8 @@ def _describe(trial: FrozenTrial, metric: Metric) -> str:
     record = TrialRecord.of(trial)
     test, ratio = record.test_accuracy, record.compression_ratio
     shown = "" if metric.name == "accuracy" else f"{metric.label} "
-    return (f"trial {trial.number}: {shown}val {metric.format(metric.value(trial.values[0]))}, "
-            f"test {'-' if test is None else metric.format(metric.value(test))}, {int(trial.values[1]):,} bytes, "
+    return (f"trial {trial.number}: {shown}val {metric.format_score(trial.values[0])}, "
+            f"test {'-' if test is None else metric.format_score(test)}, {int(trial.values[1]):,} bytes, "
             f"ratio {'-' if ratio is None else f'{ratio:.1f}x'}")
 
 
@@ -174,9 +174,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(_describe(trial, metric))
     else:
         trial = within_drop(study, args.max_drop)
-        teacher_val = metric.format(metric.value(study.user_attrs[keys.TEACHER]["val_accuracy"]))
-        within = f"{100 * args.max_drop:.2f} points" if metric.percent else f"{args.max_drop:g}"
-        print(f"chose {_describe(trial, metric)} (the smallest Pareto-optimal trial within {within} of the teacher's "
+        teacher_val = metric.format_score(study.user_attrs[keys.TEACHER]["val_accuracy"])
+        print(f"chose {_describe(trial, metric)} (the smallest Pareto-optimal trial within "
+              f"{metric.drop_text(args.max_drop)} of the teacher's "
               f"val {teacher_val})")
     blob = _artifact(args.storage, study, trial)
     check = ""
@@ -205,7 +205,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     metric = metric_of(unpack_model(path.read_bytes())[1])
     size = path.stat().st_size
     if args.json:
-        print(json.dumps({"split": args.split, metric.column: value, "size_bytes": size}))
+        print(json.dumps({"split": args.split, metric.name: value, "size_bytes": size}))
     else:
         print(f"{path}: {args.split} {metric.label} {metric.format(value)} ({size:,} bytes)")
     return 0

@@ -21,10 +21,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from slimtune.studies import TrialRecord, export_command, study_metric, teacher_accuracy
+from slimtune.studies import SLACK, TrialRecord, export_command, study_metric, teacher_accuracy
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-SLACK = 1e-12  # float noise allowed in "val >= teacher - drop" (as export --max-drop allows)
 
 
 @dataclass(frozen=True)
@@ -76,11 +75,11 @@ class Goal:
             return None
         metric = study_metric(study)
         record = TrialRecord.of(next(t for t in study.get_trials(deepcopy=False) if t.number == status.best))
-        within = f"{100 * self.drop:g} points" if metric.percent else f"{self.drop:g}"
         ratio = f", {record.compression_ratio:.1f}x" if record.compression_ratio else ""
         command = export_command(study.study_name, storage_url, trial=status.best)  # the password masked
-        return (f"goal reached: the smallest plan within {within} of the teacher's val {metric.label}, trial "
-                f"{status.best} ({status.best_bytes:,} bytes{ratio}; val {metric.format(metric.value(record.val_accuracy))}"
+        return (f"goal reached: the smallest plan within {metric.drop_text(self.drop)} of the teacher's val "
+                f"{metric.label}, trial "
+                f"{status.best} ({status.best_bytes:,} bytes{ratio}; val {metric.format_score(record.val_accuracy)}"
                 f"), has not shrunk for {status.since} finished trials (goal_patience {self.patience}). Export it "
                 f"with:\n  {command}")
 

@@ -392,8 +392,8 @@ def _make_teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spe
         return load_state_bytes(model, get_blob(storage, spec.name, keys.TEACHER_BLOB) or b"")
     study.set_user_attr(keys.TEACHER, info)
     shown = "" if metric.name == "accuracy" else f"{metric.label} "
-    log(f"teacher: {shown}val {metric.format(metric.value(info['val_accuracy']))}, "
-        f"test {metric.format(metric.value(info['test_accuracy']))}, {info['dense_bytes']:,} bytes fp32 "
+    log(f"teacher: {shown}val {metric.format_score(info['val_accuracy'])}, "
+        f"test {metric.format_score(info['test_accuracy'])}, {info['dense_bytes']:,} bytes fp32 "
         f"({info['seconds']:.1f} s)")
     return model.eval()
 

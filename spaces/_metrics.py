@@ -11,10 +11,10 @@ outputs.
 
 Example:
     >>> mse = metric("mse")
-    >>> mse.regression, mse.score(0.25), mse.value(-0.25), mse.format(0.25)
+    >>> mse.regression, mse.score(0.25), mse.value(-0.25), mse.format_score(-0.25)
     (True, -0.25, 0.25, '0.2500')
-    >>> metric("accuracy").format(0.9731)
-    '97.31%'
+    >>> metric("accuracy").format(0.9731), metric("accuracy").drop_text(0.005), mse.drop_text(0.005)
+    ('97.31%', '0.5 points', '0.005')
 """
 
 from __future__ import annotations
@@ -55,10 +55,13 @@ class Metric:
         for a minimized metric (the score is its negative)."""
         return f"val_{self.name}" if self.maximize else f"val_neg_{self.name}"
 
-    @property
-    def column(self) -> str:
-        """The name of its columns in tables: ``accuracy``, ``f1``, ``mse``."""
-        return self.name
+    def format_score(self, score: float | None) -> str:
+        """A stored score as people read the metric (``97.31%``, ``0.2500`` for an MSE of 0.25)."""
+        return self.format(self.value(score))
+
+    def drop_text(self, drop: float) -> str:
+        """A drop in the metric's units, as people read it: ``0.5 points`` of a percentage, ``0.005`` else."""
+        return f"{100 * drop:g} points" if self.percent else f"{drop:g}"
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in (

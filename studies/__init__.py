@@ -28,6 +28,7 @@ from ._presets import load_preset, preset_names
 from ._record import COMPLETED, TrialRecord, TrialWriter, records, refinement_attrs, refines_of
 from ._report import write_report
 from ._selection import (
+    SLACK,
     best_at_test_accuracy,
     best_ratio_within,
     front,
@@ -53,7 +54,7 @@ from ._storage import (
 
 __all__ = [
     "COMPLETED", "DEFAULT_DASHBOARD_HOST", "DEFAULT_DASHBOARD_PORT", "FORMATS", "FRONT_PLOT_ID", "PARETO_COLUMNS",
-    "PLANS_PLOT_ID", "STORAGE_ERRORS", "StorageError", "TrialRecord", "TrialWriter", "annotate_studies",
+    "PLANS_PLOT_ID", "SLACK", "STORAGE_ERRORS", "StorageError", "TrialRecord", "TrialWriter", "annotate_studies",
     "annotate_study", "base_columns", "best_at_test_accuracy", "best_ratio_within", "claim_blob", "create_blob_table",
     "delete_blobs", "drop_blob", "engine_of", "export_command", "finished_count", "folder_lock", "front",
     "front_figure", "get_blob", "in_metric_units", "is_in_memory", "keys", "load_existing_study", "load_preset",

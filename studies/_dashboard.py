@@ -107,7 +107,7 @@ def _shown(metric: Metric, score: Any) -> str:
     """A stored score as the metric reads (``97.31%``, ``0.2500``); ``?`` when it is not a number."""
     if not isinstance(score, (int, float)) or isinstance(score, bool):
         return "?"
-    return metric.format(metric.value(float(score)))
+    return metric.format_score(float(score))
 
 
 def study_note(study: optuna.Study) -> str | None:

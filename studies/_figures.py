@@ -97,19 +97,12 @@ def _accuracy_range(accuracies: list[float], teacher_val: float | None, floor: f
     if floor is not None and floor >= low - span:  # near the trials: draw it and keep it in view
         low = min(low, floor)
         fig.add_hline(y=metric.value(floor), line=dict(color="#999", dash="dash", width=1),
-                      annotation_text=f"{metric.label} floor {metric.format(metric.value(floor))}",
+                      annotation_text=f"{metric.label} floor {metric.format_score(floor)}",
                       annotation_position="bottom right", annotation_font=dict(size=11, color="#777"))
     elif floor is not None:  # far below: a line there would squash the trials into a strip
-        note = f" ({metric.label} floor {metric.format(metric.value(floor))}, below the plotted range)"
+        note = f" ({metric.label} floor {metric.format_score(floor)}, below the plotted range)"
     pad = 0.08 * max(high - low, 0.005)
     return [metric.value(low - pad), metric.value(high + pad)], note
-
-
-def _drop_text(drop: float, metric: Metric) -> str:
-    """A reference line's label: ``−0.5 pt`` of a percentage, ``+0.005`` of an error."""
-    if metric.percent:
-        return f"−{100 * drop:g} pt"
-    return f"{'−' if metric.maximize else '+'}{drop:g}"
 
 
 def _ratio_axis(fig: Any, sizes: list[float], dense: float, teacher_val: float) -> None:
@@ -183,7 +176,8 @@ def front_figure(study: optuna.Study, storage_url: str | None = None) -> Any:
                       annotation_font=dict(size=11, color=TEACHER_COLOR))
         for drop in DROPS:
             fig.add_hline(y=value(teacher_val - drop), line=dict(color="#bbb", width=1, dash="dash"),
-                          annotation_text=_drop_text(drop, metric), annotation_position="top left",
+                          annotation_text=f"{'−' if metric.maximize else '+'}{metric.drop_text(drop)}",
+                          annotation_position="top left",
                           annotation_font=dict(size=11, color="#888"))
     y_range, floor_note = _accuracy_range([t.values[0] for t in complete], teacher_val, floor, fig, metric)
     sizes = [t.values[1] for t in complete] + ([dense] if dense else [])

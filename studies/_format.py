@@ -19,8 +19,8 @@ import pandas as pd
 from slimtune.spaces import METRICS, SpecError, metric
 
 FORMATS = ("table", "csv", "json")
-_PERCENT = ("sparsity", *(f"{split}_{m.column}" for m in METRICS.values() if m.percent for split in ("val", "test")))
-_DECIMAL = tuple(f"{split}_{m.column}" for m in METRICS.values() if not m.percent for split in ("val", "test"))
+_PERCENT = ("sparsity", *(f"{split}_{m.name}" for m in METRICS.values() if m.percent for split in ("val", "test")))
+_DECIMAL = tuple(f"{split}_{m.name}" for m in METRICS.values() if not m.percent for split in ("val", "test"))
 _TEACHER = ("teacher_val", "teacher_test")  # in each row's metric (a "metric" column; accuracy without one)
 
 
@@ -63,4 +63,4 @@ def _metric_column(name: str, frame: pd.DataFrame) -> str:
     if name in frame.columns or name not in ("val_accuracy", "test_accuracy"):
         return name
     split = name.split("_")[0]
-    return next((f"{split}_{m.column}" for m in METRICS.values() if f"{split}_{m.column}" in frame.columns), name)
+    return next((f"{split}_{m.name}" for m in METRICS.values() if f"{split}_{m.name}" in frame.columns), name)

@@ -319,8 +319,8 @@ def _pareto_table(frame: pd.DataFrame, metric: Metric) -> str:
         return metric.format(None if pd.isna(value) else value)
 
     columns = [("trial", "trial", lambda v: f"#{int(v)}"),
-               (f"val_{metric.column}", f"val {metric.label}", shown),
-               (f"test_{metric.column}", f"test {metric.label}", shown),
+               (f"val_{metric.name}", f"val {metric.label}", shown),
+               (f"test_{metric.name}", f"test {metric.label}", shown),
                ("size_bytes", "size (bytes)", lambda v: f"{int(v):,}"),
                ("compression_ratio", "ratio", lambda v: "" if pd.isna(v) else f"{v:.1f}×"),
                ("mean_bits", "mean bits", lambda v: "" if pd.isna(v) else f"{v:.2f}"),
@@ -353,7 +353,7 @@ def _trials_table(trials: list[FrozenTrial], metric: Metric) -> str:
         return "<p class=\"note\">No trials yet.</p>"
     head = ("trial", "state", f"val {metric.label}", f"test {metric.label}", "size (bytes)", "ratio", "mean bits",
             "sparsity", "seconds", "refines", "stop reason")
-    show = _score_text(metric)
+    show = metric.format_score
     rows = []
     for trial in trials:
         record = TrialRecord.of(trial)
@@ -404,25 +404,15 @@ def _picks(study: optuna.Study, storage_url: str, metric: Metric) -> str:
         try:
             trial = within_drop(study, drop)
         except SpecError as exc:
-            rows.append(f"<tr><th>within {_within(drop, metric)}</th><td>no trial yet ({_esc(exc)})</td></tr>")
+            rows.append(f"<tr><th>within {metric.drop_text(drop)}</th><td>no trial yet ({_esc(exc)})</td></tr>")
             continue
         record = TrialRecord.of(trial)
         ratio = f", {record.compression_ratio:.1f}×" if record.compression_ratio else ""
-        rows.append(f"<tr><th>within {_within(drop, metric)}</th><td>trial <b>#{trial.number}</b>: val "
-                    f"{metric.format(metric.value(record.val_accuracy))}, test "
-                    f"{metric.format(metric.value(record.test_accuracy))}, {record.size_bytes:,} bytes{ratio}"
+        rows.append(f"<tr><th>within {metric.drop_text(drop)}</th><td>trial <b>#{trial.number}</b>: val "
+                    f"{metric.format_score(record.val_accuracy)}, test "
+                    f"{metric.format_score(record.test_accuracy)}, {record.size_bytes:,} bytes{ratio}"
                     f"<br><code>{_esc(command)}</code></td></tr>")
     return f"<table class=\"facts\" id=\"picks\">{''.join(rows)}</table>"
-
-
-def _score_text(metric: Metric) -> Any:
-    """A function showing a stored score as the metric reads (``97.31%``, ``0.2500``)."""
-    return lambda score: metric.format(metric.value(score))
-
-
-def _within(drop: float, metric: Metric) -> str:
-    """``0.5 point`` of a percentage, ``0.005`` of another metric."""
-    return f"{100 * drop:g} point" if metric.percent else f"{drop:g}"
 
 
 def _others_table(trials: list[FrozenTrial], metric: Metric) -> str:
@@ -434,7 +424,7 @@ def _others_table(trials: list[FrozenTrial], metric: Metric) -> str:
         history = record.val_history
         reason = record.reason or ""
         rows.append(f"<tr><td class=\"num\">#{trial.number}</td><td>{_esc(trial.state.name)}</td>"
-                    f"<td class=\"num\">{metric.format(metric.value(history[-1])) if history else ''}</td>"
+                    f"<td class=\"num\">{metric.format_score(history[-1]) if history else ''}</td>"
                     f"<td class=\"num\">{pct(record.sparsity, 1)}</td><td>{_esc(reason)}</td></tr>")
     if not rows:
         return "<p class=\"note\">None: every trial completed.</p>"
@@ -461,7 +451,7 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
     floor = accuracy_floor(study)
     name = study.study_name
     metric = study_metric(study)
-    show = _score_text(metric)  # scores in the study, the metric shown
+    show = metric.format_score  # scores in the study, the metric shown
 
     states = " ".join(f"<span class=\"state\">{_esc(s.lower())} {counts[s]}</span>"
                       for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING") if counts.get(s)) or "none yet"

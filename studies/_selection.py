@@ -97,8 +97,8 @@ def within_drop(study: optuna.Study, max_drop: float) -> FrozenTrial:
     needed = math.ceil((teacher_val - best.values[0] - 1e-13) * 1e4) / 1e4  # rounded up, so it selects
     metric = metric_of(study.user_attrs.get(keys.SPEC))
     raise SpecError("--max-drop", max_drop, f"a drop of at least {needed:.4f}: the best trial, {best.number}, has val "
-                    f"{metric.format(metric.value(best.values[0]))} against the teacher's "
-                    f"{metric.format(metric.value(teacher_val))}", "selects no trial")
+                    f"{metric.format_score(best.values[0])} against the teacher's "
+                    f"{metric.format_score(teacher_val)}", "selects no trial")
 
 
 def best_ratio_within(study: optuna.Study, max_drop: float, split: str = "val") -> float | None:

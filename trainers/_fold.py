@@ -51,6 +51,8 @@ def foldable_pairs(model: nn.Module, example: torch.Tensor | None = None) -> dic
     nothing else reads), from the model's traced graph; empty when the model cannot be traced. A
     norm after a Linear layer folds only when ``example`` (a few inputs) shows the layer's output
     is 2-D ``(N, features)``: on ``(N, T, F)`` a ``BatchNorm1d`` normalizes ``T``, not the features."""
+    if not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules()):
+        return {}  # nothing to fold: no trace needed
     graph, ranks, _ = traced(model, example)
     if graph is None:
         return {}

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.spaces import Metric, metric
+from slimtune.spaces import Metric, SpecError, metric
 
 from ._augment import ImageShift
 from ._distill import feature_kd_loss, logit_kd_loss
@@ -87,8 +87,6 @@ def check_logger(runtime: Any) -> None:
         import importlib.util
 
         if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            from slimtune.spaces import SpecError
-
             raise SpecError("runtime.logger", "tensorboard", "pip install tensorboard, or logger = \"csv\"",
                             "needs the tensorboard package, which is not installed")
 
@@ -101,8 +99,6 @@ def check_accelerator(runtime: Any) -> None:
     >>> check_accelerator(SimpleNamespace(accelerator="cpu", precision="bf16-mixed")) is None
     True
     """
-    from slimtune.spaces import SpecError
-
     accelerator = runtime.accelerator
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise SpecError("runtime.accelerator", "gpu", '"auto" or "cpu" on this machine', "finds no CUDA GPU here")

@@ -28,6 +28,7 @@ from slimtune.spaces import CompressionPlan, StudySpec, select_layers
 from ._compress import apply_plan
 from ._fold import add_missing_biases, fold_batchnorm, foldable_pairs
 from ._data import build_datamodule, datamodule_info
+from ._export import example_batch
 from ._tensordata import materialize
 from ._lightning import AccuracyFloor, DistillationModule, quiet_trainer, run_logger, untappable_layers
 from ._models import compressible_layers, dense_parameter_bytes, model_from_meta
@@ -102,7 +103,7 @@ class TrialContext:
         dm = datamodule or build_datamodule(spec.data, regression=spec.metric.regression)
         dense_bytes = dense_parameter_bytes(teacher)  # the teacher as the user has it
         teacher = copy.deepcopy(teacher).eval()
-        example = _first_inputs(dm)
+        example = example_batch(dm)[:2]  # a few inputs: which layers run, and the tensors' ranks
         folded = foldable_pairs(teacher, example)  # each trial folds them after its fine-tune
         add_missing_biases(teacher, folded)
         every_layer = compressible_layers(teacher)
@@ -151,12 +152,6 @@ def _folded_copy(student: nn.Module, pairs: dict[str, str]) -> nn.Module:
     folded = copy.deepcopy(student).eval()
     fold_batchnorm(folded, pairs)
     return folded
-
-
-def _first_inputs(dm: pl.LightningDataModule, count: int = 2) -> torch.Tensor:
-    """A few validation inputs, to probe which layers the forward pass calls."""
-    batch = next(iter(dm.val_dataloader()))
-    return batch[-2][:count]
 
 
 PromotionRule = Callable[[float, int], bool]
