@@ -54,6 +54,7 @@ from ._goal import GoalReached, goal_of
 from ._loop import every, run_until_target
 from ._objective import CompressionObjective
 from ._refine import refine_until_deadline
+from ._seeding import seed_study
 from ._signals import GracefulStop, Interrupted, SearchFailed
 
 STUDY_SETUP_WAIT_S = 30.0
@@ -516,6 +517,7 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
                 listed = "; ".join(f"{n}: {why}" for n, why in context.untappable.items())
                 log(f"feature distillation leaves out {len(context.untappable)} layer"
                     f"{'s' * (len(context.untappable) != 1)} ({listed})")
+            seed_study(study, storage, context, log)
             objective = CompressionObjective(context, storage, stop, feasible_floor=(
                 None if spec.feasible_drop is None else teacher_val - spec.feasible_drop), run=run)
             bar, refresh = _progress(study, spec.trials, progress)

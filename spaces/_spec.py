@@ -113,6 +113,15 @@ REFINE = Section("search.refine", "after the search, the best in-band Pareto pla
     Setting("share", float, 0.25, "share of --timeout left to the refinements", low=0.0, high=0.95,
             fingerprinted=False),
 ))
+SEED = Section("search.seed", "plans the study runs first, before its sampler's own: allocations from a sensitivity "
+               "pass (what compressing one layer alone costs) and uniform plans", (
+    Setting("plans", int, 0, "plans allocated from the sensitivity pass, spread over the size range (0: no pass)",
+            low=0, high=1_000, fingerprinted=False),
+    Setting("uniform", int, 0, "uniform plans (every layer alike) spread over the size range", low=0, high=1_000,
+            fingerprinted=False),
+    Setting("samples", int, 2_000, "validation samples the sensitivity pass measures on", low=10, high=10_000_000,
+            fingerprinted=False),
+))
 OBJECTIVE = Section("objective", "what the search maximizes beside smallness: a validation metric (drops, floors "
                     "and --max-drop are in its units)", (
     Setting("metric", str, DEFAULT_METRIC, "accuracy, top5_accuracy, f1 (macro), auroc (macro): classification; r2, "
@@ -145,7 +154,7 @@ RUNTIME = Section("runtime", "how this machine runs the study (none of it change
 
 def regular_sections() -> list[Section]:
     """The declared sections, in the order the spec reference lists them."""
-    return [OBJECTIVE, TEACHER, FINETUNE, *method_sections(), SEARCH, PROMOTE, REFINE, RUNTIME]
+    return [OBJECTIVE, TEACHER, FINETUNE, *method_sections(), SEARCH, PROMOTE, REFINE, SEED, RUNTIME]
 
 
 class Values:
@@ -602,10 +611,11 @@ def parse_spec(data: Mapping[str, Any], source: str | None = None) -> StudySpec:
     methods = {section.name.split(".", 1)[1]: section.parse(methods_raw.get(section.name.split(".", 1)[1]), errors)
                for section in method_sections()}
     search_raw = data.get("search")
-    search = SEARCH.parse(search_raw, errors, allow=("promote", "refine"))
+    search = SEARCH.parse(search_raw, errors, allow=("promote", "refine", "seed"))
     search_raw = search_raw if isinstance(search_raw, Mapping) else {}
     promote = PROMOTE.parse(search_raw.get("promote"), errors)
     refine = REFINE.parse(search_raw.get("refine"), errors)
+    seed = SEED.parse(search_raw.get("seed"), errors)
     runtime = RUNTIME.parse(data.get("runtime"), errors)
     log_dir = PurePath(str(runtime["log_dir"]))
     if not str(runtime["log_dir"]) or log_dir.is_absolute() or ".." in log_dir.parts:
@@ -632,7 +642,7 @@ def parse_spec(data: Mapping[str, Any], source: str | None = None) -> StudySpec:
         "teacher": teacher,
         "finetune": finetune,
         "method": methods,
-        "search": {**search, "promote": promote, "refine": refine},
+        "search": {**search, "promote": promote, "refine": refine, "seed": seed},
         "runtime": runtime,
         "space": {"layers": list(space.layers), "exclude": list(space.exclude),
                   **{k: v.to_dict() for k, v in space.knobs.items()},
@@ -649,7 +659,7 @@ def parse_spec(data: Mapping[str, Any], source: str | None = None) -> StudySpec:
         teacher=Values("teacher", teacher), finetune=Values("finetune", finetune),
         methods={name: Values(f"method.{name}", values) for name, values in methods.items()},
         search=Values("search", search, promote=Values("search.promote", promote),
-                      refine=Values("search.refine", refine)),
+                      refine=Values("search.refine", refine), seed=Values("search.seed", seed)),
         runtime=Values("runtime", runtime), space=space, raw=normalized, objective=Values("objective", objective),
         feasible_drop=study.get("feasible_drop"), goal_drop=study.get("goal_drop"), source=source)
 

@@ -56,6 +56,7 @@ class TrialRecord:
     fail_reason: str | None = None
     promoted: bool | None = None
     refines: int | None = None
+    seeded: str | None = None
     teacher_source: str | None = None
     torch_threads: int | None = None
     worker: dict[str, Any] | None = None
@@ -83,6 +84,7 @@ class TrialRecord:
             fail_reason=attrs.get(keys.TRIAL_FAIL_REASON),
             promoted=attrs.get(keys.TRIAL_PROMOTED),
             refines=attrs.get(keys.TRIAL_REFINES),
+            seeded=attrs.get(keys.TRIAL_SEEDED),
             teacher_source=attrs.get(keys.TRIAL_TEACHER_SOURCE),
             torch_threads=attrs.get(keys.TRIAL_THREADS),
             worker=attrs.get(keys.TRIAL_WORKER),

@@ -35,6 +35,7 @@ from ._models import (
 )
 from ._pack import layer_stats, pack_model, unpack_model
 from ._schedule import PromotionGate, weight_averaging
+from ._sensitivity import sensitivity_pass
 from ._table import BreastCancerDataModule, TableDataModule, read_table
 from ._teacher import TeacherCache, evaluate, load_state_bytes, state_to_bytes, train_loader_for, train_teacher
 from ._tensordata import TensorDataModule, batch_loader, materialize
@@ -88,7 +89,7 @@ __all__ = [
     "import_ref", "importance", "is_compressible", "layer_input_scales", "layer_stats", "load_artifact",
     "load_state_bytes", "logit_kd_loss", "magnitude_mask", "materialize", "method", "method_options", "methods",
     "metric_value", "model_from_meta", "pack_model", "prepare_datamodule", "quantize", "quiet_trainer", "rank_for",
-    "read_table", "register_method", "run_logger", "run_trial", "silence_lightning", "state_to_bytes",
+    "read_table", "register_method", "run_logger", "run_trial", "sensitivity_pass", "silence_lightning", "state_to_bytes",
     "train_loader_for", "train_teacher", "uncompressed_weights", "unit_groups", "unit_keeps", "unpack_model",
     "unregister_method", "untappable_layers", "weight_averaging", "weight_modules", "weight_tensors",
 ]

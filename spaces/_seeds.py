@@ -1,0 +1,156 @@
+"""Seeded plans: the grid a sensitivity pass measures, and the plans a study runs first.
+
+A *sensitivity* is what compressing one layer alone costs before any fine-tune: for each
+compressible layer and each value on a coarse grid of its searched knobs (every bit width of the
+space, a few prune ratios, unit and rank shares), the validation score and the packed bytes of
+the teacher with only that change (``slimtune.trainers.sensitivity_pass`` measures them). From
+them, :func:`seed_params` allocates plans at several sizes (a Lagrangian sweep of the multiple-choice
+knapsack "least estimated drop for the bytes": each layer picks ``argmin drop + λ·bytes``, which
+gives the allocations on the lower convex hull, HAWQ-V3's integer program without a solver), and
+spreads uniform plans (every layer alike) over the size range. They are Optuna parameters to
+enqueue (``study.enqueue_trial``); the knobs they leave out (tied knobs, the distillation
+recipe) are the sampler's.
+
+Example:
+    >>> from slimtune.spaces import parse_spec
+    >>> spec = parse_spec({"study": {"name": "d"}, "model": {"preset": "cnn-digits"},
+    ...                    "data": {"preset": "digits"}})
+    >>> grid = sensitivity_grid(spec.space, ["conv1", "fc"], output_layer="fc")
+    >>> [value for knob, value in grid["fc"] if knob == "weight_bits"]
+    [2, 3, 4, 5, 6, 8]
+    >>> uniform_params(spec.space, ["conv1", "fc"], "fc", count=1)[0]["fc.weight_bits"]
+    4
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from ._knobs import NO_NEUTRAL, KnobDeclaration
+from ._methods import per_layer_knobs
+from ._plan import _fixed_for
+
+GRID_FRACTIONS = (0.0, 1 / 3, 2 / 3, 1.0)  # where a float knob is measured, from its low to its high end
+LAMBDA_STEPS = 400  # the sweep's prices per byte (log-spaced): enough to reach every hull point of a small net
+
+
+def _searched(space: Any, layer: str, output_layer: str | None,
+              inert: Mapping[str, Collection[str]] | None) -> list[tuple[KnobDeclaration, Any]]:
+    """The knobs sampled for ``layer`` that compress (they have a neutral value), with the space's knob."""
+    out = []
+    fixed = _fixed_for(layer, space)
+    for decl in per_layer_knobs():
+        knob = space.knobs[decl.name]
+        if decl.neutral is NO_NEUTRAL or knob.fixed is not None or decl.name in fixed:
+            continue
+        if (decl.output_value is not None and layer == output_layer) or layer in (inert or {}).get(decl.name, ()):
+            continue
+        out.append((decl, knob))
+    return out
+
+
+def _values(decl: KnobDeclaration, knob: Any) -> list[float | int]:
+    """A knob's grid, its neutral value left out: every choice, or a few points of its range."""
+    if knob.choices is not None:
+        values: list[float | int] = list(knob.choices)
+    else:
+        values = sorted({round(knob.low + f * (knob.high - knob.low), 4) for f in GRID_FRACTIONS})
+    return [v for v in values if v != decl.neutral]
+
+
+def sensitivity_grid(space: Any, layer_names: list[str], output_layer: str | None = None,
+                     inert: Mapping[str, Collection[str]] | None = None) -> dict[str, list[tuple[str, float | int]]]:
+    """For each layer, the ``(knob, value)`` changes the sensitivity pass measures one at a time."""
+    return {name: [(decl.name, value) for decl, knob in _searched(space, name, output_layer, inert)
+                   for value in _values(decl, knob)] for name in layer_names}
+
+
+def _tied(space: Any, knob: str) -> bool:
+    return bool(space.knobs[knob].tie)
+
+
+def uniform_params(space: Any, layer_names: list[str], output_layer: str | None, count: int,
+                   inert: Mapping[str, Collection[str]] | None = None) -> list[dict[str, float | int]]:
+    """``count`` plans compressing every layer alike, from mild to strong: plan ``i`` sets each
+    searched knob at position ``(i + 1) / (count + 1)`` of its grid from its neutral end."""
+    plans = []
+    for i in range(count):
+        share = (i + 1) / (count + 1)
+        params: dict[str, float | int] = {}
+        for name in layer_names:
+            for decl, knob in _searched(space, name, output_layer, inert):
+                outward = sorted(_values(decl, knob), key=lambda v: abs(v - decl.neutral))  # mild first
+                if not outward:
+                    continue
+                value = outward[min(len(outward) - 1, int(share * len(outward)))]
+                params[decl.name if _tied(space, decl.name) else f"{name}.{decl.name}"] = value
+        plans.append(params)
+    return plans
+
+
+def _neutral_allowed(space: Any, knob: str) -> bool:
+    """Whether the space lets a seed leave ``knob`` at its neutral value (no pruning, 32 bits)."""
+    decl, searched = next(d for d in per_layer_knobs() if d.name == knob), space.knobs[knob]
+    if searched.choices is not None:
+        return decl.neutral in searched.choices
+    return searched.low <= decl.neutral <= searched.high
+
+
+def _layer_options(points: list[dict[str, Any]], space: Any, base_score: float, base_bytes: int,
+                   layer_bytes: float) -> list[tuple[dict[str, float | int], float, float]]:
+    """Every combination of one layer's measured values: ``(values, estimated drop, estimated bytes
+    saved)``. Drops add up (first order); the bytes a combination keeps are the layer's bytes times
+    each change's kept share (bits and sparsity multiply). A knob's neutral value is a choice only
+    where the space allows it; elsewhere every seed sets the knob to a measured value."""
+    by_knob: dict[str, list[tuple[float | int, float, float]]] = {}
+    for point in points:
+        drop = max(0.0, base_score - point["score"]) if math.isfinite(point["score"]) else math.inf
+        kept = min(1.0, max(0.0, 1.0 - (base_bytes - point["bytes"]) / max(layer_bytes, 1.0)))
+        by_knob.setdefault(point["knob"], []).append((point["value"], drop, kept))
+    knobs = sorted(by_knob)
+    neutral = {d.name: d.neutral for d in per_layer_knobs()}
+    choices = [[*([(neutral[k], 0.0, 1.0)] if _neutral_allowed(space, k) else []), *by_knob[k]] for k in knobs]
+    options = []
+    for combo in itertools.product(*choices):
+        values = {k: v for k, (v, _, _) in zip(knobs, combo)}
+        drop = sum(d for _, d, _ in combo)
+        kept = math.prod(s for _, _, s in combo)
+        options.append((values, drop, layer_bytes * (1.0 - kept)))
+    return options
+
+
+def seed_params(sensitivity: Mapping[str, Any], space: Any, count: int) -> list[dict[str, float | int]]:
+    """``count`` allocations from a stored sensitivity pass, spread over the sizes the sweep reaches
+    (smallest estimated drop at each size; mild to strong). Knobs tied across layers are left to
+    the sampler: one layer cannot differ from another there."""
+    if count <= 0:
+        return []
+    layers = {name: _layer_options([p for p in entry["points"] if not _tied(space, p["knob"])], space,
+                                   sensitivity["base_score"], sensitivity["base_bytes"], entry["bytes"])
+              for name, entry in sensitivity["layers"].items()}
+    layers = {name: options for name, options in layers.items() if options and options[0][0]}
+    finite = [d for options in layers.values() for _, d, s in options if math.isfinite(d) and d > 0 and s > 0]
+    savings = [s for options in layers.values() for _, _, s in options if s > 0]
+    if not savings:
+        return []
+    low = min(finite, default=1e-6) / max(savings) / 10
+    high = max(finite, default=1.0) / min(savings) * 10
+    found: dict[tuple, tuple[float, dict[str, float | int]]] = {}
+    for step in range(LAMBDA_STEPS):
+        price = low * (high / low) ** (step / (LAMBDA_STEPS - 1))  # the value of a byte saved, in score
+        params: dict[str, float | int] = {}
+        saved = 0.0
+        for name, options in layers.items():
+            values, _, bytes_saved = min(options, key=lambda o: (o[1] - price * o[2], -o[2]))
+            params.update({f"{name}.{knob}": value for knob, value in values.items()})
+            saved += bytes_saved
+        if params:
+            found.setdefault(tuple(sorted(params.items())), (saved, params))
+    ordered = [params for _, params in sorted(found.values(), key=lambda item: item[0])]
+    if len(ordered) <= count:
+        return ordered
+    return [ordered[round(i * (len(ordered) - 1) / max(count - 1, 1))] for i in range(count)] if count > 1 \
+        else [ordered[len(ordered) // 2]]

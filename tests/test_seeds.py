@@ -1,0 +1,97 @@
+"""Seeded plans: the sensitivity pass is measured once per study, stored, deterministic and reused
+by a resumed search; its allocations and uniform plans run before the sampler's own, marked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+
+from slimtune.search import main
+from slimtune.search._seeding import stored_sensitivity
+from slimtune.spaces import parse_spec, seed_params, sensitivity_grid, uniform_params
+from slimtune.studies import keys, open_storage
+
+from .conftest import SPEC_TOML, digits_spec_dict
+
+
+def _spec_with_space(space: dict[str, Any]) -> Any:
+    data = digits_spec_dict()
+    data["space"] = space
+    return parse_spec(data)
+
+
+def _spec_file(tmp_path: Path, trials: int) -> Path:
+    path = tmp_path / "s.toml"
+    path.write_text(SPEC_TOML.replace("trials = 3", f"trials = {trials}").replace(
+        "[space]", "[search.seed]\nplans = 2\nuniform = 1\nsamples = 200\n\n[space]"))
+    return path
+
+
+def test_the_grid_measures_each_searched_value_and_leaves_fixed_and_output_knobs_out() -> None:
+    spec = _spec_with_space({"prune_ratio": {"low": 0.2, "high": 0.8}, "unit_ratio": {"fixed": 1.0},
+                             "weight_bits": {"choices": [2, 4, 32]}, "lr": {"fixed": 2e-3}})
+    grid = sensitivity_grid(spec.space, ["conv1", "fc"], output_layer="fc")
+    assert grid["fc"] == [("prune_ratio", 0.2), ("prune_ratio", 0.4), ("prune_ratio", 0.6), ("prune_ratio", 0.8),
+                          ("weight_bits", 2), ("weight_bits", 4)]  # 32 is neutral, unit_ratio fixed
+    uniform = uniform_params(spec.space, ["conv1", "fc"], "fc", count=2)
+    assert [u["conv1.weight_bits"] for u in uniform] == [4, 2] and uniform[0]["fc.prune_ratio"] == 0.4
+
+
+def test_allocations_give_sensitive_layers_less_compression() -> None:
+    spec = _spec_with_space({"prune_ratio": {"fixed": 0.0}, "weight_bits": {"choices": [2, 8, 32]},
+                             "lr": {"fixed": 2e-3}})
+    points = {  # layer a loses a lot at 2 bits, b nothing; both save the same bytes
+        "a": [{"knob": "weight_bits", "value": 2, "score": 0.5, "bytes": 1000}, {"knob": "weight_bits", "value": 8,
+                                                                                "score": 0.9, "bytes": 1600}],
+        "b": [{"knob": "weight_bits", "value": 2, "score": 0.9, "bytes": 1000}, {"knob": "weight_bits", "value": 8,
+                                                                                "score": 0.9, "bytes": 1600}]}
+    sensitivity = {"base_score": 0.9, "base_bytes": 2000,
+                   "layers": {name: {"bytes": 1000, "points": p} for name, p in points.items()}}
+    plans = seed_params(sensitivity, spec.space, count=2)
+    assert plans and all(p["b.weight_bits"] <= p["a.weight_bits"] for p in plans)
+    assert any(p["a.weight_bits"] > 2 and p["b.weight_bits"] == 2 for p in plans)
+
+
+def test_the_pass_is_stored_once_deterministic_and_seeds_run_first_marked(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert main(["search", str(_spec_file(tmp_path, 5)), "--storage", url, "--quiet"]) == 0
+    assert "sensitivity pass:" in capsys.readouterr().err
+    storage = open_storage(url)
+    first = stored_sensitivity(storage, "digits-test")
+    assert first is not None and set(first["layers"]) == {"conv1", "conv2", "fc1", "fc2"}
+    counts = {name: len(entry["points"]) for name, entry in first["layers"].items()}
+    assert first["samples"] == 200 and counts == {"conv1": 10, "conv2": 10, "fc1": 10, "fc2": 7}  # the logits keep units
+    study = optuna.load_study(study_name="digits-test", storage=url)
+    seeded = [t.user_attrs.get(keys.TRIAL_SEEDED) for t in study.trials]
+    assert seeded == ["sensitivity", "sensitivity", "uniform", None, None]  # enqueued before sampled trials
+    assert all(t.params["conv2.weight_bits"] in (2, 4, 8, 32) for t in study.trials)
+
+    assert main(["resume", "--study", "digits-test", "--storage", url, "--trials", "7", "--quiet"]) == 0
+    assert "sensitivity pass:" not in capsys.readouterr().err  # reused, not measured again
+    study = optuna.load_study(study_name="digits-test", storage=url)
+    assert [t.user_attrs.get(keys.TRIAL_SEEDED) for t in study.trials][5:] == [None, None]
+    assert stored_sensitivity(storage, "digits-test") == first
+
+    other = tmp_path / "again"
+    other.mkdir()
+    again = f"sqlite:///{other / 's.db'}"
+    assert main(["search", str(_spec_file(tmp_path, 3)), "--storage", again, "--quiet"]) == 0
+    second = stored_sensitivity(open_storage(again), "digits-test")
+    assert second is not None
+    for measured in (first, second):
+        measured.pop("seconds")
+    assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
+
+
+def test_a_bad_seed_setting_exits_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "s.toml"
+    spec.write_text(SPEC_TOML.replace("[space]", "[search.seed]\nplans = -1\n\n[space]"))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert main(["search", str(spec), "--storage", url]) == 2
+    assert "search.seed.plans" in capsys.readouterr().err
+    assert not (tmp_path / "s.db").exists()
