@@ -124,7 +124,7 @@ def _layer_options(points: list[dict[str, Any]], space: Any, base_score: float, 
 
 def seed_params(sensitivity: Mapping[str, Any], space: Any, count: int) -> list[dict[str, float | int]]:
     """``count`` allocations from a stored sensitivity pass, spread over the sizes the sweep reaches
-    (smallest estimated drop at each size; mild to strong). Knobs tied across layers are left to
+    (smallest estimated drop at each size; mild to strong; never the dense plan). Knobs tied across layers are left to
     the sampler: one layer cannot differ from another there."""
     if count <= 0:
         return []
@@ -147,7 +147,7 @@ def seed_params(sensitivity: Mapping[str, Any], space: Any, count: int) -> list[
             values, _, bytes_saved = min(options, key=lambda o: (o[1] - price * o[2], -o[2]))
             params.update({f"{name}.{knob}": value for knob, value in values.items()})
             saved += bytes_saved
-        if params:
+        if saved > 0:  # the dense plan is no seed
             found.setdefault(tuple(sorted(params.items())), (saved, params))
     ordered = [params for _, params in sorted(found.values(), key=lambda item: item[0])]
     if len(ordered) <= count:
