@@ -57,7 +57,8 @@ def _values(decl: KnobDeclaration, knob: Any) -> list[float | int]:
     if knob.choices is not None:
         values: list[float | int] = list(knob.choices)
     else:
-        values = sorted({round(knob.low + f * (knob.high - knob.low), 4) for f in GRID_FRACTIONS})
+        values = sorted({min(knob.high, max(knob.low, round(knob.low + f * (knob.high - knob.low), 4)))
+                         for f in GRID_FRACTIONS})  # rounded, yet inside the range the sampler accepts
     return [v for v in values if v != decl.neutral]
 
 

@@ -115,7 +115,8 @@ REFINE = Section("search.refine", "after the search, the best in-band Pareto pla
 ))
 SEED = Section("search.seed", "plans the study runs first, before its sampler's own: allocations from a sensitivity "
                "pass (what compressing one layer alone costs) and uniform plans", (
-    Setting("plans", int, 0, "plans allocated from the sensitivity pass, spread over the size range (0: no pass)",
+    Setting("plans", int, 0, "plans allocated from the sensitivity pass, spread over the size range (0: none; "
+            "the pass runs when plans or uniform is above 0)",
             low=0, high=1_000, fingerprinted=False),
     Setting("uniform", int, 0, "uniform plans (every layer alike) spread over the size range", low=0, high=1_000,
             fingerprinted=False),
