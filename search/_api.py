@@ -5,7 +5,7 @@ a :class:`Study`; the model's current weights are the teacher (never trained aga
 caller's model object is never changed. ``slimtune.load_study(name, storage)`` reopens one.
 
 What other processes can do with such a study: ``studies``, ``pareto``, ``report``,
-``dashboard`` and ``export`` (without ``--onnx``) need nothing but the database. ``resume``,
+``dashboard`` and ``export`` (without ONNX) need nothing but the database. ``resume``,
 ``worker``, ``export --onnx`` and ``evaluate`` must build the model (and the data): they can
 when the search was given ``factory="module:callable"`` (and ``data_module="module:Class"``)
 importable there; otherwise they exit 2 saying to continue from Python, where
@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -34,12 +35,12 @@ import torch
 
 from slimtune.spaces import DEFAULT_STORAGE, SpecError, parse_spec
 from slimtune.studies import (
-    TrialRecord, get_blob, is_in_memory, keys, load_existing_study, pareto_frame, trials_frame, within_drop,
-    write_report,
+    TrialRecord, get_blob, is_in_memory, keys, load_existing_study, pareto_frame, study_metric, trials_frame,
+    within_drop, write_report,
 )
 from slimtune.trainers import load_artifact
 
-from ._cmd_export import _output_path, _staged
+from ._cmd_export import _output_path, _staged, require_onnx_extra, write_onnx
 from ._runner import SearchSummary, run_study
 from ._signals import SearchFailed
 
@@ -112,9 +113,9 @@ class Study:
     """
 
     def __init__(self, name: str, storage: str = DEFAULT_STORAGE, template: torch.nn.Module | None = None,
-                 summary: SearchSummary | None = None) -> None:
+                 summary: SearchSummary | None = None, datamodule: Any = None) -> None:
         self.name, self.storage, self.summary = name, storage, summary
-        self._template = template
+        self._template, self._datamodule = template, datamodule
         load_existing_study(name, storage)  # an unknown study or database is a SpecError here
 
     def __repr__(self) -> str:
@@ -148,26 +149,43 @@ class Study:
             raise SpecError("trial", trial.number, "a trial whose artifact is stored", "has no stored artifact")
         return blob
 
+    def _need_given(self, section: str, keyword: str, what: str) -> None:
+        held = self._template if section == "model" else self._datamodule
+        if held is None and "given" in (self.optuna_study.user_attrs.get(keys.SPEC) or {}).get(section, {}):
+            raise SpecError(section, None, f"slimtune.load_study({self.name!r}, storage, {keyword}=...) with the {what} "
+                            "the study was searched from", f"is needed: the study's {section} was given as a Python object")
+
     def best(self, max_drop: float = 0.005, *, trial: int | None = None) -> tuple[torch.nn.Module, TrialRecord]:
         """The smallest Pareto trial within ``max_drop`` of the teacher's validation accuracy (or
         trial number ``trial``): its compressed model as stored (dequantized, in eval mode) and
         its record."""
         chosen = self._pick(trial, max_drop)
-        if self._template is None and "given" in (self.optuna_study.user_attrs.get(keys.SPEC) or {}).get("model", {}):
-            raise SpecError("model", None, f"slimtune.load_study({self.name!r}, storage, model=net) with the model the "
-                            "study was searched from", "is needed: the study's model was given as a Python object")
+        self._need_given("model", "model", "model")
         model, _ = load_artifact(self._artifact(chosen), f"the stored artifact of trial {chosen.number} of study "
                                  f"{self.name}", template=self._template)
         return model, TrialRecord.of(chosen)
 
-    def export(self, path: str | os.PathLike[str], *, max_drop: float | None = None,
-               trial: int | None = None) -> Path:
-        """Write the artifact of the trial :meth:`best` picks (the bytes its size counts)."""
+    def export(self, path: str | os.PathLike[str], *, max_drop: float | None = None, trial: int | None = None,
+               onnx: str | os.PathLike[str] | None = None, onnx_float: str | os.PathLike[str] | None = None) -> Path:
+        """Write the artifact of the trial :meth:`best` picks (the bytes its size counts); ``onnx``:
+        also its integer ONNX, ``onnx_float``: its float ONNX (each checked in onnxruntime against
+        the trial's recorded validation score, as ``slimtune export --onnx``)."""
         chosen = self._pick(trial, max_drop)
         out = _output_path(os.fspath(path), "path")
+        onnx_outputs = [(option, _output_path(os.fspath(target), option), option == "onnx")
+                        for option, target in (("onnx", onnx), ("onnx_float", onnx_float)) if target is not None]
+        if onnx_outputs:
+            self._need_given("model", "model", "model")
+            self._need_given("data", "datamodule", "data module")
         blob = self._artifact(chosen)
-        with _staged(out) as tmp:  # never half written
-            tmp.write_bytes(blob)
+        name = f"the stored artifact of trial {chosen.number} of study {self.name}"
+        with contextlib.ExitStack() as stack:  # never half written
+            for option, target, integer in onnx_outputs:
+                require_onnx_extra(option, os.fspath(target))
+                write_onnx(blob, stack.enter_context(_staged(target)), name, chosen.values[0],
+                           study_metric(self.optuna_study), integer=integer, option=option,
+                           template=self._template, datamodule=self._datamodule)
+            stack.enter_context(_staged(out)).write_bytes(blob)
         return out
 
     def report(self, path: str | os.PathLike[str]) -> Path:
@@ -206,10 +224,12 @@ def search(model: torch.nn.Module, datamodule: Any, *, study: str, storage: str 
                         log=lambda message: print(message, file=sys.stderr), given=(model, datamodule))
     if summary.stopped_by is not None and summary.finished == 0:
         raise SearchFailed(f"the search of study {study} stopped before any trial finished ({summary.stopped_by})")
-    return Study(study, parsed.storage, template=model, summary=summary)
+    return Study(study, parsed.storage, template=model, summary=summary, datamodule=datamodule)
 
 
-def load_study(name: str, storage: str = DEFAULT_STORAGE, model: torch.nn.Module | None = None) -> Study:
+def load_study(name: str, storage: str = DEFAULT_STORAGE, model: torch.nn.Module | None = None,
+               datamodule: Any = None) -> Study:
     """Reopen study ``name`` at ``storage``; ``model`` (the uncompressed model it was searched
-    from) lets :meth:`Study.best` rebuild a study whose model was given as an object."""
-    return Study(name, storage, template=model)
+    from) lets :meth:`Study.best` rebuild a study whose model was given as an object, and
+    ``datamodule`` (its data module) lets :meth:`Study.export` check an ONNX file on its data."""
+    return Study(name, storage, template=model, datamodule=datamodule)

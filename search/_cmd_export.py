@@ -1,8 +1,9 @@
 """The ``export`` and ``evaluate`` commands: write a trial's packed model, measure a model file.
 
 ``export`` writes exactly the artifact bytes stored for a trial, so the file's length is the
-trial's recorded ``size_bytes``; ``--onnx`` adds the dequantized model as ONNX, checked with
-onnxruntime against PyTorch. ``evaluate`` reads a ``.slim`` file back (weights only) and
+trial's recorded ``size_bytes``; ``--onnx`` adds the model as integer ONNX (its stored codes,
+unit-pruned layers thinner) and ``--onnx-float`` as dequantized float ONNX, each checked in
+onnxruntime against PyTorch and against the trial's recorded validation score. ``evaluate`` reads a ``.slim`` file back (weights only) and
 measures it on its own data. Bad input exits 2 and leaves no file behind.
 
 Example::
@@ -45,13 +46,12 @@ def add_parser(subparsers: Any) -> None:
     export = subparsers.add_parser("export", help="write a trial's packed model (the bytes its size counts)")
     export.add_argument("--study", required=True)
     add_storage_option(export)
-    which = export.add_mutually_exclusive_group(required=True)
-    which.add_argument("--trial", type=_trial_number, help="a complete trial, by number")
-    which.add_argument("--max-drop", type=_drop, metavar="D",
-                       help="the smallest Pareto-optimal trial whose val metric is within D of the teacher's")
+    add_trial_choice(export)
     export.add_argument("--out", required=True, help="the .slim file to write")
-    export.add_argument("--onnx", metavar="PATH", help="also write the dequantized model as ONNX (checked with "
-                        "onnxruntime)")
+    export.add_argument("--onnx", metavar="PATH", help="also write the model as integer ONNX: the stored codes as "
+                        "INT4/INT8 weights, unit-pruned layers thinner (checked in onnxruntime on the validation split)")
+    export.add_argument("--onnx-float", metavar="PATH", help="also write the dequantized model as float ONNX (checked "
+                        "the same way)")
     add_trust_option(export)
     export.set_defaults(handler=_cmd_export)
 
@@ -113,7 +113,28 @@ def _staged(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def _artifact(storage_url: str, study: optuna.Study, trial: FrozenTrial) -> bytes:
+def add_trial_choice(parser: argparse.ArgumentParser) -> None:
+    """``--trial N`` or ``--max-drop D`` (one of them), as ``export`` takes them."""
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=_trial_number, help="a complete trial, by number")
+    which.add_argument("--max-drop", type=_drop, metavar="D",
+                       help="the smallest Pareto-optimal trial whose val metric is within D of the teacher's")
+
+
+def pick_trial(study: optuna.Study, number: int | None, max_drop: float | None) -> tuple[FrozenTrial, str]:
+    """The trial ``--trial``/``--max-drop`` name, and a line that says which it is."""
+    metric = study_metric(study)
+    if number is not None:
+        trial = trial_by_number(study, number)
+        return trial, _describe(trial, metric)
+    assert max_drop is not None
+    trial = within_drop(study, max_drop)
+    teacher_val = metric.format_score(study.user_attrs[keys.TEACHER]["val_accuracy"])
+    return trial, (f"chose {_describe(trial, metric)} (the smallest Pareto-optimal trial within "
+                   f"{metric.drop_text(max_drop)} of the teacher's val {teacher_val})")
+
+
+def stored_artifact(storage_url: str, study: optuna.Study, trial: FrozenTrial) -> bytes:
     blob = get_blob(open_storage(storage_url, read_only=True), study.study_name, keys.artifact_blob_key(trial.number))
     if blob is None:
         raise SpecError("--trial", trial.number, f"a complete trial of study {study.study_name}: {_complete_list(study)}",
@@ -125,21 +146,23 @@ def _artifact(storage_url: str, study: optuna.Study, trial: FrozenTrial) -> byte
     return blob
 
 
-def _write_onnx(blob: bytes, path: Path, name: str) -> str:
-    from slimtune.trainers import artifact_datamodule, example_batch, export_onnx, load_artifact, silence_lightning
+def write_onnx(blob: bytes, path: Path, name: str, recorded_score: float, metric: Metric, *, integer: bool,
+               option: str, template: Any = None, datamodule: Any = None) -> str:
+    """Write the artifact's model as ONNX (integer or float; checked in onnxruntime, see
+    ``slimtune.trainers.export_artifact_onnx``) and say what was written and checked."""
+    from slimtune.trainers import export_artifact_onnx, silence_lightning
 
     silence_lightning()
-    model, meta = load_artifact(blob, name)
-    x = example_batch(artifact_datamodule(meta, name))
-    try:
-        diff = export_onnx(model, x, path)
-    except SpecError:
-        raise
-    except ValueError as exc:
-        raise SpecError("--onnx", str(path), "an ONNX model that reproduces PyTorch's logits (same classes)",
-                        f"fails the onnxruntime check on {x.shape[0]} validation inputs: {exc}") from None
-    return (f"onnxruntime matches PyTorch on {x.shape[0]} validation inputs of shape {tuple(x.shape[1:])} "
-            f"(max abs diff {diff:.2g}, same classes)")
+    done = export_artifact_onnx(blob, path, integer=integer, recorded_score=recorded_score, name=name,
+                                option=option, template=template, datamodule=datamodule)
+    kind = (f"{done.integer_weights} weight tensors as integer codes" if integer else "float weights")
+    if integer and done.float_weights:
+        kind += f", {len(done.float_weights)} as floats ({', '.join(done.float_weights[:4])}"
+        kind += ", ...)" if len(done.float_weights) > 4 else ")"
+    thinned = "".join(f", {layer} {before}->{after} units" for layer, (before, after) in done.thinned.items())
+    return (f"{done.bytes:,} bytes, {kind}{thinned}; onnxruntime matches PyTorch on {done.batch} validation inputs "
+            f"(max abs diff {done.max_diff:.2g}, same classes) and scores val {metric.format(done.val)} "
+            f"(recorded {metric.format(done.recorded)})")
 
 
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
@@ -160,39 +183,44 @@ def require_onnx_extra(option: str, value: str) -> None:
                         f"needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed")
 
 
+def _onnx_outputs(args: argparse.Namespace, out: Path) -> list[tuple[str, Path, bool]]:
+    """``(option, path, integer)`` of each ONNX file asked for, checked before anything is read."""
+    asked = [(option, text, integer) for option, text, integer in
+             (("--onnx", args.onnx, True), ("--onnx-float", args.onnx_float, False)) if text]
+    outputs: list[tuple[str, Path, bool]] = []
+    for option, text, integer in asked:
+        require_onnx_extra(option, text)
+        path = _output_path(text, option)
+        for other, earlier in [("--out", out)] + [(o, p) for o, p, _ in outputs]:
+            if path.resolve() == earlier.resolve():
+                raise SpecError(option, text, f"a path other than {other}", f"is the same file as {other}")
+        outputs.append((option, path, integer))
+    return outputs
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
-    if args.onnx:
-        require_onnx_extra("--onnx", args.onnx)
     out = _output_path(args.out, "--out")
-    onnx_path = _output_path(args.onnx, "--onnx") if args.onnx else None
-    if onnx_path is not None and onnx_path.resolve() == out.resolve():
-        raise SpecError("--onnx", args.onnx, "a path other than --out", "is the same file as --out")
+    onnx_outputs = _onnx_outputs(args, out)
     study = load_existing_study(args.study, args.storage)
     metric = study_metric(study)
-    if args.trial is not None:
-        trial = trial_by_number(study, args.trial)
-        print(_describe(trial, metric))
-    else:
-        trial = within_drop(study, args.max_drop)
-        teacher_val = metric.format_score(study.user_attrs[keys.TEACHER]["val_accuracy"])
-        print(f"chose {_describe(trial, metric)} (the smallest Pareto-optimal trial within "
-              f"{metric.drop_text(args.max_drop)} of the teacher's "
-              f"val {teacher_val})")
-    blob = _artifact(args.storage, study, trial)
-    check = ""
+    trial, said = pick_trial(study, args.trial, args.max_drop)
+    print(said)
+    blob = stored_artifact(args.storage, study, trial)
+    checks: list[tuple[Path, str]] = []
+    name = f"the stored artifact of trial {trial.number} of study {study.study_name}"
     try:
         with contextlib.ExitStack() as stack:
             tmp_out = stack.enter_context(_staged(out))
-            if onnx_path is not None:
-                check = _write_onnx(blob, stack.enter_context(_staged(onnx_path)),
-                                    f"the stored artifact of trial {trial.number} of study {study.study_name}")
+            for option, path, integer in onnx_outputs:
+                checks.append((path, write_onnx(blob, stack.enter_context(_staged(path)), name, trial.values[0],
+                                                metric, integer=integer, option=option)))
             tmp_out.write_bytes(blob)
     except OSError as exc:
         raise SpecError("--out/--onnx", str(exc.filename or out), "a writable file path",
                         f"cannot be written ({exc.strerror or exc})") from None
     print(f"wrote {out} ({len(blob):,} bytes, the trial's recorded size)")
-    if onnx_path is not None:
-        print(f"wrote {onnx_path}: {check}")
+    for path, check in checks:
+        print(f"wrote {path}: {check}")
     return 0
 
 

@@ -19,8 +19,8 @@ from slimtune.search import main
 from slimtune.spaces import CompressionPlan, LayerPlan, parse_spec
 from slimtune.studies import keys
 from slimtune.trainers import (
-    DigitsDataModule, FakeQuant, TrialContext, apply_plan, bake, compressible_layers, evaluate, load_artifact,
-    pack_model, run_trial, unit_groups, unpack_model, weight_tensors,
+    DigitsDataModule, FakeQuant, OnnxModel, TrialContext, apply_plan, bake, compressible_layers, evaluate, load_artifact,
+    pack_model, run_trial, unit_groups, unpack_codes, unpack_model, weight_tensors,
 )
 from slimtune.trainers._fold import fold_batchnorm
 
@@ -293,8 +293,11 @@ def test_a_user_architecture_end_to_end_from_the_command_line(architecture: type
     assert done, [t.user_attrs.get("fail_reason") for t in study.trials]
     out = tmp_path / "m.slim"
     assert main(["export", "--study", "digits-test", "--storage", url, "--trial", str(done[0].number),
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--onnx", str(tmp_path / "m.onnx"), "--trust", "examples"]) == 0
     assert out.stat().st_size == done[0].values[1]
+    stored = len(unpack_codes(out.read_bytes()))  # every weight the artifact stores as integers, in ONNX too
+    printed = capsys.readouterr().out
+    assert stored and f"{stored} weight tensors as integer codes" in printed and "as floats" not in printed
     capsys.readouterr()
     assert main(["evaluate", str(out), "--json", "--trust", "examples"]) == 0
     measured = json.loads(capsys.readouterr().out)["accuracy"]
@@ -324,5 +327,9 @@ def test_a_user_architecture_end_to_end_from_python(architecture: type, tmp_path
     small, record = study.best(max_drop=0.5)
     assert evaluate(small, data.test_dataloader()) == pytest.approx(record.test_accuracy, abs=1e-12)
     assert record.compression_ratio > 4  # every weight matrix is quantized: 8 bits alone give 4x
-    path = study.export(tmp_path / "m.slim", max_drop=0.5)
+    path = study.export(tmp_path / "m.slim", max_drop=0.5, onnx=tmp_path / "m.onnx", onnx_float=tmp_path / "f.onnx")
     assert path.stat().st_size == record.size_bytes
+    onnx_size, float_size = (tmp_path / "m.onnx").stat().st_size, (tmp_path / "f.onnx").stat().st_size
+    assert float_size >= 3 * onnx_size, (float_size, onnx_size)  # attention and embedding weights as integers
+    for name in ("m.onnx", "f.onnx"):
+        assert evaluate(OnnxModel(tmp_path / name), data.val_dataloader()) == pytest.approx(record.val_accuracy, abs=1e-3)

@@ -102,7 +102,7 @@ def test_onnx_export_matches_torch_in_onnxruntime(db: str, tmp_path: Path, capsy
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import onnxruntime
 
-    import slimtune.trainers._export as export_module
+    import slimtune.trainers._onnx as export_module
 
     trial = _complete(db)[0]
     out, onnx_path = tmp_path / "m.slim", tmp_path / "m.onnx"
@@ -138,7 +138,7 @@ def test_onnx_export_matches_torch_in_onnxruntime(db: str, tmp_path: Path, capsy
 
 def test_failed_onnx_check_exits_2_and_writes_no_file(db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import slimtune.trainers._export as export_module
+    import slimtune.trainers._onnx as export_module
 
     monkeypatch.setattr(export_module, "ONNX_ATOL", -1.0)  # no difference can pass
     trial = _complete(db)[0]

@@ -18,7 +18,7 @@ import slimtune
 from slimtune.search import main
 from slimtune.spaces import SpecError
 from slimtune.studies import keys, pareto_trials, study_note
-from slimtune.trainers import DigitsDataModule, evaluate
+from slimtune.trainers import DigitsDataModule, OnnxModel, evaluate
 
 SPACE = {"prune_ratio": {"low": 0.2, "high": 0.8}, "weight_bits": {"choices": [4, 8]}, "lr": {"fixed": 2e-3}}
 SETTINGS = {"finetune": {"epochs": 1, "batch_size": 64}, "max_accuracy_drop": 0.5, "threads": 1}
@@ -90,8 +90,13 @@ def test_a_model_object_is_searched_with_its_own_weights_as_the_teacher(net: nn.
     assert record.number == front["trial"].iloc[0]  # the smallest within the drop: the front's first
     assert evaluate(small, data.val_dataloader()) == pytest.approx(record.val_accuracy, abs=1e-12)
     assert evaluate(small, data.test_dataloader()) == pytest.approx(record.test_accuracy, abs=1e-12)
-    out = study.export(tmp_path / "net.slim", max_drop=0.5)
+    out = study.export(tmp_path / "net.slim", max_drop=0.5, onnx=tmp_path / "net.onnx")
     assert out.stat().st_size == record.size_bytes
+    onnx_val = evaluate(OnnxModel(tmp_path / "net.onnx"), data.val_dataloader())
+    assert onnx_val == pytest.approx(record.val_accuracy, abs=1e-3)  # the integer ONNX runs as recorded
+    with pytest.raises(SpecError, match="data module the study was searched from"):  # its data is an object too
+        slimtune.load_study("api-net", url, model=net).export(tmp_path / "y.slim", onnx=tmp_path / "y.onnx")
+    assert not (tmp_path / "y.slim").exists() and not (tmp_path / "y.onnx").exists()
     assert "`tests.test_python_api:SmallNet` (given to slimtune.search as a Python object)" in study_note(optuna_study)
     assert study.report(tmp_path / "r.html").stat().st_size > 1_000_000
 

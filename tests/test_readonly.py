@@ -81,7 +81,8 @@ def test_read_commands_work_on_a_read_only_file_system(digits_study_db: Path, tm
                  ["report", "--study", STUDY, "--storage", url, "--out", str(out / "r.html")],
                  ["export", "--study", STUDY, "--storage", url, "--trial", str(trial), "--out", str(out / "t.slim"),
                   "--onnx", str(out / "t.onnx")],
-                 ["evaluate", str(out / "t.slim")]):
+                 ["evaluate", str(out / "t.slim")],
+                 ["bench", "--study", STUDY, "--storage", url, "--trial", str(trial), "--runs", "3", "--batch", "1"]):
         result = run_read_only(folder, argv, cwd=out)
         assert result.returncode == 0, (argv, result.stderr)
         assert "Traceback" not in result.stderr

@@ -1,4 +1,4 @@
-"""Reading packed artifacts back into models, evaluating them, and exporting them to ONNX.
+"""Reading packed artifacts back into models and evaluating them (ONNX: ``_onnx``).
 
 An artifact (the bytes :func:`pack_model` wrote, stored per trial and written by
 ``slimtune export``) carries its model and data references in its ``meta``, so it is enough
@@ -14,16 +14,12 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import lzma
 import os
 import struct
-import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -35,7 +31,6 @@ from ._pack import unpack_model
 from ._teacher import evaluate
 
 SPLITS = ("val", "test")
-ONNX_ATOL = 1e-4  # allowed |onnxruntime - PyTorch| per logit, relative to max(1, max |logit|)
 _ARTIFACT = "a file written by slimtune export (a packed slimtune artifact)"
 
 
@@ -114,69 +109,3 @@ def example_batch(dm: Any) -> torch.Tensor:
     """The inputs of the first validation batch (the last-but-one item of a batch, as in ``evaluate``)."""
     batch = next(iter(dm.val_dataloader()))
     return batch[-2]
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """Hide the exporter's notes (missing torchvision ops, deprecations) for the length of an export."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-def _to_onnx(model: nn.Module, x: torch.Tensor, path: str) -> None:
-    """Write ``model`` as ONNX (one file): a dynamic batch axis if the model allows, else ``x``'s shape."""
-    common: dict[str, Any] = dict(input_names=["input"], output_names=["logits"], external_data=False,
-                                  verbose=False)
-    with _quiet_exporter():
-        try:
-            torch.onnx.export(model, (x,), path, dynamic_shapes=({0: torch.export.Dim("batch")},), **common)
-        except Exception:
-            torch.onnx.export(model, (x,), path, **common)
-
-
-def check_onnx(path: str | os.PathLike[str], x: torch.Tensor, expected: torch.Tensor) -> float:
-    """Run the ONNX file with onnxruntime on ``x`` and compare with ``expected`` (PyTorch's logits).
-
-    Returns the max abs difference; raises ``ValueError`` when it exceeds :data:`ONNX_ATOL`
-    (times ``max(1, max |logit|)``) or when any input gets a different class (logits of
-    several classes).
-    """
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})[0]
-    want = expected.detach().cpu().numpy()
-    if got.shape != want.shape:
-        raise ValueError(f"onnxruntime returned shape {got.shape}, PyTorch {want.shape}")
-    diff = float(np.abs(got - want).max()) if want.size else 0.0
-    tolerance = ONNX_ATOL * max(1.0, float(np.abs(want).max()) if want.size else 1.0)
-    if not diff <= tolerance:
-        raise ValueError(f"max abs diff {diff:.3g} exceeds {tolerance:.3g}")
-    differ = int((got.argmax(1) != want.argmax(1)).sum()) if want.ndim == 2 and want.shape[1] > 1 else 0
-    if differ:  # classes: one output per sample (a regression) has none to compare
-        raise ValueError(f"{differ} of {want.shape[0]} inputs get a different class")
-    return diff
-
-
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str]) -> float:
-    """Write ``model`` to ``path`` as ONNX and check it with onnxruntime against PyTorch on ``example``.
-
-    Returns the max abs difference of the logits. Raises :class:`SpecError` when the model
-    cannot be exported and ``ValueError`` when onnxruntime disagrees (see :func:`check_onnx`).
-    """
-    model = model.eval()
-    with torch.no_grad():
-        expected = model(example)
-    try:
-        _to_onnx(model, example, str(path))
-    except Exception as exc:
-        raise SpecError("--onnx", str(path), "a model that torch.onnx.export supports",
-                        f"cannot be exported ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]})") from None
-    return check_onnx(path, example, expected)

@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import lzma
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -176,13 +177,9 @@ def _checked_entry(entry: Any, seen: set[str], codecs: dict[str, Codec]) -> tupl
     return name, tuple(shape), count
 
 
-def unpack_model(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read :func:`pack_model` bytes back into a plain ``state_dict`` and the ``meta`` dict.
-
-    The bytes are read as untrusted data: anything that does not describe tensors consistently
-    (unknown kinds or dtypes, block lengths that do not fit the shapes, a payload over
-    :data:`MAX_PAYLOAD_BYTES`) is a ``ValueError``; nothing in the file is executed.
-    """
+def _entries(data: bytes) -> tuple[dict[str, Any], list[tuple[dict[str, Any], list[bytes], int, tuple[int, ...]]], int]:
+    """The ``meta``, each checked entry with its blocks, element count and shape, and the
+    version of :func:`pack_model` bytes (see :func:`unpack_model` for what is refused)."""
     if data[:4] != MAGIC or len(data) < 5:
         raise ValueError("not a slimtune artifact (missing SLIM header)")
     if data[4] not in READABLE_VERSIONS:
@@ -196,8 +193,8 @@ def unpack_model(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise ValueError("the manifest holds no tensor list")
     codecs = {c.kind: c for c in _codecs()}
     pos = 4 + length
-    state: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
+    out = []
     for entry in manifest["tensors"]:
         name, shape, count = _checked_entry(entry, seen, codecs)
         parts = []
@@ -206,7 +203,24 @@ def unpack_model(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
                 raise ValueError(f"tensor {name}'s blocks run past the end of the payload")
             parts.append(payload[pos: pos + size])
             pos += size
-        kind = entry["kind"]
+        out.append((entry, parts, count, shape))
+    if pos != len(payload):
+        raise ValueError(f"the payload holds {len(payload) - pos} bytes that no tensor reads")
+    return manifest.get("meta", {}), out, version
+
+
+def unpack_model(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read :func:`pack_model` bytes back into a plain ``state_dict`` and the ``meta`` dict.
+
+    The bytes are read as untrusted data: anything that does not describe tensors consistently
+    (unknown kinds or dtypes, block lengths that do not fit the shapes, a payload over
+    :data:`MAX_PAYLOAD_BYTES`) is a ``ValueError``; nothing in the file is executed.
+    """
+    meta, entries, version = _entries(data)
+    codecs = {c.kind: c for c in _codecs()}
+    state: dict[str, torch.Tensor] = {}
+    for entry, parts, count, shape in entries:
+        name, kind = entry["name"], entry["kind"]
         if kind == "raw":
             array = np.frombuffer(parts[0], dtype=np.dtype(entry["dtype"])).reshape(shape)
             state[name] = torch.from_numpy(array.copy())
@@ -217,9 +231,31 @@ def unpack_model(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             state[name] = torch.from_numpy(values.reshape(shape))
         else:
             state[name] = codecs[kind].decode(entry, parts, count, shape, version)
-    if pos != len(payload):
-        raise ValueError(f"the payload holds {len(payload) - pos} bytes that no tensor reads")
-    return state, manifest.get("meta", {})
+    return state, meta
+
+
+@dataclass(frozen=True)
+class StoredCodes:
+    """A weight stored as integers: its ``codes`` (int64), per-output-channel ``scales`` (float32;
+    ``codes * scales`` per channel is the weight) and ``bits``."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    bits: int
+
+
+def unpack_codes(data: bytes) -> dict[str, StoredCodes]:
+    """The integer codes of every tensor :func:`pack_model` stored as integers (``quant`` entries),
+    by ``state_dict`` name, read as :func:`unpack_model` reads them."""
+    _, entries, version = _entries(data)
+    codecs = {c.kind: c for c in _codecs()}
+    out: dict[str, StoredCodes] = {}
+    for entry, parts, count, shape in entries:
+        codec = codecs.get(entry["kind"])
+        if codec is not None and codec.codes is not None:
+            codes, scales = codec.codes(entry, parts, count, shape, version)
+            out[entry["name"]] = StoredCodes(codes, scales, int(entry["bits"]))
+    return out
 
 
 def layer_stats(model: nn.Module, layer_names: list[str]) -> dict[str, dict[str, float]]:

@@ -84,7 +84,9 @@ class Codec:
     """How entries of ``kind`` are written and read: ``encode(parametrization, value)`` gives the
     entry's fields and blocks for a tensor whose last parametrization is one of ``writes``
     (``value``: the tensor as it enters that parametrization); ``decode(entry, blocks, count,
-    shape, version)`` gives the tensor back."""
+    shape, version)`` gives the tensor back; ``codes`` (same arguments), for a kind that stores
+    integers (its entries carry ``bits``), gives them and their per-output-channel scales (what an
+    integer ONNX export writes)."""
 
     kind: str
     writes: tuple[type, ...]
@@ -92,6 +94,7 @@ class Codec:
     decode: Callable[[dict[str, Any], Blocks, int, tuple[int, ...], int], torch.Tensor]
     blocks: Callable[[dict[str, Any]], int]  # how many blocks an entry of this kind has
     check: Callable[[dict[str, Any], tuple[int, ...]], None] = lambda entry, shape: None
+    codes: Callable[[dict[str, Any], Blocks, int, tuple[int, ...], int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class CompressionMethod:

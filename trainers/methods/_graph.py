@@ -66,12 +66,14 @@ _SHAPE_METHODS = {"size", "dim"}  # results are not tensors: reading them reads 
 @dataclass
 class UnitGroup:
     """One set of units: the layers producing them (rows), those reading them (inputs), their
-    count, and what keeps them all (``None``: they can be dropped)."""
+    count, what keeps them all (``None``: they can be dropped), and the batch norms they pass
+    through (``norms``: one value per unit each, thinned with them)."""
 
     producers: list[str]
     consumers: list[str] = field(default_factory=list)
     units: int = 0
     blocked_by: str | None = None
+    norms: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -116,6 +118,7 @@ class _Groups:
             first, second = self.data[a], self.data[b]
             first.producers += second.producers
             first.consumers += second.consumers
+            first.norms += second.norms
             if first.units != second.units:
                 first.blocked_by = first.blocked_by or "layers of different widths meet"
             first.blocked_by = first.blocked_by or second.blocked_by
@@ -261,6 +264,7 @@ def _through_module(name: str, module: nn.Module, first: _Flow | None, groups: _
         return first
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and (
             first.layout == CHANNELS or (first.layout == FEATURES and first.rank == 2)):
+        groups.data[groups.root(first.group)].norms.append(name)
         return first  # over a Linear layer's output, a norm reads its features only when it is 2-D
     if isinstance(module, _POOL_MODULES) and first.layout == CHANNELS:
         return first

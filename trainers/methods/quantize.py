@@ -176,8 +176,10 @@ def _encode_quant(quantizer: nn.Module, weight: torch.Tensor) -> tuple[dict[str,
     return {"layout": "bytes", "bits": bits}, [scales, _code_bytes(flat + offset, bits)]
 
 
-def _decode_quant(entry: dict[str, Any], parts: Blocks, count: int, shape: tuple[int, ...],
-                  version: int) -> torch.Tensor:
+def decode_codes(entry: dict[str, Any], parts: Blocks, count: int, shape: tuple[int, ...],
+                 version: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer codes (int64, shaped ``shape``) and per-channel scales (float32) of a ``quant``
+    entry, exactly as stored; ``dequantize`` of them is the weight."""
     bits = entry["bits"]
     scale = torch.from_numpy(np.frombuffer(parts[0], dtype=_scale_dtype(bits)).astype(np.float32))
     if scale.numel() != shape[0]:
@@ -194,7 +196,12 @@ def _decode_quant(entry: dict[str, Any], parts: Blocks, count: int, shape: tuple
         codes[nonzero] = _bitunpack(parts[2], bits, int(nonzero.sum())) - offset
     else:  # version 1 "dense"
         codes = _bitunpack(parts[1], bits, count) - offset
-    return dequantize(torch.from_numpy(codes.reshape(shape)), scale)
+    return torch.from_numpy(codes.reshape(shape)), scale
+
+
+def _decode_quant(entry: dict[str, Any], parts: Blocks, count: int, shape: tuple[int, ...],
+                  version: int) -> torch.Tensor:
+    return dequantize(*decode_codes(entry, parts, count, shape, version))
 
 
 def _check_quant(entry: dict[str, Any], shape: tuple[int, ...]) -> None:
@@ -239,7 +246,8 @@ class Quantize(CompressionMethod):
     def codecs(self) -> list[Codec]:
         return [
             Codec("quant", (FakeQuant,), _encode_quant, _decode_quant,
-                  blocks=lambda entry: 3 if entry.get("layout") in ("gaps", "sparse") else 2, check=_check_quant),
+                  blocks=lambda entry: 3 if entry.get("layout") in ("gaps", "sparse") else 2, check=_check_quant,
+                  codes=decode_codes),
             Codec("half", (HalfPrecision,), _encode_half, _decode_half, blocks=lambda entry: 1),
         ]
 
