@@ -5,19 +5,20 @@ Run by hand from the repository root, after ``make test`` (or ``make demo``) onc
     .venv/bin/python benchmarks/deploy.py [--nets lenet300,lenet5,residual] [--trials N] [--runs 200]
 
 Per net, one search (``slimtune search``, the preset's settings or, for the residual CNN on
-digits, the default space with the architectures benchmark's budget) and then, in this one run:
-the dense fp32 teacher exported to ONNX; onnxruntime's ``quantize_dynamic`` of it (int8
-weights, one line, its defaults) and ``quantize_static`` (QDQ int8 weights and activations,
-calibrated on 512 training inputs, its defaults); torch's dynamic int8 quantization of the
-teacher's Linear layers (``torch.ao.quantization.quantize_dynamic``, run in torch, its bytes a
-``torch.save`` of its state); and the integer ONNX files ``slimtune export --onnx`` writes for
-the trials ``--max-drop 0.005`` and ``0.01`` pick (chosen on validation). Every ONNX file is
-timed by ``slimtune.trainers.bench_onnx`` (a fresh process each, one onnxruntime thread, median
-of ``--runs`` calls at batch 1 and 256 on real test inputs) and scored on the test split in
-onnxruntime; torch's is timed in this process the same way. The ratios against the best int8
-baseline (the smallest file, the fastest at each batch) are computed within the run. Writes
-``benchmarks/deploy.json`` and replaces the ``deploy`` section of RESULTS.md; the studies stay
-in ``benchmarks/deploy.db``.
+digits, the default space with the architectures benchmark's budget; ``--reuse`` measures the
+studies already in ``--storage`` instead) and then, in this one run: the dense fp32 teacher
+exported to ONNX; onnxruntime's ``quantize_dynamic`` of it (int8 weights, its defaults) and
+``quantize_static`` (QDQ int8 weights and activations, calibrated on 512 training inputs, its
+defaults), both after onnxruntime's recommended ``quant_pre_process``; torch's dynamic int8
+quantization of the teacher's Linear layers (``torch.ao.quantization.quantize_dynamic``, run in
+torch, its bytes a ``torch.save`` of its state); and the integer ONNX files ``slimtune export
+--onnx`` writes for the trials ``--max-drop 0.001``, ``0.005`` and ``0.01`` pick (chosen on
+validation). Every ONNX file is timed by ``slimtune.trainers.bench_onnx`` (a fresh process
+each, one onnxruntime thread, median of ``--runs`` calls at batch 1 and 256 on real test
+inputs) and scored on the test split in onnxruntime; torch's is timed in this process the same
+way. The ratios against the best int8 baseline (the smallest file, the fastest at each batch)
+are computed within the run. Writes ``benchmarks/deploy.json`` and replaces the ``deploy``
+section of RESULTS.md; the studies stay in ``benchmarks/deploy.db``.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BATCHES = (1, 256)
 CALIBRATION_INPUTS = 512
+PICKS = (0.1, 0.5, 1.0)  # accuracy points: the smallest Pareto trial within each drop (as export --max-drop picks)
 RESIDUAL_SPEC = """[study]
 name = "deploy-residual"
 trials = {trials}
@@ -137,12 +141,12 @@ def _onnx_row(label: str, path: Path, dm: Any, inputs: np.ndarray, runs: int) ->
 
 
 def measure(net: str, name: str, storage: str, folder: Path, runs: int) -> dict[str, Any]:
-    from onnxruntime.quantization import quantize_dynamic, quantize_static
+    from onnxruntime.quantization import quant_pre_process, quantize_dynamic, quantize_static
 
     study = optuna.load_study(study_name=name, storage=storage)
     db = open_storage(storage, read_only=True)
     picks = {}
-    for points in (0.5, 1.0):
+    for points in PICKS:
         try:
             picks[points] = within_drop(study, points / 100)
         except SpecError:
@@ -158,12 +162,14 @@ def measure(net: str, name: str, storage: str, folder: Path, runs: int) -> dict[
     teacher_path = folder / f"{net}-teacher.onnx"
     export_onnx(teacher, example_batch(dm), teacher_path)
     rows = [_onnx_row("teacher, fp32 ONNX", teacher_path, dm, feed, runs)]
+    prepared = folder / f"{net}-teacher-prepared.onnx"  # onnxruntime's recommended pre-processing (shapes, folding)
+    quant_pre_process(str(teacher_path), str(prepared))
     dynamic = folder / f"{net}-dynamic.onnx"
-    quantize_dynamic(str(teacher_path), str(dynamic))
+    quantize_dynamic(str(prepared), str(dynamic))
     rows.append(_onnx_row("onnxruntime quantize_dynamic (int8)", dynamic, dm, feed, runs))
     static = folder / f"{net}-static.onnx"
     calibration = _inputs(dm.train_dataloader(), CALIBRATION_INPUTS).numpy()
-    quantize_static(str(teacher_path), str(static), _Calibration(calibration, "input"))
+    quantize_static(str(prepared), str(static), _Calibration(calibration, "input"))
     rows.append(_onnx_row("onnxruntime quantize_static (int8 QDQ)", static, dm, feed, runs))
 
     quantized = torch.ao.quantization.quantize_dynamic(teacher, {nn.Linear}, dtype=torch.qint8).eval()
@@ -218,6 +224,9 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="measure the studies already in --storage")
     args = parser.parse_args()
     silence_lightning()
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer notes
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.ao.quantization's deprecation
+    warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
     trust(["examples"])
     sys.path.insert(0, str(ROOT))
     torch.set_num_threads(1)
@@ -230,7 +239,7 @@ def main() -> None:
             print(table(results[-1]), flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     command = "benchmarks/deploy.py" + (f" --nets {args.nets}" if args.nets != ",".join(NETS) else "") + (
-        f" --trials {args.trials}" if args.trials else "")
+        f" --trials {args.trials}" if args.trials else "") + (" --reuse" if args.reuse else "")
     (HERE / "deploy.json").write_text(json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d"),
                                                   "command": command, "results": results}, indent=1))
     body = (f"Command: `.venv/bin/python {command}`. Machine: {machine}. Date: {time.strftime('%Y-%m-%d')}. "
@@ -239,7 +248,7 @@ def main() -> None:
             "process (median of the timed calls at batch 1 and 256 on test inputs; peak resident memory of that "
             "process); torch's dynamic int8 timed in the benchmark's process (one torch thread), its bytes a "
             "`torch.save` of its state. The slimtune rows are the integer ONNX files `slimtune export --onnx` "
-            "writes for the trials `--max-drop 0.005` and `0.01` pick (on validation). The last two columns are "
+            "writes for the trials `--max-drop 0.001`, `0.005` and `0.01` pick (on validation). The last two columns are "
             "ratios against the best of the three int8 baselines in the same run (its smallest file; its fastest "
             "at each batch size).\n\n" + "\n\n".join(table(r) for r in results))
     write_section("deploy", "## Deployed models: integer ONNX beside int8 baselines (`deploy.py`)", body)

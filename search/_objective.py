@@ -82,7 +82,7 @@ class CompressionObjective:
         self.feasible_floor = feasible_floor
         self.worker = {"host": socket.gethostname(), "pid": os.getpid(), "run": run}
 
-    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+    def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         started = time.perf_counter()
         writer = TrialWriter(trial)
         writer.started(self.worker)
@@ -121,7 +121,9 @@ class CompressionObjective:
         seconds = {"sample": sample_seconds, **result.seconds, "storage": time.perf_counter() - stored,
                    "total": time.perf_counter() - started}
         writer.completed(result.test_accuracy, result.compression_ratio, seconds, result.teacher_source,
-                         torch.get_num_threads())
+                         torch.get_num_threads(), result.deploy)
         if self.feasible_floor is not None:
             trial.set_constraint(ACCURACY_CONSTRAINT, self.feasible_floor - result.val_accuracy)
+        if spec.deploy is not None:
+            return result.val_accuracy, float(result.size_bytes), float(result.deploy[spec.deploy])
         return result.val_accuracy, float(result.size_bytes)

@@ -204,13 +204,19 @@ def stored_spec(spec: StudySpec) -> dict[str, Any]:
 def _open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, force: bool, log: Any) -> optuna.Study:
     """Create the study, or load it and check that it was made from this spec. A ``trials``
     below the stored target does not lower it (this run then stops at ``spec.trials``)."""
+    directions = keys.DIRECTIONS + (["minimize"] if spec.deploy else [])
     try:
-        study = optuna.create_study(study_name=spec.name, storage=storage, directions=keys.DIRECTIONS)
+        study = optuna.create_study(study_name=spec.name, storage=storage, directions=directions)
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=spec.name, storage=storage)
+        if len(study.directions) != len(directions):  # even with --force: the objectives are the study's
+            raise SpecError("objective.deploy", spec.objective.deploy,
+                            f"what study {spec.name} was created with ({len(study.directions)} objectives), or a new "
+                            "study name", "changes the study's objectives")
     else:
         delete_blobs(storage, spec.name)  # left by a deleted study of the same name, if any
-        study.set_metric_names([spec.metric.objective_name, keys.METRIC_NAMES[1]])
+        study.set_metric_names([spec.metric.objective_name, keys.METRIC_NAMES[1],
+                                *([spec.deploy] if spec.deploy else [])])
         study.set_user_attr(keys.SPEC, stored_spec(spec))
         study.set_user_attr(keys.VERSION, slimtune.__version__)
         study.set_user_attr(keys.FINGERPRINT, spec.fingerprint())

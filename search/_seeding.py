@@ -19,14 +19,8 @@ from typing import Any
 import optuna
 
 from slimtune.spaces import seed_params, uniform_params
-from slimtune.studies import claim_blob, get_blob, keys
+from slimtune.studies import claim_blob, keys, stored_sensitivity
 from slimtune.trainers import TrialContext, sensitivity_pass
-
-
-def stored_sensitivity(storage: optuna.storages.BaseStorage, study_name: str) -> dict[str, Any] | None:
-    """The study's stored sensitivity pass, or ``None``."""
-    blob = get_blob(storage, study_name, keys.SENSITIVITY_BLOB)
-    return None if blob is None else json.loads(blob)
 
 
 def seed_study(study: optuna.Study, storage: optuna.storages.BaseStorage, context: TrialContext, log: Any) -> int:

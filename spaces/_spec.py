@@ -123,11 +123,17 @@ SEED = Section("search.seed", "plans the study runs first, before its sampler's 
     Setting("samples", int, 2_000, "validation samples the sensitivity pass measures on", low=10, high=10_000_000,
             fingerprinted=False),
 ))
-OBJECTIVE = Section("objective", "what the search maximizes beside smallness: a validation metric (drops, floors "
-                    "and --max-drop are in its units)", (
+DEPLOY_OBJECTIVES = ("none", "latency_ms", "onnx_bytes")
+OBJECTIVE = Section("objective", "what the search optimizes beside smallness: a validation metric (drops, floors "
+                    "and --max-drop are in its units), and a deploy figure if asked", (
     Setting("metric", str, DEFAULT_METRIC, "accuracy, top5_accuracy, f1 (macro), auroc (macro): classification; r2, "
             "mse, mae: regression (a numeric target, one output per sample, distillation by MSE)",
             choices=tuple(METRICS), neutral=DEFAULT_METRIC),
+    Setting("deploy", str, "none", "a third objective, minimized, measured on each trial's own integer ONNX file (as "
+            "export --onnx writes it) on the worker's machine: none, latency_ms (onnxruntime, one thread, the median "
+            "of 50 calls on latency_batch validation inputs) or onnx_bytes (the file's size)",
+            choices=DEPLOY_OBJECTIVES, neutral="none"),
+    Setting("latency_batch", int, 1, "the batch size latency_ms is timed at", low=1, high=65536, neutral=1),
 ))
 LOGGERS = ("none", "csv", "tensorboard")
 ACCELERATORS = ("auto", "cpu", "gpu", "mps")
@@ -273,12 +279,19 @@ class StudySpec:
     feasible_drop: float | None = None  # val accuracy constraint, None = none
     goal_drop: float | None = None  # end the search once the smallest plan within it stops shrinking
     source: str | None = field(default=None, compare=False)  # None: the user's own spec (see ModelSpec)
-    objective: Values = field(default_factory=lambda: Values("objective", {"metric": DEFAULT_METRIC}))
+    objective: Values = field(default_factory=lambda: Values("objective", {"metric": DEFAULT_METRIC, "deploy": "none",
+                                                                            "latency_batch": 1}))
 
     @property
     def metric(self) -> Metric:
         """The validation metric the study optimizes (``[objective] metric``)."""
         return METRICS[self.objective.metric]
+
+    @property
+    def deploy(self) -> str | None:
+        """The third objective (``[objective] deploy``: ``latency_ms`` or ``onnx_bytes``), or ``None``."""
+        chosen = getattr(self.objective, "deploy", "none")
+        return None if chosen == "none" else chosen
 
     def method(self, name: str) -> Values:
         """The options of method ``name`` (``[method.<name>]``); a method without options has none."""

@@ -27,6 +27,7 @@ from ._frames import (
 from ._presets import load_preset, preset_names
 from ._record import COMPLETED, TrialRecord, TrialWriter, records, refinement_attrs, refines_of
 from ._report import write_report
+from ._sensitivity import clean_sensitivity, sensitivity_figure, stored_sensitivity
 from ._selection import (
     SLACK,
     best_at_test_accuracy,
@@ -55,11 +56,12 @@ from ._storage import (
 __all__ = [
     "COMPLETED", "DEFAULT_DASHBOARD_HOST", "DEFAULT_DASHBOARD_PORT", "FORMATS", "FRONT_PLOT_ID", "PARETO_COLUMNS",
     "PLANS_PLOT_ID", "SLACK", "STORAGE_ERRORS", "StorageError", "TrialRecord", "TrialWriter", "annotate_studies",
-    "annotate_study", "base_columns", "best_at_test_accuracy", "best_ratio_within", "claim_blob", "create_blob_table",
-    "delete_blobs", "drop_blob", "engine_of", "export_command", "finished_count", "folder_lock", "front",
-    "front_figure", "get_blob", "in_metric_units", "is_in_memory", "keys", "load_existing_study", "load_preset",
-    "mask_url", "open_storage", "pareto_frame", "pareto_trials", "plans_figure", "preset_names", "publish_figures",
-    "put_blob", "read_only_app", "records", "refine_candidates", "refined_trials", "refinement_attrs", "refines_of",
-    "render", "search_front", "serve_dashboard", "sqlite_lock", "sqlite_path", "storage_fault", "studies_frame",
-    "study_metric", "study_note", "teacher_accuracy", "touch_blob", "trials_frame", "within_drop", "write_report",
+    "annotate_study", "base_columns", "best_at_test_accuracy", "best_ratio_within", "claim_blob", "clean_sensitivity",
+    "create_blob_table", "delete_blobs", "drop_blob", "engine_of", "export_command", "finished_count", "folder_lock",
+    "front", "front_figure", "get_blob", "in_metric_units", "is_in_memory", "keys", "load_existing_study",
+    "load_preset", "mask_url", "open_storage", "pareto_frame", "pareto_trials", "plans_figure", "preset_names",
+    "publish_figures", "put_blob", "read_only_app", "records", "refine_candidates", "refined_trials",
+    "refinement_attrs", "refines_of", "render", "search_front", "sensitivity_figure", "serve_dashboard", "sqlite_lock",
+    "sqlite_path", "storage_fault", "stored_sensitivity", "studies_frame", "study_metric", "study_note",
+    "teacher_accuracy", "touch_blob", "trials_frame", "within_drop", "write_report",
 ]

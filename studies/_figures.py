@@ -71,15 +71,19 @@ def export_command(study_name: str, storage_url: str | None, *, trial: int | Non
 
 def _hover(trial: FrozenTrial, study_name: str, storage_url: str | None, metric: Metric) -> list[Any]:
     record = TrialRecord.of(trial)
+    deploy = record.deploy
+    deployed = (f"<br>integer ONNX {int(deploy['onnx_bytes']):,} B, {deploy['latency_ms']:.4f} ms at batch "
+                f"{int(deploy.get('batch', 1))}" if "onnx_bytes" in deploy and "latency_ms" in deploy else "")
     return [record.number, metric.value(record.test_accuracy), record.compression_ratio, record.mean_bits,
-            record.sparsity, export_command(study_name, storage_url, trial=record.number)]
+            record.sparsity, deployed, export_command(study_name, storage_url, trial=record.number)]
 
 
 def _hover_template(metric: Metric) -> str:
     number = ".2%" if metric.percent else ".4f"
     return (f"trial #%{{customdata[0]}}<br>val {metric.label} %{{y:{number}}}<br>test {metric.label} "
             f"%{{customdata[1]:{number}}}<br>size %{{x:,.0f}} B<br>ratio %{{customdata[2]:.1f}}×<br>mean bits "
-            "%{customdata[3]:.2f}<br>sparsity %{customdata[4]:.1%}<br><i>%{customdata[5]}</i><extra></extra>")
+            "%{customdata[3]:.2f}<br>sparsity %{customdata[4]:.1%}%{customdata[5]}<br><i>%{customdata[6]}</i>"
+            "<extra></extra>")
 
 
 def _accuracy_range(accuracies: list[float], teacher_val: float | None, floor: float | None,

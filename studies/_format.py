@@ -48,6 +48,10 @@ def render(frame: pd.DataFrame, fmt: str, table_columns: list[str] | None = None
             shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{100 * v:.2f}%")
         elif column in ("compression_ratio", "best_ratio_within_1pt"):
             shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.1f}x")
+        elif column == "latency_ms":
+            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
+        elif column == "onnx_bytes":
+            shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{int(v)}")
         elif column == "mean_bits":
             shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
         elif shown[column].dtype.kind == "f":

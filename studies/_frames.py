@@ -26,8 +26,9 @@ from . import _keys as keys
 from ._record import TrialRecord
 from ._selection import best_ratio_within, pareto_trials
 
-PARETO_COLUMNS = ["trial", "val_accuracy", "test_accuracy", "size_bytes", "compression_ratio", "mean_bits", "sparsity",
-                  "refines"]
+DEPLOY_COLUMNS = ["onnx_bytes", "latency_ms"]  # a study with [objective] deploy: its trials' integer ONNX
+PARETO_COLUMNS = ["trial", "val_accuracy", "test_accuracy", "size_bytes", *DEPLOY_COLUMNS, "compression_ratio",
+                  "mean_bits", "sparsity", "refines"]
 
 
 def _global_columns() -> list[str]:
@@ -61,6 +62,7 @@ def _row(trial: FrozenTrial) -> dict[str, Any]:
         "finetune_seconds": record.seconds.get("finetune"),
         "reason": record.reason,
         "refines": record.refines,
+        **{k: record.deploy.get(k) for k in DEPLOY_COLUMNS if record.deploy},
     }
     for layer, knobs in plan.get("layers", {}).items():
         for knob, value in knobs.items():
@@ -74,13 +76,18 @@ def _row(trial: FrozenTrial) -> dict[str, Any]:
 
 def _frame(trials: list[FrozenTrial], columns: list[str]) -> pd.DataFrame:
     rows = [_row(t) for t in trials]
-    base = base_columns()
+    base = base_columns() + DEPLOY_COLUMNS
     extra: list[str] = []  # per-layer columns in model order (first seen), knobs in plan order
     for row in rows:
         extra.extend(k for k in row if k not in base and k not in extra)
     layers = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in extra))
     extra.sort(key=lambda k: layers.index(k.rsplit(".", 1)[0]))
     return pd.DataFrame(rows, columns=columns + extra)
+
+
+def _deploy_columns(study: optuna.Study) -> list[str]:
+    """:data:`DEPLOY_COLUMNS` for a study with a third objective (``[objective] deploy``), else none."""
+    return DEPLOY_COLUMNS if len(study.directions) > 2 else []
 
 
 def study_metric(study: optuna.Study) -> Metric:
@@ -103,13 +110,15 @@ def in_metric_units(frame: pd.DataFrame, metric: Metric) -> pd.DataFrame:
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """Every trial of a slimtune study, one row each, ordered by trial number (the metric columns
     named and valued as the study's metric: ``val_accuracy``, or e.g. ``val_mse``)."""
-    return in_metric_units(_frame(study.get_trials(deepcopy=False), base_columns()), study_metric(study))
+    return in_metric_units(_frame(study.get_trials(deepcopy=False), base_columns() + _deploy_columns(study)),
+                           study_metric(study))
 
 
 def pareto_frame(study: optuna.Study) -> pd.DataFrame:
     """The Pareto-optimal trials (val metric at its best, size down), sorted by size."""
     best = pareto_trials(study)
-    frame = _frame(best, PARETO_COLUMNS + [k for k in _global_columns() if k != "lr"])
+    columns = [c for c in PARETO_COLUMNS if c not in DEPLOY_COLUMNS or c in _deploy_columns(study)]
+    frame = _frame(best, columns + [k for k in _global_columns() if k != "lr"])
     return in_metric_units(frame.reset_index(drop=True), study_metric(study))
 
 

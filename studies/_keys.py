@@ -16,7 +16,7 @@ FINGERPRINT = "slimtune:fingerprint"
 TEACHER = "slimtune:teacher"
 VERSION = "slimtune:version"
 METRIC_NAMES = ["val_accuracy", "size_bytes"]
-DIRECTIONS = ["maximize", "minimize"]
+DIRECTIONS = ["maximize", "minimize"]  # a study with [objective] deploy has a third, minimized, named by it
 
 TRIAL_PLAN = "plan"
 TRIAL_LAYERS = "layers"
@@ -34,6 +34,7 @@ TRIAL_THREADS = "torch_threads"
 TRIAL_WORKER = "worker"  # {"host", "pid", "run"}: who ran the trial (a run counts its own trials by "run")
 TRIAL_REFINES = "refines"  # on a refinement trial: the number of the trial whose plan it trains again
 TRIAL_SEEDED = "seeded"  # on a seeded plan (search.seed): "sensitivity" (allocated) or "uniform"
+TRIAL_DEPLOY = "deploy"  # with [objective] deploy: {"onnx_bytes", "latency_ms", "batch"} of the trial's integer ONNX
 
 TEACHER_BLOB = "teacher"
 TEACHER_LOCK = "teacher.lock"

@@ -62,6 +62,7 @@ class TrialRecord:
     worker: dict[str, Any] | None = None
     feasible: bool = True
     params: dict[str, Any] = field(default_factory=dict)
+    deploy: dict[str, float] = field(default_factory=dict)  # [objective] deploy: onnx_bytes, latency_ms, batch
 
     @classmethod
     def of(cls, trial: FrozenTrial) -> TrialRecord:
@@ -90,6 +91,7 @@ class TrialRecord:
             worker=attrs.get(keys.TRIAL_WORKER),
             feasible=all(v <= 0 for v in trial.constraints.values()),
             params=dict(trial.params),
+            deploy=dict(attrs.get(keys.TRIAL_DEPLOY) or {}),
         )
 
     @property
@@ -154,8 +156,11 @@ class TrialWriter:
         self.trial.set_user_attr(keys.TRIAL_SECONDS, seconds)
 
     def completed(self, test_accuracy: float, compression_ratio: float, seconds: dict[str, float],
-                  teacher_source: str, threads: int) -> None:
-        """Its results beside the two objectives (which ``study.tell`` records)."""
+                  teacher_source: str, threads: int, deploy: dict[str, float] | None = None) -> None:
+        """Its results beside the objectives (which ``study.tell`` records); ``deploy``: what its
+        integer ONNX weighs and how fast it ran (``[objective] deploy``)."""
+        if deploy:
+            self.trial.set_user_attr(keys.TRIAL_DEPLOY, deploy)
         self.trial.set_user_attr(keys.TRIAL_TEST_ACCURACY, test_accuracy)
         self.trial.set_user_attr(keys.TRIAL_RATIO, compression_ratio)
         self.trial.set_user_attr(keys.TRIAL_STOP_REASON, COMPLETED)

@@ -13,6 +13,10 @@ Sections, each figure in a ``<div>`` with a stable id:
   the last section instead of being plotted;
 - the Pareto table (:func:`~slimtune.studies.pareto_frame`);
 - ``layer-heatmaps``: per layer (model order) and Pareto trial: bits, achieved sparsity, KD temperature;
+- ``deploy-objective`` (a study with ``[objective] deploy``): the third objective against size,
+  coloured by the validation metric, the Pareto trials on all three ringed;
+- ``sensitivity-chart`` (when the study measured a sensitivity pass, ``[search.seed]``): the
+  metric's drop when one layer alone is compressed at each knob value, per layer;
 - ``hypervolume``: hypervolume of the complete trials against trial number, in
   (validation accuracy, log10 compression ratio) space with reference (0, ratio 1);
 - ``importances``: fANOVA parameter importances for validation accuracy and for log10 size;
@@ -54,6 +58,7 @@ from ._figures import (
 from ._frames import pareto_frame, study_metric
 from ._record import TrialRecord
 from ._selection import pareto_trials, within_drop
+from ._sensitivity import clean_sensitivity, sensitivity_figure, stored_sensitivity
 from ._storage import mask_url
 
 TRIALS_TABLE = "trials-table"
@@ -61,6 +66,8 @@ PARETO_DIV = "pareto-front"
 HEATMAPS_DIV = "layer-heatmaps"
 HYPERVOLUME_DIV = "hypervolume"
 IMPORTANCES_DIV = "importances"
+SENSITIVITY_DIV = "sensitivity-chart"
+DEPLOY_DIV = "deploy-objective"
 _PLOT_CONFIG = {"displaylogo": False, "responsive": True}
 
 # Sorting the trial table by a click on its header: a few lines of our own, so the page stays offline.
@@ -248,6 +255,47 @@ def _hypervolume_figure(trials: list[FrozenTrial], dense_bytes: float) -> Any:
     return fig
 
 
+DEPLOY_LABELS = {"latency_ms": "latency of its integer ONNX (ms)", "onnx_bytes": "bytes of its integer ONNX file"}
+
+
+def _deploy_figure(complete: list[FrozenTrial], on_front: set[int], objective: str, metric: Metric) -> Any:
+    """The third objective against size, every complete trial coloured by its validation metric,
+    the Pareto trials (on all three objectives) ringed in red: the 3-objective view."""
+    import plotly.graph_objects as go
+
+    shown = [t for t in complete if len(t.values) > 2]
+    scale = 100 if metric.percent else 1
+    fig = go.Figure(go.Scatter(
+        x=[t.values[1] for t in shown], y=[t.values[2] for t in shown], mode="markers",
+        marker=dict(size=[12 if t.number in on_front else 8 for t in shown],
+                    color=[scale * (metric.value(t.values[0]) or 0) for t in shown], colorscale="Viridis",
+                    reversescale=not metric.maximize, showscale=True,
+                    colorbar=dict(title=dict(text=f"val {metric.label}" + (" (%)" if metric.percent else ""))),
+                    line=dict(color=[FRONT_COLOR if t.number in on_front else "white" for t in shown], width=2)),
+        customdata=[[t.number, metric.format_score(t.values[0]), "Pareto" if t.number in on_front else ""]
+                    for t in shown],
+        hovertemplate="trial #%{customdata[0]} %{customdata[2]}<br>val %{customdata[1]}<br>%{x:,} bytes"
+                      f"<br>{objective} %{{y:.4g}}<extra></extra>"))
+    fig.update_layout(template="plotly_white", margin=dict(l=80, r=20, t=20, b=50),
+                      xaxis=dict(title=dict(text="packed artifact (bytes, log)"), type="log"),
+                      yaxis=dict(title=dict(text=DEPLOY_LABELS.get(objective, objective))))
+    return fig
+
+
+def _deploy_section(study: optuna.Study, complete: list[FrozenTrial], front: list[FrozenTrial], metric: Metric) -> str:
+    """The 3-objective view of a study with ``[objective] deploy``; ``""`` for a 2-objective study."""
+    if len(study.directions) < 3:
+        return ""
+    names = study.metric_names or []
+    objective = names[2] if len(names) > 2 else "deploy"
+    body = (_figure_html(_deploy_figure(complete, {t.number for t in front}, objective, metric), DEPLOY_DIV, 420)
+            if complete else "<p class=\"note\">No complete trial yet.</p>")
+    return ("<section id=\"deploy\"><h2>Third objective: " + _esc(objective) + "</h2><p class=\"note\">Each "
+            "complete trial's " + _esc(DEPLOY_LABELS.get(objective, objective)) + ", measured on the worker that ran "
+            "it, against its packed size; colour: validation metric; ringed in red: the Pareto trials on all three "
+            "objectives (those the tables above list).</p>" + body + "</section>")
+
+
 def _importances(complete: list[FrozenTrial], study: optuna.Study) -> tuple[dict[str, dict[str, float]] | None, str]:
     """fANOVA importances for val accuracy and log10 size, or ``None`` and why not."""
     if len(complete) < 2:
@@ -433,13 +481,35 @@ def _others_table(trials: list[FrozenTrial], metric: Metric) -> str:
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
+def _sensitivity_section(study: optuna.Study, storage_url: str, metric: Metric) -> str:
+    """The per-layer sensitivity chart, when the study measured a pass (``[search.seed]``); else ``""``."""
+    try:
+        stored = stored_sensitivity(study._storage, study.study_name)
+    except TypeError:  # not a database (an in-memory study): no blobs
+        stored = None
+    if stored is None:
+        return ""
+    data = clean_sensitivity(stored)
+    if data is None:
+        body = "<p class=\"note\">The stored pass holds no readable layer.</p>"
+    else:
+        fig, height = sensitivity_figure(data, metric)
+        cost = (f" It measured {sum(len(l['points']) for l in data['layers'].values())} plans on "
+                f"{int(data['samples']):,} validation samples in {data['seconds']:.1f} s."
+                if "samples" in data and "seconds" in data else "")
+        body = (f"<p class=\"note\">What compressing one layer alone costs, without fine-tuning: the teacher with only "
+                f"that layer at a knob's value, packed and scored on validation samples; the seeded plans are "
+                f"allocated from it.{_esc(cost)}</p>" + _figure_html(fig, SENSITIVITY_DIV, height))
+    return f"<section id=\"sensitivity\"><h2>Per-layer sensitivity</h2>{body}</section>"
+
+
 def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | None = None) -> str:
     """The HTML report of ``study`` as one string (see the module docstring for its contents)."""
-    if len(study.directions) != 2:
+    if len(study.directions) not in (2, 3):
         from slimtune.spaces import SpecError
 
-        raise SpecError("--study", study.study_name, "a slimtune study (two objectives: val accuracy, size)",
-                        "is not a slimtune study")
+        raise SpecError("--study", study.study_name, "a slimtune study (objectives: val accuracy, size, and maybe "
+                        "a deploy figure)", "is not a slimtune study")
     now = now or _dt.datetime.now(_dt.timezone.utc)
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
@@ -537,6 +607,8 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
         hv = _figure_html(_hypervolume_figure(trials, float(dense)), HYPERVOLUME_DIV, 340)
     else:
         hv = "<p class=\"note\">Needs complete trials and the teacher's size.</p>"
+    sections.append(_deploy_section(study, complete, ordered_front, metric))
+    sections.append(_sensitivity_section(study, storage_url, metric))
     sections.append(
         "<section id=\"progress\"><h2>Hypervolume</h2>"
         "<p class=\"note\">Area dominated by the complete trials so far, in (validation accuracy, log10 compression "

@@ -42,11 +42,20 @@ def refined_trials(trials: list[FrozenTrial]) -> set[int]:
     return found
 
 
+def _dominates(a: FrozenTrial, b: FrozenTrial) -> bool:
+    """``a`` is at least as accurate and no larger (nor slower: a third objective) than ``b``, and not equal."""
+    return (a.values[0] >= b.values[0] and all(x <= y for x, y in zip(a.values[1:], b.values[1:]))
+            and tuple(a.values) != tuple(b.values))
+
+
 def front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """The complete, feasible trials of ``trials`` that no other one beats, smallest first (ties:
-    more accurate first, then by number)."""
+    more accurate first, then by number); with a third objective (``[objective] deploy``), on
+    all three."""
     candidates = sorted((t for t in trials if t.state == TrialState.COMPLETE and TrialRecord.of(t).feasible),
                         key=lambda t: (t.values[1], -t.values[0], t.number))
+    if any(len(t.values) > 2 for t in candidates):
+        return [t for t in candidates if not any(_dominates(other, t) for other in candidates)]
     chosen: list[FrozenTrial] = []
     for trial in candidates:  # by size: on the front if more accurate than every smaller trial
         best = chosen[-1] if chosen else None

@@ -167,3 +167,33 @@ def test_bench_measures_the_integer_onnx_beside_the_teacher(db: str, capsys: pyt
     with pytest.raises(SystemExit) as refused:
         main(["bench", "--study", STUDY, "--storage", db, "--trial", str(trial.number), "--batch", "1,0"])
     assert refused.value.code == 2 and "'0' is not allowed; allowed: a batch size in 1..65536" in capsys.readouterr().err
+
+
+def test_a_latency_objective_makes_a_three_objective_study_with_its_report(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "s.toml"
+    spec.write_text(SPEC + '\n[objective]\ndeploy = "latency_ms"\nlatency_batch = 4\n')
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert main(["search", str(spec), "--storage", url, "--threads", "1", "--quiet"]) == 0
+    study = optuna.load_study(study_name=STUDY, storage=url)
+    assert len(study.directions) == 3 and study.metric_names == ["val_accuracy", "size_bytes", "latency_ms"]
+    trial = _trial(url)
+    deploy = trial.user_attrs[keys.TRIAL_DEPLOY]
+    assert trial.values[2] == deploy["latency_ms"] > 0 and deploy["batch"] == 4
+    # onnx_bytes is the file export --onnx writes for the trial
+    assert main(["export", "--study", STUDY, "--storage", url, "--trial", str(trial.number),
+                 "--out", str(tmp_path / "m.slim"), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert deploy["onnx_bytes"] == (tmp_path / "m.onnx").stat().st_size
+
+    capsys.readouterr()
+    assert main(["pareto", "--study", STUDY, "--storage", url]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header[:6] == ["trial", "val_accuracy", "test_accuracy", "size_bytes", "onnx_bytes", "latency_ms"]
+    assert main(["report", "--study", STUDY, "--storage", url, "--out", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert 'id="deploy-objective"' in page and "Third objective: latency_ms" in page
+
+    # the objectives are the study's: another deploy objective is refused, even with --force
+    spec.write_text(SPEC)
+    assert main(["search", str(spec), "--storage", url, "--threads", "1", "--quiet", "--force"]) == 2
+    assert "objective.deploy: 'none'" in capsys.readouterr().err and len(study.trials) == 2

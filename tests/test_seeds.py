@@ -11,9 +11,8 @@ import optuna
 import pytest
 
 from slimtune.search import main
-from slimtune.search._seeding import stored_sensitivity
-from slimtune.spaces import parse_spec, seed_params, sensitivity_grid, uniform_params
-from slimtune.studies import keys, open_storage
+from slimtune.spaces import metric, parse_spec, seed_params, sensitivity_grid, uniform_params
+from slimtune.studies import clean_sensitivity, keys, open_storage, sensitivity_figure, stored_sensitivity
 
 from .conftest import SPEC_TOML, digits_spec_dict
 
@@ -76,6 +75,9 @@ def test_the_pass_is_stored_once_deterministic_and_seeds_run_first_marked(
     study = optuna.load_study(study_name="digits-test", storage=url)
     assert [t.user_attrs.get(keys.TRIAL_SEEDED) for t in study.trials][5:] == [None, None]
     assert stored_sensitivity(storage, "digits-test") == first
+    assert main(["report", "--study", "digits-test", "--storage", url, "--out", str(tmp_path / "r.html")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert 'id="sensitivity-chart"' in page and f"It measured {sum(counts.values())} plans on 200 validation" in page
 
     other = tmp_path / "again"
     other.mkdir()
@@ -95,3 +97,17 @@ def test_a_bad_seed_setting_exits_2_and_writes_nothing(tmp_path: Path, capsys: p
     assert main(["search", str(spec), "--storage", url]) == 2
     assert "search.seed.plans" in capsys.readouterr().err
     assert not (tmp_path / "s.db").exists()
+
+
+def test_the_chart_reads_the_stored_pass_as_data() -> None:
+    good = {"knob": "weight_bits", "value": 4, "score": 0.8, "bytes": 100}
+    data = {"base_score": 0.9, "samples": 10, "layers": {
+        "fc1": {"bytes": 400, "points": [good, {"knob": "weight_bits", "value": "<script>", "score": 0.1, "bytes": 1},
+                                         {"knob": 3, "value": 2, "score": 0.5, "bytes": 9}, "junk"]},
+        "fc2": {"points": "not a list"}, 7: {"points": [good]}}}
+    clean = clean_sensitivity(data)
+    assert clean == {"base_score": 0.9, "samples": 10, "layers": {"fc1": {"bytes": 400, "points": [good]}}}
+    fig, _ = sensitivity_figure(clean, metric("accuracy"))
+    assert [list(trace.x) for trace in fig.data] == [[4]] and round(fig.data[0].y[0], 6) == 10.0  # points
+    assert clean_sensitivity({"base_score": float("nan"), "layers": {}}) is None
+    assert clean_sensitivity([1, 2]) is None

@@ -31,8 +31,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -43,6 +45,7 @@ from torch import nn
 
 from slimtune.spaces import SpecError, metric_of
 
+from ._bench import bench_onnx
 from ._data import prepare_datamodule
 from ._export import artifact_datamodule, example_batch, load_artifact
 from ._pack import StoredCodes, unpack_codes
@@ -300,6 +303,32 @@ class OnnxExport:
     recorded: float | None = None
 
 
+def write_model_onnx(model: nn.Module, blob: bytes, x: torch.Tensor, path: str | os.PathLike[str], *,
+                     integer: bool = True, option: str = "--onnx") -> OnnxExport:
+    """Write ``model`` (the artifact ``blob``'s, read back; thinned in place when ``integer``) to
+    ``path`` as ONNX and check its logits on the inputs ``x`` in onnxruntime (no score yet)."""
+    with torch.no_grad():
+        expected = model(x)
+    thinned: dict[str, tuple[int, int]] = {}
+    codes: dict[str, StoredCodes] = {}
+    if integer:
+        before = {n: m.weight.shape[0] for n, m in model.named_modules()
+                  if isinstance(getattr(m, "weight", None), torch.Tensor)}
+        kept = thin_units(model, x, UNIT_MULTIPLE)
+        thinned = {layer: (before[layer], len(index)) for layer, index in kept.items()}
+        codes = _thin_codes(model, unpack_codes(blob), kept)
+    _exported(model.eval(), x, path, option, INTEGER_OPSET if codes else None)
+    state = {n: t.detach().cpu().numpy() for n, t in model.state_dict().items() if n in codes}
+    done = _integer_weights(str(path), codes, state) if codes else []
+    result = OnnxExport(str(path), os.path.getsize(path), len(done), sorted(set(codes) - set(done)), thinned, len(x))
+    try:
+        result.max_diff = check_onnx(path, x, expected)
+    except ValueError as exc:
+        raise SpecError(option, str(path), "an ONNX model that reproduces PyTorch's logits (same classes)",
+                        f"fails the onnxruntime check on {len(x)} validation inputs: {exc}") from None
+    return result
+
+
 def export_artifact_onnx(blob: bytes, path: str | os.PathLike[str], *, integer: bool = True,
                          recorded_score: float | None = None, name: str = "the artifact",
                          option: str = "--onnx", template: nn.Module | None = None,
@@ -313,25 +342,7 @@ def export_artifact_onnx(blob: bytes, path: str | os.PathLike[str], *, integer: 
     artifact's references are built)."""
     model, meta = load_artifact(blob, name, template=template)
     dm = prepare_datamodule(datamodule) if datamodule is not None else artifact_datamodule(meta, name)
-    x = example_batch(dm)
-    with torch.no_grad():
-        expected = model(x)
-    thinned: dict[str, tuple[int, int]] = {}
-    codes: dict[str, StoredCodes] = {}
-    if integer:
-        before = {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
-        kept = thin_units(model, x, UNIT_MULTIPLE)
-        thinned = {layer: (before[layer], len(index)) for layer, index in kept.items()}
-        codes = _thin_codes(model, unpack_codes(blob), kept)
-    _exported(model.eval(), x, path, option, INTEGER_OPSET if codes else None)
-    state = {n: t.detach().cpu().numpy() for n, t in model.state_dict().items() if n in codes}
-    done = _integer_weights(str(path), codes, state) if codes else []
-    result = OnnxExport(str(path), os.path.getsize(path), len(done), sorted(set(codes) - set(done)), thinned, len(x))
-    try:
-        result.max_diff = check_onnx(path, x, expected)
-    except ValueError as exc:
-        raise SpecError(option, str(path), "an ONNX model that reproduces PyTorch's logits (same classes)",
-                        f"fails the onnxruntime check on {len(x)} validation inputs: {exc}") from None
+    result = write_model_onnx(model, blob, example_batch(dm), path, integer=integer, option=option)
     metric = metric_of(meta)
     result.val = evaluate(OnnxModel(path), dm.val_dataloader(), metric.name)
     result.recorded = metric.value(recorded_score)
@@ -341,3 +352,26 @@ def export_artifact_onnx(blob: bytes, path: str | os.PathLike[str], *, integer: 
                         f"scores {metric.format(result.val)} in onnxruntime against the recorded "
                         f"{metric.format(result.recorded)}")
     return result
+
+
+DEPLOY_RUNS = 50  # timed calls behind a trial's latency_ms (after the warm-up calls)
+
+
+def deploy_figures(model: nn.Module, blob: bytes, dm: Any, batch: int) -> dict[str, float]:
+    """What the trial's integer ONNX weighs and how fast it runs here: ``{"onnx_bytes",
+    "latency_ms"}`` (onnxruntime, one thread, the median of :data:`DEPLOY_RUNS` calls at
+    ``batch`` validation inputs, in a fresh process); ``model`` is the artifact's, read back
+    (a copy is thinned)."""
+    x = example_batch(dm)
+    inputs = []
+    for each in dm.val_dataloader():
+        inputs.append(each[-2])
+        if sum(len(i) for i in inputs) >= batch:
+            break
+    with tempfile.TemporaryDirectory(prefix="slimtune-deploy-") as folder:
+        path = os.path.join(folder, "trial.onnx")
+        written = write_model_onnx(copy.deepcopy(model).eval(), blob, x, path)
+        timing = bench_onnx(path, torch.cat(inputs).cpu().numpy(), (batch,), threads=1, runs=DEPLOY_RUNS)
+    return {"onnx_bytes": float(written.bytes), "latency_ms": timing.latency_ms[batch][0]}
+
+

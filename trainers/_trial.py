@@ -32,6 +32,7 @@ from ._export import example_batch
 from ._tensordata import materialize
 from ._lightning import AccuracyFloor, DistillationModule, quiet_trainer, run_logger, untappable_layers
 from ._models import compressible_layers, dense_parameter_bytes, model_from_meta
+from ._onnx import deploy_figures
 from ._pack import layer_stats, pack_model, unpack_model
 from ._schedule import PromotionGate, weight_averaging
 from ._teacher import TeacherCache, evaluate, train_loader_for
@@ -54,6 +55,7 @@ class TrialResult:
     artifact: bytes = b""
     teacher_source: str = ""
     promoted: bool | None = None
+    deploy: dict[str, float] = field(default_factory=dict)  # [objective] deploy: onnx_bytes, latency_ms, batch
 
     @property
     def mean_bits(self) -> float:
@@ -250,4 +252,9 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     result.val_accuracy = metric.score(evaluate(restored, ctx.datamodule.val_dataloader(), metric.name))
     result.test_accuracy = metric.score(evaluate(restored, ctx.datamodule.test_dataloader(), metric.name))
     result.seconds["evaluate"] = time.perf_counter() - started
+    if ctx.spec.deploy is not None:  # the third objective: the trial's own integer ONNX, on this machine
+        started = time.perf_counter()
+        batch = ctx.spec.objective.latency_batch
+        result.deploy = {**deploy_figures(restored.eval(), result.artifact, ctx.datamodule, batch), "batch": batch}
+        result.seconds["deploy"] = time.perf_counter() - started
     return result
