@@ -198,11 +198,12 @@ def measure(net: str, name: str, storage: str, folder: Path, runs: int) -> dict[
     for row in rows:
         row["bytes_vs_best_int8"] = smallest / row["bytes"]
         row["speed_vs_best_int8"] = {str(b): fastest[b] / row["latency_ms"][str(b)][0] for b in BATCHES}
-    return {"net": net, "study": name, "trials": len(study.trials), "rows": rows}
+    complete = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+    return {"net": net, "study": name, "trials": len(study.trials), "complete": complete, "rows": rows}
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"**{result['net']}** ({result['trials']} trials)", "",
+    lines = [f"**{result['net']}** ({result['complete']} complete trials of {result['trials']})", "",
              "| model | file bytes | test acc. | batch 1 ms | batch 256 ms | peak RSS | smaller than best int8 | "
              "as fast as best int8 (1 / 256) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
