@@ -2,10 +2,11 @@
 
 Run by hand from the repository root, after ``make test`` (or ``make demo``) once for the venv::
 
-    .venv/bin/python benchmarks/deploy.py [--nets lenet300,lenet5,residual] [--trials N] [--runs 200]
+    .venv/bin/python benchmarks/deploy.py [--nets lenet300,lenet300-onnx,lenet5,residual] [--trials N] [--runs 200]
 
-Per net, one search (``slimtune search``, the preset's settings or, for the residual CNN on
-digits, the default space with the architectures benchmark's budget; ``--reuse`` measures the
+Per net, one search (``slimtune search``, the preset's settings, ``lenet300-onnx`` with
+``[objective] deploy = "onnx_bytes"`` added, or, for the residual CNN on digits, the default
+space with the architectures benchmark's budget; ``--reuse`` measures the
 studies already in ``--storage`` instead) and then, in this one run: the dense fp32 teacher
 exported to ONNX; onnxruntime's ``quantize_dynamic`` of it (int8 weights, its defaults) and
 ``quantize_static`` (QDQ int8 weights and activations, calibrated on 512 training inputs, its
@@ -75,19 +76,27 @@ batch_size = 32
 epochs = 3
 batch_size = 32
 """
-NETS = {"lenet300": ("lenet300-mnist", 40), "lenet5": ("lenet5-mnist", 30), "residual": (None, 60)}
+# net: (preset, trials, spec tables added to the preset's); lenet300-onnx searches the ONNX file's bytes too
+NETS = {"lenet300": ("lenet300-mnist", 40, ""),
+        "lenet300-onnx": ("lenet300-mnist", 40, '[objective]\ndeploy = "onnx_bytes"\n'),
+        "lenet5": ("lenet5-mnist", 30, ""), "residual": (None, 60, "")}
 
 
 def search(net: str, trials: int, storage: str, folder: Path, threads: int) -> str:
     """Run the net's search in its own process; returns the study name."""
-    preset, _ = NETS[net]
+    preset, _, extra = NETS[net]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    name = f"deploy-{net}"
     if preset is None:
         spec = folder / f"{net}.toml"
         spec.write_text(RESIDUAL_SPEC.format(trials=trials))
-        argv, name = [str(spec)], "deploy-residual"
+        argv = [str(spec)]
+    elif extra:
+        spec = folder / f"{net}.toml"
+        spec.write_text((ROOT / "studies" / "presets" / f"{preset}.toml").read_text() + "\n" + extra)
+        argv = [str(spec), "--study", name, "--trials", str(trials)]
     else:
-        argv, name = ["--preset", preset, "--study", f"deploy-{net}", "--trials", str(trials)], f"deploy-{net}"
+        argv = ["--preset", preset, "--study", name, "--trials", str(trials)]
     try:
         optuna.delete_study(study_name=name, storage=storage)
     except KeyError:

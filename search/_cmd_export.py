@@ -3,8 +3,9 @@
 ``export`` writes exactly the artifact bytes stored for a trial, so the file's length is the
 trial's recorded ``size_bytes``; ``--onnx`` adds the model as integer ONNX (its stored codes,
 unit-pruned layers thinner) and ``--onnx-float`` as dequantized float ONNX, each checked in
-onnxruntime against PyTorch and against the trial's recorded validation score. ``evaluate`` reads a ``.slim`` file back (weights only) and
-measures it on its own data. Bad input exits 2 and leaves no file behind.
+onnxruntime against PyTorch and against the trial's recorded validation score. ``evaluate``
+reads a ``.slim`` file back (weights only) and measures it on its own data. Bad input exits 2
+and leaves no file behind.
 
 Example::
 
