@@ -1,6 +1,8 @@
 """The ``bench`` command: a trial's integer ONNX measured beside the study's dense fp32 teacher.
 
-Both are exported to ONNX in a temporary folder (the trial's as ``export --onnx`` writes it,
+A ``.slim`` file (``slimtune bench MODEL.slim``) is measured beside the dense fp32 ONNX of its
+own weights instead (a file holds no teacher: that row has the teacher's architecture and size,
+not its accuracy). Both are exported to ONNX in a temporary folder (the trial's as ``export --onnx`` writes it,
 checked the same way; the teacher's from the weights the study stores) and measured alike, each
 in a fresh process (``slimtune.trainers.bench_onnx``): file bytes, median and 90th-percentile
 latency per batch size, peak resident memory, and validation and test accuracy in onnxruntime;
@@ -9,6 +11,7 @@ then the ratios of the trial against the teacher, measured in this one run.
 Example::
 
     slimtune bench --study lenet300-mnist --max-drop 0.01 --batch 1,256 --threads 1
+    slimtune bench lenet.slim --batch 1,256
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ def add_parser(subparsers: Any) -> None:
     """Add the ``bench`` subcommand."""
     bench = subparsers.add_parser("bench", help="a trial's integer ONNX beside the dense fp32 teacher: bytes, latency, "
                                   "memory, accuracy")
-    bench.add_argument("--study", required=True)
+    bench.add_argument("artifact", nargs="?", metavar="MODEL.slim",
+                       help="a file written by export (instead of --study): beside its own dense fp32 ONNX")
+    bench.add_argument("--study", help="a study: one of its trials beside its stored teacher")
     add_storage_option(bench)
-    add_trial_choice(bench)
+    add_trial_choice(bench, required=False)
     bench.add_argument("--batch", type=_batches, default=(1, 256), metavar="B[,B...]",
                        help="batch sizes to time (default 1,256)")
     bench.add_argument("--threads", type=_threads, default=1, help="onnxruntime intra-op threads (default 1)")
@@ -93,28 +98,55 @@ def _print(rows: list[dict[str, Any]], metric: Any, batches: tuple[int, ...]) ->
             timing = f"{cell['median']:.4f} ({cell['p90']:.4f})"
             line += f" {timing:>22}"
         print(line + f" {row['peak_rss_mib']:>7.1f} MiB")
-    teacher, trial = rows
-    ratios = [f"{teacher['bytes'] / trial['bytes']:.1f}x smaller"]
-    ratios += [f"{teacher['latency_ms'][str(b)]['median'] / trial['latency_ms'][str(b)]['median']:.2f}x "
+    dense, trial = rows
+    ratios = [f"{dense['bytes'] / trial['bytes']:.1f}x smaller"]
+    ratios += [f"{dense['latency_ms'][str(b)]['median'] / trial['latency_ms'][str(b)]['median']:.2f}x "
                f"as fast at batch {b}" for b in batches]
-    print(f"{trial['model']} against the teacher, this run: {', '.join(ratios)}")
+    print(f"{trial['model']} against the {dense['model'].split(',')[0]}, this run: {', '.join(ratios)}")
+
+
+def _chosen(args: argparse.Namespace) -> tuple[bytes, str, str, float | None, Any]:
+    """``(artifact bytes, its name in messages, its label, recorded val score or None, study or
+    None)`` of a ``.slim`` file or of the study trial ``--trial``/``--max-drop`` names."""
+    if (args.artifact is None) == (args.study is None):
+        raise SpecError("bench", args.artifact or args.study or "(no model)", "either a .slim file or --study with --trial or "
+                        "--max-drop", "names both" if args.artifact else "names neither")
+    if args.artifact is not None:
+        if args.trial is not None or args.max_drop is not None:
+            raise SpecError("--trial/--max-drop", args.trial if args.trial is not None else args.max_drop,
+                            "a choice of trial with --study only", "was given with a .slim file")
+        path = Path(args.artifact)
+        if not path.is_file():
+            raise SpecError("artifact", str(path), "a file written by slimtune export",
+                            "is not a file" if path.exists() else "does not exist")
+        return path.read_bytes(), str(path), f"{path.name}, integer ONNX", None, None
+    if args.trial is None and args.max_drop is None:
+        raise SpecError("--study", args.study, "--study with --trial N or --max-drop D", "names no trial")
+    study = load_existing_study(args.study, args.storage)
+    trial, said = pick_trial(study, args.trial, args.max_drop)
+    print(said)
+    return (stored_artifact(args.storage, study, trial), f"the stored artifact of trial {trial.number} of study "
+            f"{study.study_name}", f"trial {trial.number}, integer ONNX", trial.values[0], study)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    require_onnx_extra("bench", args.study)
-    study = load_existing_study(args.study, args.storage)
-    metric = study_metric(study)
-    trial, said = pick_trial(study, args.trial, args.max_drop)
-    print(said)
-    blob = stored_artifact(args.storage, study, trial)
+    require_onnx_extra("bench", args.artifact or args.study)
+    blob, name, label, recorded, study = _chosen(args)
 
     import torch
 
-    from slimtune.trainers import artifact_datamodule, example_batch, silence_lightning, unpack_model
+    from slimtune.spaces import metric_of
+    from slimtune.trainers import (
+        artifact_datamodule, example_batch, export_artifact_onnx, silence_lightning, unpack_codes, unpack_model,
+    )
 
     silence_lightning()
-    name = f"the stored artifact of trial {trial.number} of study {study.study_name}"
-    meta = unpack_model(blob)[1]
+    try:
+        meta = unpack_model(blob)[1]
+        unpack_codes(blob)
+    except (ValueError, KeyError, TypeError, EOFError, OverflowError) as exc:
+        raise SpecError("artifact", name, "a file written by slimtune export", f"is not readable ({exc})") from None
+    metric = study_metric(study) if study is not None else metric_of(meta)
     dm = artifact_datamodule(meta, name)
     inputs = []
     for batch in dm.val_dataloader():
@@ -123,16 +155,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             break
     sample = torch.cat(inputs).numpy()  # the inputs' own dtype (token ids stay integers)
     with tempfile.TemporaryDirectory(prefix="slimtune-bench-") as folder:
-        teacher_path, trial_path = Path(folder) / "teacher.onnx", Path(folder) / "trial.onnx"
-        _teacher_onnx(study, args.storage, meta, example_batch(dm), teacher_path)
-        write_onnx(blob, trial_path, name, trial.values[0], metric, integer=True, option="bench")
-        rows = [_row("teacher, fp32 ONNX", teacher_path, dm, metric, sample, args),
-                _row(f"trial {trial.number}, integer ONNX", trial_path, dm, metric, sample, args)]
+        dense_path, trial_path = Path(folder) / "dense.onnx", Path(folder) / "trial.onnx"
+        if study is not None:
+            _teacher_onnx(study, args.storage, meta, example_batch(dm), dense_path)
+            dense_label = "teacher, fp32 ONNX"
+        else:  # no teacher in a file: the same weights, dequantized and dense (the teacher's architecture and size)
+            export_artifact_onnx(blob, dense_path, integer=False, name=name, option="bench")
+            dense_label = "dense fp32 ONNX of the same weights"
+        write_onnx(blob, trial_path, name, recorded, metric, integer=True, option="bench")
+        rows = [_row(dense_label, dense_path, dm, metric, sample, args),
+                _row(label, trial_path, dm, metric, sample, args)]
     rows[1]["slim_bytes"] = len(blob)
     if args.json:
         print(json.dumps(rows))
     else:
         _print(rows, metric, args.batch)
-        print(f"(the trial's .slim artifact: {len(blob):,} bytes; {args.threads} onnxruntime thread(s), "
+        print(f"(the .slim artifact: {len(blob):,} bytes; {args.threads} onnxruntime thread(s), "
               f"{args.runs} timed calls per batch size, each file in a fresh process)")
     return 0

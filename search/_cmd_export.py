@@ -114,9 +114,9 @@ def _staged(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def add_trial_choice(parser: argparse.ArgumentParser) -> None:
-    """``--trial N`` or ``--max-drop D`` (one of them), as ``export`` takes them."""
-    which = parser.add_mutually_exclusive_group(required=True)
+def add_trial_choice(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--trial N`` or ``--max-drop D`` (one of them, unless not ``required``), as ``export`` takes them."""
+    which = parser.add_mutually_exclusive_group(required=required)
     which.add_argument("--trial", type=_trial_number, help="a complete trial, by number")
     which.add_argument("--max-drop", type=_drop, metavar="D",
                        help="the smallest Pareto-optimal trial whose val metric is within D of the teacher's")
@@ -147,7 +147,7 @@ def stored_artifact(storage_url: str, study: optuna.Study, trial: FrozenTrial) -
     return blob
 
 
-def write_onnx(blob: bytes, path: Path, name: str, recorded_score: float, metric: Metric, *, integer: bool,
+def write_onnx(blob: bytes, path: Path, name: str, recorded_score: float | None, metric: Metric, *, integer: bool,
                option: str, template: Any = None, datamodule: Any = None) -> str:
     """Write the artifact's model as ONNX (integer or float; checked in onnxruntime, see
     ``slimtune.trainers.export_artifact_onnx``) and say what was written and checked."""
@@ -162,8 +162,8 @@ def write_onnx(blob: bytes, path: Path, name: str, recorded_score: float, metric
         kind += ", ...)" if len(done.float_weights) > 4 else ")"
     thinned = "".join(f", {layer} {before}->{after} units" for layer, (before, after) in done.thinned.items())
     return (f"{done.bytes:,} bytes, {kind}{thinned}; onnxruntime matches PyTorch on {done.batch} validation inputs "
-            f"(max abs diff {done.max_diff:.2g}, same classes) and scores val {metric.format(done.val)} "
-            f"(recorded {metric.format(done.recorded)})")
+            f"(max abs diff {done.max_diff:.2g}, same classes) and scores val {metric.format(done.val)}"
+            + ("" if done.recorded is None else f" (recorded {metric.format(done.recorded)})"))
 
 
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")

@@ -144,7 +144,8 @@ def test_a_unit_read_by_its_consumer_stays_even_with_a_zero_row() -> None:
     assert thin_units(net) == {} and net[0].out_features == 3
 
 
-def test_bench_measures_the_integer_onnx_beside_the_teacher(db: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_measures_the_integer_onnx_beside_the_teacher(db: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
     trial = _trial(db)
@@ -164,6 +165,18 @@ def test_bench_measures_the_integer_onnx_beside_the_teacher(db: str, capsys: pyt
 
     assert main(["bench", "--study", STUDY, "--storage", db, "--trial", str(trial.number), "--runs", "5"]) == 0
     assert "against the teacher, this run:" in capsys.readouterr().out
+    # a .slim file alone: beside the dense fp32 ONNX of its own weights
+    slim = tmp_path / "m.slim"
+    assert main(["export", "--study", STUDY, "--storage", db, "--trial", str(trial.number), "--out", str(slim)]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(slim), "--batch", "8", "--runs", "3", "--json"]) == 0
+    dense, alone = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert dense["model"] == "dense fp32 ONNX of the same weights" and alone["model"] == "m.slim, integer ONNX"
+    assert dense["val_accuracy"] == pytest.approx(alone["val_accuracy"], abs=1e-3) == pytest.approx(trial.values[0], abs=1e-3)
+    assert alone["bytes"] == row["bytes"] and dense["bytes"] >= 3 * alone["bytes"]
+    for argv in ([str(slim), "--study", STUDY], [str(slim), "--trial", "0"], ["--study", STUDY, "--storage", db], []):
+        assert main(["bench", *argv]) == 2, argv
+    assert "either a .slim file or --study with --trial or --max-drop" in capsys.readouterr().err
     with pytest.raises(SystemExit) as refused:
         main(["bench", "--study", STUDY, "--storage", db, "--trial", str(trial.number), "--batch", "1,0"])
     assert refused.value.code == 2 and "'0' is not allowed; allowed: a batch size in 1..65536" in capsys.readouterr().err
