@@ -49,6 +49,7 @@ from slimtune.trainers import (
     silence_lightning, state_to_bytes, train_teacher, uncompressed_weights, unit_groups,
 )
 
+from ._cmd_export import require_onnx_extra
 from ._env import EXIT_INTERRUPTED, RUN_ENV, STORAGE_ENV
 from ._goal import GoalReached, goal_of
 from ._loop import every, run_until_target
@@ -114,6 +115,8 @@ def _check_runtime(spec: StudySpec, load_checkpoint: bool = True,
     never changed), in place of what the spec names.
     """
     given_model, given_data = given if given is not None else (None, None)
+    if spec.deploy is not None:  # every trial exports and times its ONNX file
+        require_onnx_extra("objective.deploy", spec.deploy)
     if given_data is not None:
         dm = prepare_datamodule(given_data, "datamodule", spec.data.given)
     else:

@@ -210,3 +210,14 @@ def test_a_latency_objective_makes_a_three_objective_study_with_its_report(
     spec.write_text(SPEC)
     assert main(["search", str(spec), "--storage", url, "--threads", "1", "--quiet", "--force"]) == 2
     assert "objective.deploy: 'none'" in capsys.readouterr().err and len(study.trials) == 2
+
+
+def test_a_deploy_objective_without_the_onnx_extra_exits_2_and_writes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    spec = tmp_path / "s.toml"
+    spec.write_text(SPEC + '\n[objective]\ndeploy = "onnx_bytes"\n')
+    assert main(["search", str(spec), "--storage", f"sqlite:///{tmp_path / 's.db'}", "--quiet"]) == 2
+    assert "objective.deploy: 'onnx_bytes'" in capsys.readouterr().err and not (tmp_path / "s.db").exists()
