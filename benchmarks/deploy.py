@@ -48,7 +48,7 @@ from slimtune.spaces import SpecError, trust
 from slimtune.studies import TrialRecord, get_blob, keys, open_storage, within_drop
 from slimtune.trainers import (
     OnnxModel, artifact_datamodule, bench_onnx, evaluate, example_batch, export_artifact_onnx, export_onnx,
-    load_state_bytes, model_from_meta, silence_lightning, unpack_model,
+    first_inputs, load_state_bytes, model_from_meta, silence_lightning, unpack_model,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -106,16 +106,6 @@ def search(net: str, trials: int, storage: str, folder: Path, threads: int) -> s
     return name
 
 
-def _inputs(loader: Any, count: int) -> torch.Tensor:
-    taken, seen = [], 0
-    for batch in loader:
-        taken.append(batch[-2])
-        seen += len(batch[-2])
-        if seen >= count:
-            break
-    return torch.cat(taken)[:count]
-
-
 def _torch_latency(model: nn.Module, inputs: torch.Tensor, threads: int, runs: int) -> dict[int, tuple[float, float]]:
     torch.set_num_threads(threads)
     out = {}
@@ -163,9 +153,10 @@ def measure(net: str, name: str, storage: str, folder: Path, runs: int) -> dict[
     any_trial = next(t for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
     meta = unpack_model(get_blob(db, name, keys.artifact_blob_key(any_trial.number)))[1]
     dm = artifact_datamodule(meta)
-    teacher = model_from_meta({"model": meta["model"], "data_info": meta.get("data_info")}, source=None)
+    teacher = model_from_meta({"model": meta["model"], "data_info": meta.get("data_info")},
+                              source=f"the stored spec of study {name}")
     load_state_bytes(teacher, get_blob(db, name, keys.TEACHER_BLOB))
-    test_inputs = _inputs(dm.test_dataloader(), max(BATCHES))
+    test_inputs = first_inputs(dm.test_dataloader(), max(BATCHES))
     feed = test_inputs.numpy()
 
     teacher_path = folder / f"{net}-teacher.onnx"
@@ -177,7 +168,7 @@ def measure(net: str, name: str, storage: str, folder: Path, runs: int) -> dict[
     quantize_dynamic(str(prepared), str(dynamic))
     rows.append(_onnx_row("onnxruntime quantize_dynamic (int8)", dynamic, dm, feed, runs))
     static = folder / f"{net}-static.onnx"
-    calibration = _inputs(dm.train_dataloader(), CALIBRATION_INPUTS).numpy()
+    calibration = first_inputs(dm.train_dataloader(), CALIBRATION_INPUTS).numpy()
     quantize_static(str(prepared), str(static), _Calibration(calibration, "input"))
     rows.append(_onnx_row("onnxruntime quantize_static (int8 QDQ)", static, dm, feed, runs))
 

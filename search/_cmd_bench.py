@@ -133,27 +133,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     require_onnx_extra("bench", args.artifact or args.study)
     blob, name, label, recorded, study = _chosen(args)
 
-    import torch
-
     from slimtune.spaces import metric_of
     from slimtune.trainers import (
-        artifact_datamodule, example_batch, export_artifact_onnx, silence_lightning, unpack_codes, unpack_model,
+        artifact_datamodule, example_batch, export_artifact_onnx, first_inputs, silence_lightning, unpack_model,
     )
 
     silence_lightning()
     try:
         meta = unpack_model(blob)[1]
-        unpack_codes(blob)
     except (ValueError, KeyError, TypeError, EOFError, OverflowError) as exc:
         raise SpecError("artifact", name, "a file written by slimtune export", f"is not readable ({exc})") from None
     metric = study_metric(study) if study is not None else metric_of(meta)
     dm = artifact_datamodule(meta, name)
-    inputs = []
-    for batch in dm.val_dataloader():
-        inputs.append(batch[-2])
-        if sum(len(x) for x in inputs) >= max(args.batch):
-            break
-    sample = torch.cat(inputs).numpy()  # the inputs' own dtype (token ids stay integers)
+    sample = first_inputs(dm.val_dataloader(), max(args.batch)).numpy()
     with tempfile.TemporaryDirectory(prefix="slimtune-bench-") as folder:
         dense_path, trial_path = Path(folder) / "dense.onnx", Path(folder) / "trial.onnx"
         if study is not None:

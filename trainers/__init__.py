@@ -14,7 +14,7 @@ from ._checks import check_finite_weights, check_model_and_data
 from ._compress import apply_plan, bake, method_options
 from ._data import DigitsDataModule, MnistDataModule, build_datamodule, datamodule_info, prepare_datamodule
 from ._distill import feature_kd_loss, logit_kd_loss
-from ._export import artifact_datamodule, evaluate_artifact, example_batch, load_artifact
+from ._export import artifact_datamodule, evaluate_artifact, example_batch, first_inputs, load_artifact
 from ._lightning import (
     AccuracyFloor, ClassifierModule, DistillationModule, FeatureTap, check_accelerator, check_logger, quiet_trainer,
     run_logger, silence_lightning, untappable_layers,
@@ -88,7 +88,7 @@ __all__ = [
     "batch_loader", "bench_onnx", "build_datamodule", "build_model", "channel_scales", "check_accelerator", "check_finite_weights",
     "check_logger", "check_model_and_data", "check_onnx", "compressible_layers", "cubic_sparsity", "datamodule_info",
     "dense_parameter_bytes", "dequantize", "evaluate", "evaluate_artifact", "example_batch", "export_artifact_onnx", "export_onnx",
-    "factorize", "factorized_ranks", "feature_kd_loss", "first_parameter_difference", "given_object_error",
+    "factorize", "factorized_ranks", "feature_kd_loss", "first_inputs", "first_parameter_difference", "given_object_error",
     "import_ref", "importance", "is_compressible", "layer_input_scales", "layer_stats", "load_artifact",
     "load_state_bytes", "logit_kd_loss", "magnitude_mask", "materialize", "method", "method_options", "methods",
     "metric_value", "model_from_meta", "pack_model", "prepare_datamodule", "quantize", "quiet_trainer", "rank_for",

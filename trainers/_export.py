@@ -109,3 +109,15 @@ def example_batch(dm: Any) -> torch.Tensor:
     """The inputs of the first validation batch (the last-but-one item of a batch, as in ``evaluate``)."""
     batch = next(iter(dm.val_dataloader()))
     return batch[-2]
+
+
+def first_inputs(batches: Any, count: int) -> torch.Tensor:
+    """The first ``count`` inputs of ``batches`` (fewer if it holds fewer), in their own dtype
+    (token ids stay integers), read batch by batch until there are enough."""
+    taken, seen = [], 0
+    for batch in batches:
+        taken.append(batch[-2])
+        seen += len(batch[-2])
+        if seen >= count:
+            break
+    return torch.cat(taken)[:count]

@@ -47,7 +47,7 @@ from slimtune.spaces import SpecError, metric_of
 
 from ._bench import bench_onnx
 from ._data import prepare_datamodule
-from ._export import artifact_datamodule, example_batch, load_artifact
+from ._export import artifact_datamodule, example_batch, first_inputs, load_artifact
 from ._pack import StoredCodes, unpack_codes
 from ._teacher import evaluate
 from ._thin import thin_units
@@ -363,15 +363,11 @@ def deploy_figures(model: nn.Module, blob: bytes, dm: Any, batch: int) -> dict[s
     ``batch`` validation inputs, in a fresh process); ``model`` is the artifact's, read back
     (a copy is thinned)."""
     x = example_batch(dm)
-    inputs = []
-    for each in dm.val_dataloader():
-        inputs.append(each[-2])
-        if sum(len(i) for i in inputs) >= batch:
-            break
     with tempfile.TemporaryDirectory(prefix="slimtune-deploy-") as folder:
         path = os.path.join(folder, "trial.onnx")
         written = write_model_onnx(copy.deepcopy(model).eval(), blob, x, path)
-        timing = bench_onnx(path, torch.cat(inputs).cpu().numpy(), (batch,), threads=1, runs=DEPLOY_RUNS)
+        inputs = first_inputs(dm.val_dataloader(), batch).cpu().numpy()
+        timing = bench_onnx(path, inputs, (batch,), threads=1, runs=DEPLOY_RUNS)
     return {"onnx_bytes": float(written.bytes), "latency_ms": timing.latency_ms[batch][0]}
 
 
