@@ -50,7 +50,9 @@ class GracefulStop:
 
     @contextmanager
     def trial_body(self) -> Iterator[None]:
-        """The part of a trial that may be cut at any point (the fine-tune)."""
+        """The part of a trial that may be cut at any point (the fine-tune). A signal during it
+        ends it with :class:`Interrupted`, at once or, where library code swallowed that, when
+        the body returns."""
         if self.requested:
             raise Interrupted(f"interrupted by {self.signal_name}")
         self._in_trial = True
@@ -58,6 +60,8 @@ class GracefulStop:
             yield
         finally:
             self._in_trial = False
+        if self.requested:  # the handler's raise can land in code that catches Exception and go unseen
+            raise Interrupted(f"interrupted by {self.signal_name}")
 
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():

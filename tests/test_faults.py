@@ -14,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 import slimtune.search._objective as objective_module
-from slimtune.search import main
+from slimtune.search import GracefulStop, Interrupted, main
 from slimtune.studies import keys
 
 from .conftest import SPEC_TOML
@@ -60,6 +60,17 @@ def test_signal_marks_the_running_trial_failed_and_resume_goes_on(tmp_path: Path
     study = optuna.load_study(study_name="digits-test", storage=url)
     assert [t.state for t in study.trials][0] == TrialState.FAIL
     assert study.trials[1].state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def test_a_signal_whose_raise_library_code_swallowed_still_ends_the_trial_body() -> None:
+    with GracefulStop() as stop, pytest.raises(Interrupted, match="SIGTERM"):
+        with stop.trial_body():
+            try:  # as code that catches Exception would, the raise from the handler is lost here
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1.0)
+            except Exception:
+                pass
+    assert stop.signal_name == "SIGTERM"
 
 
 def test_a_failing_trial_records_its_reason_and_the_study_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
