@@ -161,9 +161,11 @@ def write_onnx(blob: bytes, path: Path, name: str, recorded_score: float | None,
         kind += f", {len(done.float_weights)} as floats ({', '.join(done.float_weights[:4])}"
         kind += ", ...)" if len(done.float_weights) > 4 else ")"
     thinned = "".join(f", {layer} {before}->{after} units" for layer, (before, after) in done.thinned.items())
+    # a logged metric (onnxruntime runs no validation_step): its task's metric, against PyTorch's
+    shown, recorded = (f"{metric.computed.label} ", "PyTorch") if metric.logged else ("", "recorded")
     return (f"{done.bytes:,} bytes, {kind}{thinned}; onnxruntime matches PyTorch on {done.batch} validation inputs "
-            f"(max abs diff {done.max_diff:.2g}, same classes) and scores val {metric.format(done.val)}"
-            + ("" if done.recorded is None else f" (recorded {metric.format(done.recorded)})"))
+            f"(max abs diff {done.max_diff:.2g}, same classes) and scores val {shown}{metric.computed.format(done.val)}"
+            + ("" if done.recorded is None else f" ({recorded} {metric.computed.format(done.recorded)})"))
 
 
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")

@@ -178,8 +178,9 @@ def run_until_target(study: optuna.Study, storage: optuna.storages.BaseStorage,
                 break
             trial = None
             if finished + running < target:
-                if sampler_for is not None:
-                    study.sampler = sampler_for(len(trials))
+                if sampler_for is not None:  # the next number: an enqueued trial's own, else a new one
+                    study.sampler = sampler_for(next((t.number for t in trials if t.state == TrialState.WAITING),
+                                                     len(trials)))
                 with warnings.catch_warnings():  # we run the heartbeat ourselves (see heartbeat())
                     warnings.filterwarnings("ignore", message="Heartbeat of storage")
                     trial = study.ask()

@@ -44,7 +44,7 @@ from slimtune.studies import (
 )
 from slimtune.trainers import (
     MODEL_OUTPUT, TrialContext, build_datamodule, build_model, check_accelerator, check_finite_weights,
-    check_logger, check_model_and_data, compressible_layers, datamodule_info, dense_parameter_bytes, evaluate,
+    check_logged_metric, check_logger, check_model_and_data, compressible_layers, datamodule_info, dense_parameter_bytes, evaluate,
     example_batch, first_parameter_difference, import_ref, load_state_bytes, method, prepare_datamodule, run_logger,
     silence_lightning, state_to_bytes, train_teacher, uncompressed_weights, unit_groups,
 )
@@ -94,10 +94,13 @@ def make_sampler(spec: StudySpec, trial_number: int) -> optuna.samplers.BaseSamp
     seed = (spec.seed * 1_000_003 + trial_number) % (2**31)
     if spec.search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    startup = max(4, min(10, spec.trials // 3))
     if spec.search.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, spec.trials // 4)))
+    if spec.search.sampler == "gp":  # Optuna's Gaussian-process sampler (multi-objective: log EHVI)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
-                                      n_startup_trials=max(4, min(10, spec.trials // 3)))
+                                      n_startup_trials=startup)
 
 
 Given = tuple[torch.nn.Module, Any]
@@ -134,6 +137,7 @@ def _check_runtime(spec: StudySpec, load_checkpoint: bool = True,
     check_accelerator(spec.runtime)
     loaded = given_model is not None or (load_checkpoint and spec.model.checkpoint is not None)
     check_model_and_data(model, dm, loaded_weights=loaded, regression=spec.metric.regression)
+    check_logged_metric(model, dm, spec.metric)
     _check_layer_patterns(model, spec, example_batch(dm)[:2])  # after: it traces a forward pass
     _warn_uncompressed(model)
     return model, dm
@@ -388,8 +392,8 @@ def _make_teacher(study: optuna.Study, storage: optuna.storages.BaseStorage, spe
         source = "trained"
     metric = spec.metric  # scores (higher is better) in the study; the metric in what is shown
     info = {
-        "val_accuracy": metric.score(evaluate(model, dm.val_dataloader(), metric.name)),
-        "test_accuracy": metric.score(evaluate(model, dm.test_dataloader(), metric.name)),
+        "val_accuracy": metric.score(evaluate(model, dm.val_dataloader(), metric)),
+        "test_accuracy": metric.score(evaluate(model, dm.test_dataloader(), metric)),
         "dense_bytes": dense_parameter_bytes(model),
         "parameters": sum(p.numel() for p in model.parameters()),
         "seconds": time.perf_counter() - started,

@@ -32,9 +32,10 @@ def seed_study(study: optuna.Study, storage: optuna.storages.BaseStorage, contex
     if not claim_blob(storage, study.study_name, keys.SENSITIVITY_BLOB, json.dumps(sensitivity).encode()):
         return 0  # another worker stored it first, and seeds the study
     space, layers = context.spec.space, context.layer_names
-    seeds = [("sensitivity", p) for p in seed_params(sensitivity, space, seed.plans)]
+    floor = context.spec.max_accuracy_drop  # a seed estimated below the floor would only be pruned
+    seeds = [("sensitivity", p) for p in seed_params(sensitivity, space, seed.plans, floor)]
     seeds += [("uniform", p) for p in uniform_params(space, layers, context.output_layer, seed.uniform,
-                                                     context.inert)]
+                                                     context.inert, sensitivity, floor)]
     for kind, params in seeds:
         study.enqueue_trial(params, user_attrs={keys.TRIAL_SEEDED: kind})
     points = sum(len(entry["points"]) for entry in sensitivity["layers"].values())

@@ -15,6 +15,15 @@ Example:
     (True, -0.25, 0.25, '0.2500')
     >>> metric("accuracy").format(0.9731), metric("accuracy").drop_text(0.005), mse.drop_text(0.005)
     ('97.31%', '0.5 points', '0.005')
+
+A value the model's own ``LightningModule`` logs in ``validation_step`` (``[objective] monitor``,
+with ``mode`` as in Lightning's ``ModelCheckpoint``) can be the metric instead: its ``base`` is
+the built-in metric of the same task, which says how the student distills (logits or MSE) and
+what an ONNX file, which runs no ``validation_step``, is checked on.
+
+    >>> f1 = logged_metric("val_f1", "max", metric("accuracy"))
+    >>> f1.logged, f1.objective_name, f1.computed.name, f1.format(0.5), f1.column("test")
+    (True, 'val_f1', 'accuracy', '0.5000', 'test_f1')
 """
 
 from __future__ import annotations
@@ -34,6 +43,17 @@ class Metric:
     maximize: bool = True
     percent: bool = True
     regression: bool = False
+    base: str | None = None  # a logged value's: the built-in metric of its task (what ONNX checks compare)
+
+    @property
+    def logged(self) -> bool:
+        """Whether the model's own ``validation_step`` logs this value (``[objective] monitor``)."""
+        return self.base is not None
+
+    @property
+    def computed(self) -> Metric:
+        """The built-in metric computed from outputs alone: this one, or a logged value's ``base``."""
+        return METRICS[self.base] if self.base is not None else self
 
     def score(self, value: float) -> float:
         """The higher-is-better score of a metric value."""
@@ -52,8 +72,25 @@ class Metric:
     @property
     def objective_name(self) -> str:
         """The study's first objective as Optuna names it: ``val_accuracy``, or ``val_neg_mse``
-        for a minimized metric (the score is its negative)."""
+        for a minimized metric (the score is its negative); a logged value's own name."""
+        if self.logged:
+            return self.name
         return f"val_{self.name}" if self.maximize else f"val_neg_{self.name}"
+
+    def column(self, split: str) -> str:
+        """The table column of its value on ``split`` (``val``/``test``): ``val_accuracy``; a
+        logged ``val_ce`` gives ``val_ce`` and ``test_ce``.
+
+        >>> metric("mse").column("test"), logged_metric("val/ce", "min", metric("mse")).column("test")
+        ('test_mse', 'test_ce')
+        """
+        stem = self.name
+        if self.logged:
+            for prefix in ("val_", "val/", "validation_", "val"):
+                if stem.startswith(prefix) and len(stem) > len(prefix):
+                    stem = stem[len(prefix):]
+                    break
+        return f"{split}_{stem}"
 
     def format_score(self, score: float | None) -> str:
         """A stored score as people read the metric (``97.31%``, ``0.2500`` for an MSE of 0.25)."""
@@ -81,8 +118,27 @@ def metric(name: str) -> Metric:
     return METRICS[name]
 
 
+def logged_metric(monitor: str, mode: str, base: Metric) -> Metric:
+    """The value ``monitor`` that the model's ``validation_step`` logs, maximized for ``mode``
+    ``"max"``, of the task of the built-in metric ``base``."""
+    return Metric(monitor, monitor, maximize=mode != "min", percent=False, regression=base.regression, base=base.name)
+
+
+def objective_metric(objective: Mapping[str, Any]) -> Metric:
+    """The metric of a parsed ``[objective]`` table: ``monitor`` when set, else ``metric``."""
+    base = METRICS[objective.get("metric", DEFAULT_METRIC)]
+    monitor = objective.get("monitor") or ""
+    return logged_metric(monitor, objective.get("mode", "max"), base) if monitor else base
+
+
 def metric_of(spec: Mapping[str, Any] | None) -> Metric:
     """The metric of a stored spec (a study's ``slimtune:spec`` attr or an artifact's meta);
     accuracy when it names none or one this version does not know."""
-    chosen = ((spec or {}).get("objective") or {}).get("metric", DEFAULT_METRIC)
-    return METRICS.get(chosen, METRICS[DEFAULT_METRIC]) if isinstance(chosen, str) else METRICS[DEFAULT_METRIC]
+    objective = (spec or {}).get("objective") or {}
+    chosen = objective.get("metric", DEFAULT_METRIC) if isinstance(objective, Mapping) else DEFAULT_METRIC
+    if not isinstance(chosen, str) or chosen not in METRICS:
+        return METRICS[DEFAULT_METRIC]
+    monitor, mode = objective.get("monitor"), objective.get("mode", "max")
+    if isinstance(monitor, str) and monitor and mode in ("max", "min"):
+        return logged_metric(monitor, mode, METRICS[chosen])
+    return METRICS[chosen]

@@ -34,6 +34,7 @@ from ._methods import per_layer_knobs
 from ._plan import _fixed_for
 
 GRID_FRACTIONS = (0.0, 1 / 3, 2 / 3, 1.0)  # where a float knob is measured, from its low to its high end
+UNIFORM_STEPS = 100  # grid positions a capped uniform seed is chosen among
 LAMBDA_STEPS = 400  # the sweep's prices per byte (log-spaced): enough to reach every hull point of a small net
 
 
@@ -73,22 +74,54 @@ def _tied(space: Any, knob: str) -> bool:
     return bool(space.knobs[knob].tie)
 
 
-def uniform_params(space: Any, layer_names: list[str], output_layer: str | None, count: int,
-                   inert: Mapping[str, Collection[str]] | None = None) -> list[dict[str, float | int]]:
-    """``count`` plans compressing every layer alike, from mild to strong: plan ``i`` sets each
-    searched knob at position ``(i + 1) / (count + 1)`` of its grid from its neutral end."""
-    plans = []
-    for i in range(count):
-        share = (i + 1) / (count + 1)
-        params: dict[str, float | int] = {}
-        for name in layer_names:
-            for decl, knob in _searched(space, name, output_layer, inert):
-                outward = sorted(_values(decl, knob), key=lambda v: abs(v - decl.neutral))  # mild first
-                if not outward:
-                    continue
+def _uniform_plan(space: Any, layer_names: list[str], output_layer: str | None, share: float,
+                  inert: Mapping[str, Collection[str]] | None) -> dict[str, float | int]:
+    """Every searched compression knob at position ``share`` of its grid from its neutral end."""
+    params: dict[str, float | int] = {}
+    for name in layer_names:
+        for decl, knob in _searched(space, name, output_layer, inert):
+            outward = sorted(_values(decl, knob), key=lambda v: abs(v - decl.neutral))  # mild first
+            if outward:
                 value = outward[min(len(outward) - 1, int(share * len(outward)))]
                 params[decl.name if _tied(space, decl.name) else f"{name}.{decl.name}"] = value
-        plans.append(params)
+    return params
+
+
+def estimated_drop(sensitivity: Mapping[str, Any], params: Mapping[str, float | int]) -> float:
+    """The first-order drop of a plan's compression knobs (``layer.knob`` or tied ``knob`` keys):
+    the sum of the measured single-layer drops of its values; a value the pass did not measure adds
+    the drop of the nearest measured one."""
+    base = sensitivity["base_score"]
+    total = 0.0
+    for name, entry in sensitivity["layers"].items():
+        for knob in {p["knob"] for p in entry["points"]}:
+            value = params.get(f"{name}.{knob}", params.get(knob))
+            if value is None:
+                continue
+            measured = [p for p in entry["points"] if p["knob"] == knob]
+            nearest = min(measured, key=lambda p: abs(p["value"] - value))
+            total += max(0.0, base - nearest["score"]) if math.isfinite(nearest["score"]) else math.inf
+    return total
+
+
+def uniform_params(space: Any, layer_names: list[str], output_layer: str | None, count: int,
+                   inert: Mapping[str, Collection[str]] | None = None, sensitivity: Mapping[str, Any] | None = None,
+                   max_drop: float = math.inf) -> list[dict[str, float | int]]:
+    """``count`` plans compressing every layer alike, from mild to strong: plan ``i`` sets each
+    searched knob at position ``(i + 1) / (count + 1)`` of its grid from its neutral end. With a
+    ``sensitivity`` pass, the strongest is the strongest grid position whose :func:`estimated_drop`
+    is at most ``max_drop``, and the plans share the way there evenly."""
+    strongest = 1.0
+    if sensitivity is not None and count > 0:
+        shares = [k / UNIFORM_STEPS for k in range(1, UNIFORM_STEPS + 1)]
+        feasible = [s for s in shares if estimated_drop(
+            sensitivity, _uniform_plan(space, layer_names, output_layer, s, inert)) <= max_drop]
+        strongest = max(feasible, default=shares[0]) * (count + 1) / count
+    plans: list[dict[str, float | int]] = []
+    for i in range(count):
+        plan = _uniform_plan(space, layer_names, output_layer, min(strongest * (i + 1) / (count + 1), 1.0), inert)
+        if plan not in plans:  # a coarse grid can give two shares the same plan
+            plans.append(plan)
     return plans
 
 
@@ -123,10 +156,12 @@ def _layer_options(points: list[dict[str, Any]], space: Any, base_score: float, 
     return options
 
 
-def seed_params(sensitivity: Mapping[str, Any], space: Any, count: int) -> list[dict[str, float | int]]:
+def seed_params(sensitivity: Mapping[str, Any], space: Any, count: int,
+                max_drop: float = math.inf) -> list[dict[str, float | int]]:
     """``count`` allocations from a stored sensitivity pass, spread over the sizes the sweep reaches
-    (smallest estimated drop at each size; mild to strong; never the dense plan). Knobs tied across layers are left to
-    the sampler: one layer cannot differ from another there."""
+    (smallest estimated drop at each size; mild to strong; never the dense plan) among those whose
+    estimated drop is at most ``max_drop`` (the study's floor: a seed below it would be pruned).
+    Knobs tied across layers are left to the sampler: one layer cannot differ from another there."""
     if count <= 0:
         return []
     layers = {name: _layer_options([p for p in entry["points"] if not _tied(space, p["knob"])], space,
@@ -143,12 +178,13 @@ def seed_params(sensitivity: Mapping[str, Any], space: Any, count: int) -> list[
     for step in range(LAMBDA_STEPS):
         price = low * (high / low) ** (step / (LAMBDA_STEPS - 1))  # the value of a byte saved, in score
         params: dict[str, float | int] = {}
-        saved = 0.0
+        saved = drop = 0.0
         for name, options in layers.items():
-            values, _, bytes_saved = min(options, key=lambda o: (o[1] - price * o[2], -o[2]))
+            values, layer_drop, bytes_saved = min(options, key=lambda o: (o[1] - price * o[2], -o[2]))
             params.update({f"{name}.{knob}": value for knob, value in values.items()})
             saved += bytes_saved
-        if saved > 0:  # the dense plan is no seed
+            drop += layer_drop
+        if saved > 0 and drop <= max_drop:  # the dense plan is no seed
             found.setdefault(tuple(sorted(params.items())), (saved, params))
     ordered = [params for _, params in sorted(found.values(), key=lambda item: item[0])]
     if len(ordered) <= count:

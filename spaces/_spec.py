@@ -43,13 +43,13 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from ._errors import SpecError
-from ._metrics import DEFAULT_METRIC, METRICS, Metric
+from ._metrics import DEFAULT_METRIC, METRICS, Metric, objective_metric
 from ._knobs import Knob, parse_knob
 from ._methods import declarations, knob_declarations, method_sections, per_layer_knobs
 from ._settings import Errors, Section, Setting, reference_toml
 
 DEFAULT_STORAGE = "sqlite:///slimtune.db"
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
 MODEL_PRESETS = ("lenet300", "lenet5", "cnn-digits", "mlp")
 DATA_PRESETS = ("mnist", "digits", "breast-cancer")
 TABLE_SUFFIXES = (".csv", ".parquet")
@@ -90,7 +90,8 @@ FINETUNE = Section("finetune", "the student's training recipe (its learning rate
           "refine_within": "search.refine.within", "refine_share": "search.refine.share",
           "cache_mb": "runtime.cache_mb"})
 SEARCH = Section("search", "the sampler, and when a search with an accuracy goal ends", (
-    Setting("sampler", str, "tpe", "tpe | nsga2 | random", choices=SAMPLERS),
+    Setting("sampler", str, "tpe", "tpe (multivariate TPE) | nsga2 | gp (Optuna's Gaussian process) | random",
+            choices=SAMPLERS),
     Setting("goal_patience", int, 10, "with study.goal_drop (search --goal-drop): stop once the smallest plan within "
             "that drop has not shrunk for this many finished trials", low=1, high=1_000_000, fingerprinted=False),
 ))
@@ -134,6 +135,11 @@ OBJECTIVE = Section("objective", "what the search optimizes beside smallness: a 
             "of 50 calls on latency_batch validation inputs) or onnx_bytes (the file's size)",
             choices=DEPLOY_OBJECTIVES, neutral="none"),
     Setting("latency_batch", int, 1, "the batch size latency_ms is timed at", low=1, high=65536, neutral=1),
+    Setting("monitor", str, "", "a value the model's own LightningModule logs in validation_step (self.log, as "
+            "Lightning's ModelCheckpoint monitors it) to optimize instead of metric, which then only says the task "
+            "(a regression metric: distillation by MSE) and what an ONNX export is checked on", neutral=""),
+    Setting("mode", str, "max", "max or min: whether a larger monitor value is better", choices=("max", "min"),
+            neutral="max"),
 ))
 LOGGERS = ("none", "csv", "tensorboard")
 ACCELERATORS = ("auto", "cpu", "gpu", "mps")
@@ -280,12 +286,13 @@ class StudySpec:
     goal_drop: float | None = None  # end the search once the smallest plan within it stops shrinking
     source: str | None = field(default=None, compare=False)  # None: the user's own spec (see ModelSpec)
     objective: Values = field(default_factory=lambda: Values("objective", {"metric": DEFAULT_METRIC, "deploy": "none",
-                                                                            "latency_batch": 1}))
+                                                                            "latency_batch": 1, "monitor": "",
+                                                                            "mode": "max"}))
 
     @property
     def metric(self) -> Metric:
-        """The validation metric the study optimizes (``[objective] metric``)."""
-        return METRICS[self.objective.metric]
+        """The validation metric the study optimizes (``[objective] metric``, or ``monitor``)."""
+        return objective_metric(self.objective._values)
 
     @property
     def deploy(self) -> str | None:
@@ -523,7 +530,7 @@ def _study(raw: Any, errors: Errors, high: float = 1.0) -> dict[str, Any]:
 def drop_bound(metric: Metric) -> float:
     """The largest drop of a metric: 1 for one in [0, 1] (accuracy, F1, AUROC, R²), else unbounded
     (MSE, MAE: drops in the target's units)."""
-    return float("inf") if metric.name in ("mse", "mae") else 1.0
+    return float("inf") if metric.name in ("mse", "mae") or metric.logged else 1.0
 
 
 def _model(raw: Any, source: str | None) -> ModelSpec:
@@ -609,7 +616,7 @@ def parse_spec(data: Mapping[str, Any], source: str | None = None) -> StudySpec:
         if k not in top:
             errors.add(SpecError(k, data[k], f"sections {sorted(top)}", "is not a known section"))
     objective = OBJECTIVE.parse(data.get("objective"), errors)  # first: it bounds the study's drops
-    study = _study(data.get("study"), errors, drop_bound(METRICS[objective["metric"]]))
+    study = _study(data.get("study"), errors, drop_bound(objective_metric(objective)))
     model = errors.catch(lambda: _model(data.get("model"), source))
     data_spec = errors.catch(lambda: _data_spec(_table({"data": data.get("data", {})}, "data", _DATA_KEYS), source))
     teacher = TEACHER.parse(data.get("teacher"), errors)

@@ -104,7 +104,7 @@ def in_metric_units(frame: pd.DataFrame, metric: Metric) -> pd.DataFrame:
     for split in ("val", "test"):
         frame[f"{split}_accuracy"] = frame[f"{split}_accuracy"].map(
             lambda v: None if v is None or pd.isna(v) else metric.value(v))
-    return frame.rename(columns={"val_accuracy": f"val_{metric.name}", "test_accuracy": f"test_{metric.name}"})
+    return frame.rename(columns={"val_accuracy": metric.column("val"), "test_accuracy": metric.column("test")})
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:

@@ -367,8 +367,8 @@ def _pareto_table(frame: pd.DataFrame, metric: Metric) -> str:
         return metric.format(None if pd.isna(value) else value)
 
     columns = [("trial", "trial", lambda v: f"#{int(v)}"),
-               (f"val_{metric.name}", f"val {metric.label}", shown),
-               (f"test_{metric.name}", f"test {metric.label}", shown),
+               (metric.column("val"), f"val {metric.label}", shown),
+               (metric.column("test"), f"test {metric.label}", shown),
                ("size_bytes", "size (bytes)", lambda v: f"{int(v):,}"),
                ("compression_ratio", "ratio", lambda v: "" if pd.isna(v) else f"{v:.1f}×"),
                ("mean_bits", "mean bits", lambda v: "" if pd.isna(v) else f"{v:.2f}"),

@@ -11,7 +11,7 @@ import optuna
 import pytest
 
 from slimtune.search import main
-from slimtune.spaces import metric, parse_spec, seed_params, sensitivity_grid, uniform_params
+from slimtune.spaces import estimated_drop, metric, parse_spec, seed_params, sensitivity_grid, uniform_params
 from slimtune.studies import clean_sensitivity, keys, open_storage, sensitivity_figure, stored_sensitivity
 
 from .conftest import SPEC_TOML, digits_spec_dict
@@ -55,6 +55,25 @@ def test_allocations_give_sensitive_layers_less_compression() -> None:
     assert any(p["a.weight_bits"] > 2 and p["b.weight_bits"] == 2 for p in plans)
 
 
+def test_seeds_estimated_below_the_floor_are_left_out() -> None:
+    spec = _spec_with_space({"prune_ratio": {"fixed": 0.0}, "weight_bits": {"choices": [2, 4, 8]},
+                             "lr": {"fixed": 2e-3}})
+    points = {  # 2 bits costs 0.3 in each layer before a fine-tune; 4 bits 0.01, 8 bits nothing
+        name: [{"knob": "weight_bits", "value": bits, "score": 0.9 - drop, "bytes": 2000 - saved}
+               for bits, drop, saved in ((2, 0.3, 900), (4, 0.01, 800), (8, 0.0, 700))] for name in ("a", "b")}
+    sensitivity = {"base_score": 0.9, "base_bytes": 2000,
+                   "layers": {name: {"bytes": 1000, "points": p} for name, p in points.items()}}
+    unbounded = seed_params(sensitivity, spec.space, count=4)
+    assert any(2 in p.values() for p in unbounded)  # without a floor the sweep reaches 2 bits
+    capped = seed_params(sensitivity, spec.space, count=4, max_drop=0.05)
+    assert capped and all(estimated_drop(sensitivity, p) <= 0.05 and 2 not in p.values() for p in capped)
+    assert estimated_drop(sensitivity, {"a.weight_bits": 2, "b.weight_bits": 4}) == pytest.approx(0.31)
+    uniform = uniform_params(spec.space, ["a", "b"], None, 3, sensitivity=sensitivity, max_drop=0.05)
+    assert uniform and all(estimated_drop(sensitivity, p) <= 0.05 for p in uniform)
+    assert len({tuple(sorted(p.items())) for p in uniform}) == len(uniform)  # no plan twice
+    assert any(p["a.weight_bits"] == 2 for p in uniform_params(spec.space, ["a", "b"], None, 3))
+
+
 def test_the_pass_is_stored_once_deterministic_and_seeds_run_first_marked(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
@@ -69,6 +88,8 @@ def test_the_pass_is_stored_once_deterministic_and_seeds_run_first_marked(
     seeded = [t.user_attrs.get(keys.TRIAL_SEEDED) for t in study.trials]
     assert seeded == ["sensitivity", "sensitivity", "uniform", None, None]  # enqueued before sampled trials
     assert all(t.params["conv2.weight_bits"] in (2, 4, 8, 32) for t in study.trials)
+    # the knobs a seed leaves to the sampler are sampled afresh for each enqueued trial
+    assert len({t.params["conv1.kd_temperature"] for t in study.trials}) == 5
 
     assert main(["resume", "--study", "digits-test", "--storage", url, "--trials", "7", "--quiet"]) == 0
     assert "sensitivity pass:" not in capsys.readouterr().err  # reused, not measured again

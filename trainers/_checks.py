@@ -18,13 +18,14 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from slimtune.spaces import SpecError
+from slimtune.spaces import Metric, SpecError
 
 SPLITS = ("train", "val", "test")
 
@@ -139,3 +140,33 @@ def _check_regression(out: Any, y: torch.Tensor, n: int, shape: tuple[int, ...])
                         f"{tuple(y.shape)} (a batch of {n} inputs of shape {shape})")
     if not bool(torch.isfinite(out).all()):
         raise SpecError("model", "outputs with NaN or infinite values", "finite outputs on the validation inputs")
+
+
+def check_logged_metric(model: nn.Module, dm: Any, metric: Metric) -> None:
+    """Raise :class:`SpecError` unless ``model`` is a ``LightningModule`` whose ``validation_step``,
+    run on one validation batch, logs ``metric.name`` (``[objective] monitor``); nothing for a
+    built-in metric."""
+    if not metric.logged:
+        return
+    import lightning.pytorch as pl
+
+    from ._logged import logged_names
+
+    if not isinstance(model, pl.LightningModule):
+        raise SpecError("objective.monitor", metric.name, "a value that the model's own LightningModule logs in "
+                        f"validation_step, or no monitor (then objective.metric, here {metric.computed.name})",
+                        f"cannot be read: {type(model).__name__} is not a LightningModule")
+    batch = _first_batch(dm.val_dataloader(), "val")
+    try:
+        logged = logged_names(model, [batch])
+    except Exception as exc:
+        raise SpecError("objective.monitor", metric.name, "a validation_step that runs on one batch outside a "
+                        "Trainer (it may call self.log and self.log_dict)",
+                        f"cannot be read: {type(model).__name__}.validation_step raised {type(exc).__name__}: "
+                        f"{str(exc).strip()[:300]}") from None
+    if metric.name not in logged:
+        raise SpecError("objective.monitor", metric.name, f"a name {type(model).__name__}.validation_step logs: "
+                        f"{sorted(logged) or 'it logs nothing'}", "is not logged")
+    if not math.isfinite(logged[metric.name]):
+        raise SpecError("objective.monitor", metric.name, "a finite value on the validation data",
+                        f"is {logged[metric.name]} on a validation batch")

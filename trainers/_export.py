@@ -102,7 +102,7 @@ def evaluate_artifact(source: str | os.PathLike[str] | bytes, split: str = "test
     data, name = _read(source)
     model, meta = _load(data, name)
     dm = artifact_datamodule(meta, name)
-    return evaluate(model, dm.val_dataloader() if split == "val" else dm.test_dataloader(), metric_of(meta).name)
+    return evaluate(model, dm.val_dataloader() if split == "val" else dm.test_dataloader(), metric_of(meta))
 
 
 def example_batch(dm: Any) -> torch.Tensor:

@@ -29,6 +29,7 @@ from slimtune.spaces import Metric, SpecError, metric
 
 from ._augment import ImageShift
 from ._distill import feature_kd_loss, logit_kd_loss
+from ._logged import LoggedValues
 from ._metrics import MetricAccumulator, regression_outputs
 from .methods import weight_tensors
 
@@ -113,22 +114,37 @@ def check_accelerator(runtime: Any) -> None:
 
 class _MetricMixin:
     """The validation metric over an epoch, as a score (higher is better; see
-    ``slimtune.spaces.Metric``): ``val_history`` holds one score per epoch."""
+    ``slimtune.spaces.Metric``): ``val_history`` holds one score per epoch. A logged metric
+    (``[objective] monitor``) is read from the evaluated model's own ``validation_step``."""
 
     val_history: list[float]
     metric: Metric
 
+    def evaluated_model(self) -> nn.Module:
+        """The model whose metric this module tracks (the teacher, or the student)."""
+        raise NotImplementedError
+
     def on_validation_epoch_start(self) -> None:
-        self._accumulated = MetricAccumulator(self.metric.name)
+        self._accumulated = LoggedValues() if self.metric.logged else MetricAccumulator(self.metric.name)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if isinstance(self._accumulated, LoggedValues):
+            self._accumulated.step(self.evaluated_model(), batch, batch_idx)  # type: ignore[arg-type]
+            return
         x, y = batch[-2], batch[-1]
         self._accumulated.update(self(x), y)  # type: ignore[operator]
 
     def on_validation_epoch_end(self) -> None:
-        value = self._accumulated.value()
+        if isinstance(self._accumulated, LoggedValues):
+            logged = self._accumulated.values()
+            if self.metric.name not in logged:
+                raise KeyError(f"validation_step of {type(self.evaluated_model()).__name__} does not log "
+                               f"{self.metric.name!r} ([objective] monitor); it logs {sorted(logged) or 'nothing'}")
+            value = logged[self.metric.name]
+        else:
+            value = self._accumulated.value()
         self.val_history.append(self.metric.score(value))
-        self.log(f"val_{self.metric.name}", value)  # type: ignore[attr-defined]  (for a run's logger)
+        self.log(self.metric.column("val"), value)  # type: ignore[attr-defined]  (for a run's logger)
 
 
 class ClassifierModule(_MetricMixin, pl.LightningModule):
@@ -147,6 +163,9 @@ class ClassifierModule(_MetricMixin, pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def evaluated_model(self) -> nn.Module:
+        return self.model
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -308,6 +327,9 @@ class DistillationModule(_MetricMixin, pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(x)
+
+    def evaluated_model(self) -> nn.Module:
+        return self.student
 
     def _penalty(self, power: int) -> torch.Tensor:
         """``sum over l1_layers of mean |W_l| ** power`` (both factors of a factorized layer together)."""

@@ -336,7 +336,8 @@ def export_artifact_onnx(blob: bytes, path: str | os.PathLike[str], *, integer: 
     """Write the model of the artifact ``blob`` to ``path`` as ONNX (integer weights and thinned
     layers unless ``integer=False``; see the module docstring) and check it in onnxruntime: the
     logits of one validation batch, and the validation metric against ``recorded_score`` (the
-    trial's score, higher is better). Raises :class:`SpecError` (``option`` names the setting)
+    trial's score, higher is better; for a logged metric, which onnxruntime cannot run, the task's
+    built-in metric against the PyTorch model's). Raises :class:`SpecError` (``option`` names the setting)
     when the model cannot be exported or a check fails. ``template`` and ``datamodule``: the
     uncompressed model and the data module, for a study searched from Python objects (else the
     artifact's references are built)."""
@@ -344,6 +345,9 @@ def export_artifact_onnx(blob: bytes, path: str | os.PathLike[str], *, integer: 
     dm = prepare_datamodule(datamodule) if datamodule is not None else artifact_datamodule(meta, name)
     result = write_model_onnx(model, blob, example_batch(dm), path, integer=integer, option=option)
     metric = metric_of(meta)
+    if metric.logged:  # onnxruntime runs no validation_step: the task's own metric, against PyTorch's on this model
+        metric = metric.computed
+        recorded_score = metric.score(evaluate(model, dm.val_dataloader(), metric.name))
     result.val = evaluate(OnnxModel(path), dm.val_dataloader(), metric.name)
     result.recorded = metric.value(recorded_score)
     if recorded_score is not None and not abs(metric.score(result.val) - recorded_score) <= SCORE_TOLERANCE:

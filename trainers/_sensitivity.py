@@ -60,7 +60,7 @@ def sensitivity_pass(ctx: Any, samples: int) -> dict[str, Any]:
                            ctx.example_input).eval()
         fold_batchnorm(model, ctx.folded)
         with torch.no_grad():
-            score = spec.metric.score(evaluate(model, batches, spec.metric.name))
+            score = spec.metric.score(evaluate(model, batches, spec.metric))
         return score, len(pack_model(model, meta))
 
     base_score, base_bytes = measure({})

@@ -24,13 +24,19 @@ from slimtune.spaces import Metric, Values
 
 from ._tensordata import batch_loader, materialize
 from ._lightning import ACCURACY, ClassifierModule, FeatureTap, quiet_trainer
+from ._logged import logged_value
 from ._metrics import MetricAccumulator
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Any], metric: str = "accuracy") -> float:
+def evaluate(model: nn.Module, batches: Iterable[Any], metric: str | Metric = "accuracy") -> float:
     """The ``metric`` (top-1 accuracy by default; see ``slimtune.spaces.METRICS``) of ``model``
-    over ``(x, y)`` batches (the last two items of each batch), in the metric's own units."""
+    over ``(x, y)`` batches (the last two items of each batch), in the metric's own units; a
+    logged metric (``[objective] monitor``) as the model's own ``validation_step`` logs it."""
+    if isinstance(metric, Metric):
+        if metric.logged:
+            return logged_value(model, batches, metric.name)
+        metric = metric.name
     was_training = model.training
     model.eval()
     device = next(iter(model.parameters()), torch.empty(0)).device

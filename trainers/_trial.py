@@ -249,8 +249,8 @@ def run_trial(ctx: TrialContext, plan: CompressionPlan, seed: int, use_cache: bo
     restored = model_from_meta(meta, source=ctx.spec.model.source, template=template)
     restored.load_state_dict(state)
     metric = ctx.spec.metric  # scores: higher is better (the metric, or minus it)
-    result.val_accuracy = metric.score(evaluate(restored, ctx.datamodule.val_dataloader(), metric.name))
-    result.test_accuracy = metric.score(evaluate(restored, ctx.datamodule.test_dataloader(), metric.name))
+    result.val_accuracy = metric.score(evaluate(restored, ctx.datamodule.val_dataloader(), metric))
+    result.test_accuracy = metric.score(evaluate(restored, ctx.datamodule.test_dataloader(), metric))
     result.seconds["evaluate"] = time.perf_counter() - started
     if ctx.spec.deploy is not None:  # the third objective: the trial's own integer ONNX, on this machine
         started = time.perf_counter()
