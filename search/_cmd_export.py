@@ -59,7 +59,8 @@ def add_parser(subparsers: Any) -> None:
     evaluate = subparsers.add_parser("evaluate", help="the study's metric (accuracy) of a model file written by export")
     evaluate.add_argument("artifact", metavar="MODEL", help="a .slim file")
     evaluate.add_argument("--split", choices=SPLITS, default="test")
-    evaluate.add_argument("--json", action="store_true", help='print {"split", "<metric>", "size_bytes"}')
+    evaluate.add_argument("--json", action="store_true", help='print {"split", "<metric>", "size_bytes"} (a logged '
+                          'metric: "<split>_<name>")')
     add_trust_option(evaluate)
     evaluate.set_defaults(handler=_cmd_evaluate)
 
@@ -236,7 +237,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     metric = metric_of(unpack_model(path.read_bytes())[1])
     size = path.stat().st_size
     if args.json:
-        print(json.dumps({"split": args.split, metric.name: value, "size_bytes": size}))
+        key = metric.column(args.split) if metric.logged else metric.name  # a logged val_ce: test_ce on test
+        print(json.dumps({"split": args.split, key: value, "size_bytes": size}))
     else:
         print(f"{path}: {args.split} {metric.label} {metric.format(value)} ({size:,} bytes)")
     return 0

@@ -72,9 +72,10 @@ class Metric:
     @property
     def objective_name(self) -> str:
         """The study's first objective as Optuna names it: ``val_accuracy``, or ``val_neg_mse``
-        for a minimized metric (the score is its negative); a logged value's own name."""
+        for a minimized metric (the score is its negative); a logged value's own name, ``neg_<name>``
+        when minimized."""
         if self.logged:
-            return self.name
+            return self.name if self.maximize else f"neg_{self.name}"
         return f"val_{self.name}" if self.maximize else f"val_neg_{self.name}"
 
     def column(self, split: str) -> str:
@@ -83,12 +84,14 @@ class Metric:
 
         >>> metric("mse").column("test"), logged_metric("val/ce", "min", metric("mse")).column("test")
         ('test_mse', 'test_ce')
+        >>> [logged_metric(name, "min", metric("mse")).column("val") for name in ("valid_loss", "value")]
+        ['val_loss', 'val_value']
         """
         stem = self.name
-        if self.logged:
-            for prefix in ("val_", "val/", "validation_", "val"):
-                if stem.startswith(prefix) and len(stem) > len(prefix):
-                    stem = stem[len(prefix):]
+        if self.logged:  # a split's own prefix, followed by a separator, is dropped: val_loss -> loss
+            for prefix in ("validation", "valid", "val"):
+                if stem.startswith(prefix) and len(stem) > len(prefix) + 1 and stem[len(prefix)] in "_/-.":
+                    stem = stem[len(prefix) + 1:]
                     break
         return f"{split}_{stem}"
 
@@ -135,10 +138,11 @@ def metric_of(spec: Mapping[str, Any] | None) -> Metric:
     """The metric of a stored spec (a study's ``slimtune:spec`` attr or an artifact's meta);
     accuracy when it names none or one this version does not know."""
     objective = (spec or {}).get("objective") or {}
-    chosen = objective.get("metric", DEFAULT_METRIC) if isinstance(objective, Mapping) else DEFAULT_METRIC
-    if not isinstance(chosen, str) or chosen not in METRICS:
+    if not isinstance(objective, Mapping):
         return METRICS[DEFAULT_METRIC]
+    chosen = objective.get("metric", DEFAULT_METRIC)
+    base = METRICS.get(chosen, METRICS[DEFAULT_METRIC]) if isinstance(chosen, str) else METRICS[DEFAULT_METRIC]
     monitor, mode = objective.get("monitor"), objective.get("mode", "max")
-    if isinstance(monitor, str) and monitor and mode in ("max", "min"):
-        return logged_metric(monitor, mode, METRICS[chosen])
-    return METRICS[chosen]
+    if isinstance(monitor, str) and monitor.strip() and monitor not in METRICS and mode in ("max", "min"):
+        return logged_metric(monitor, mode, base)
+    return base

@@ -89,14 +89,15 @@ def _uniform_plan(space: Any, layer_names: list[str], output_layer: str | None, 
 
 def estimated_drop(sensitivity: Mapping[str, Any], params: Mapping[str, float | int]) -> float:
     """The first-order drop of a plan's compression knobs (``layer.knob`` or tied ``knob`` keys):
-    the sum of the measured single-layer drops of its values; a value the pass did not measure adds
-    the drop of the nearest measured one."""
+    the sum of the measured single-layer drops of its values (a knob's neutral value costs nothing;
+    a value the pass did not measure costs what the nearest measured one does)."""
+    neutral = {d.name: d.neutral for d in per_layer_knobs()}
     base = sensitivity["base_score"]
     total = 0.0
     for name, entry in sensitivity["layers"].items():
         for knob in {p["knob"] for p in entry["points"]}:
             value = params.get(f"{name}.{knob}", params.get(knob))
-            if value is None:
+            if value is None or value == neutral.get(knob):
                 continue
             measured = [p for p in entry["points"] if p["knob"] == knob]
             nearest = min(measured, key=lambda p: abs(p["value"] - value))
@@ -104,25 +105,30 @@ def estimated_drop(sensitivity: Mapping[str, Any], params: Mapping[str, float | 
     return total
 
 
+def _spread(ordered: list[Any], count: int) -> list[Any]:
+    """``count`` items of ``ordered`` spread evenly from its first to its last (all when fewer)."""
+    if len(ordered) <= count:
+        return ordered
+    if count == 1:
+        return [ordered[len(ordered) // 2]]
+    return [ordered[round(i * (len(ordered) - 1) / (count - 1))] for i in range(count)]
+
+
 def uniform_params(space: Any, layer_names: list[str], output_layer: str | None, count: int,
                    inert: Mapping[str, Collection[str]] | None = None, sensitivity: Mapping[str, Any] | None = None,
                    max_drop: float = math.inf) -> list[dict[str, float | int]]:
     """``count`` plans compressing every layer alike, from mild to strong: plan ``i`` sets each
     searched knob at position ``(i + 1) / (count + 1)`` of its grid from its neutral end. With a
-    ``sensitivity`` pass, the strongest is the strongest grid position whose :func:`estimated_drop`
-    is at most ``max_drop``, and the plans share the way there evenly."""
-    strongest = 1.0
-    if sensitivity is not None and count > 0:
-        shares = [k / UNIFORM_STEPS for k in range(1, UNIFORM_STEPS + 1)]
-        feasible = [s for s in shares if estimated_drop(
-            sensitivity, _uniform_plan(space, layer_names, output_layer, s, inert)) <= max_drop]
-        strongest = max(feasible, default=shares[0]) * (count + 1) / count
-    plans: list[dict[str, float | int]] = []
-    for i in range(count):
-        plan = _uniform_plan(space, layer_names, output_layer, min(strongest * (i + 1) / (count + 1), 1.0), inert)
-        if plan not in plans:  # a coarse grid can give two shares the same plan
-            plans.append(plan)
-    return plans
+    ``sensitivity`` pass, the distinct plans of the grid whose :func:`estimated_drop` is at most
+    ``max_drop``, spread from the mildest to the strongest (none when no plan is under it)."""
+    if sensitivity is None:
+        return [_uniform_plan(space, layer_names, output_layer, (i + 1) / (count + 1), inert) for i in range(count)]
+    distinct: list[dict[str, float | int]] = []
+    for step in range(UNIFORM_STEPS):
+        plan = _uniform_plan(space, layer_names, output_layer, step / UNIFORM_STEPS, inert)
+        if plan not in distinct:
+            distinct.append(plan)
+    return _spread([p for p in distinct if estimated_drop(sensitivity, p) <= max_drop], count)
 
 
 def _neutral_allowed(space: Any, knob: str) -> bool:
@@ -186,8 +192,4 @@ def seed_params(sensitivity: Mapping[str, Any], space: Any, count: int,
             drop += layer_drop
         if saved > 0 and drop <= max_drop:  # the dense plan is no seed
             found.setdefault(tuple(sorted(params.items())), (saved, params))
-    ordered = [params for _, params in sorted(found.values(), key=lambda item: item[0])]
-    if len(ordered) <= count:
-        return ordered
-    return [ordered[round(i * (len(ordered) - 1) / max(count - 1, 1))] for i in range(count)] if count > 1 \
-        else [ordered[len(ordered) // 2]]
+    return _spread([params for _, params in sorted(found.values(), key=lambda item: item[0])], count)

@@ -527,6 +527,18 @@ def _study(raw: Any, errors: Errors, high: float = 1.0) -> dict[str, Any]:
     return out
 
 
+def _check_monitor(raw: Any, objective: dict[str, Any], errors: Errors) -> None:
+    """``monitor`` names a logged value (not blank, not a built-in metric's name); ``mode`` needs it."""
+    monitor = objective.get("monitor", "")
+    if monitor and (not monitor.strip() or monitor in METRICS):
+        errors.add(SpecError("objective.monitor", monitor, "the name a LightningModule logs in validation_step "
+                             f"(for {', '.join(METRICS)} use objective.metric)"))
+        objective["monitor"] = ""
+    if isinstance(raw, Mapping) and raw.get("mode", "max") != "max" and not monitor:  # a stored spec has "max"
+        errors.add(SpecError("objective.mode", raw["mode"], "mode only with objective.monitor (a built-in metric "
+                             "has its own direction)"))
+
+
 def drop_bound(metric: Metric) -> float:
     """The largest drop of a metric: 1 for one in [0, 1] (accuracy, F1, AUROC, R²), else unbounded
     (MSE, MAE: drops in the target's units)."""
@@ -616,6 +628,7 @@ def parse_spec(data: Mapping[str, Any], source: str | None = None) -> StudySpec:
         if k not in top:
             errors.add(SpecError(k, data[k], f"sections {sorted(top)}", "is not a known section"))
     objective = OBJECTIVE.parse(data.get("objective"), errors)  # first: it bounds the study's drops
+    _check_monitor(data.get("objective"), objective, errors)
     study = _study(data.get("study"), errors, drop_bound(objective_metric(objective)))
     model = errors.catch(lambda: _model(data.get("model"), source))
     data_spec = errors.catch(lambda: _data_spec(_table({"data": data.get("data", {})}, "data", _DATA_KEYS), source))

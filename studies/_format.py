@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from slimtune.spaces import METRICS, SpecError, metric
+from slimtune.spaces import METRICS, Metric, SpecError, metric
 
 FORMATS = ("table", "csv", "json")
 _PERCENT = ("sparsity", *(f"{split}_{m.name}" for m in METRICS.values() if m.percent for split in ("val", "test")))
@@ -38,11 +38,13 @@ def render(frame: pd.DataFrame, fmt: str, table_columns: list[str] | None = None
     if table_columns:  # the accuracy columns stand for the study's metric columns (val_mse, ...)
         table_columns = [_metric_column(c, frame) for c in table_columns]
     shown = frame[[c for c in table_columns if c in frame.columns]] if table_columns else frame.copy()
-    metrics = [metric(m) for m in frame["metric"]] if "metric" in frame.columns else [metric("accuracy")] * len(frame)
+    logged = set(frame.attrs.get("metric_columns", {}).values())  # a logged metric's columns
+    metrics = ([_metric_named(m) for m in frame["metric"]] if "metric" in frame.columns
+               else [metric("accuracy")] * len(frame))
     for column in shown.columns:
         if column in _TEACHER:
             shown[column] = [m.format(None if pd.isna(v) else v) for m, v in zip(metrics, shown[column])]
-        elif column in _DECIMAL:
+        elif column in _DECIMAL or column in logged:
             shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
         elif column in _PERCENT:
             shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{100 * v:.2f}%")
@@ -62,9 +64,16 @@ def render(frame: pd.DataFrame, fmt: str, table_columns: list[str] | None = None
     return shown.to_string(index=False) + "\n"
 
 
+def _metric_named(name: str) -> Metric:
+    """A built-in metric by name, or a logged value (``[objective] monitor``), shown as a decimal."""
+    return METRICS.get(name) or Metric(name, name, percent=False)
+
+
 def _metric_column(name: str, frame: pd.DataFrame) -> str:
     """``val_accuracy``/``test_accuracy``, or the frame's column of the same split for its metric."""
     if name in frame.columns or name not in ("val_accuracy", "test_accuracy"):
         return name
+    if name in frame.attrs.get("metric_columns", {}):  # in_metric_units named them (a logged value's)
+        return frame.attrs["metric_columns"][name]
     split = name.split("_")[0]
     return next((f"{split}_{m.name}" for m in METRICS.values() if f"{split}_{m.name}" in frame.columns), name)

@@ -104,7 +104,10 @@ def in_metric_units(frame: pd.DataFrame, metric: Metric) -> pd.DataFrame:
     for split in ("val", "test"):
         frame[f"{split}_accuracy"] = frame[f"{split}_accuracy"].map(
             lambda v: None if v is None or pd.isna(v) else metric.value(v))
-    return frame.rename(columns={"val_accuracy": metric.column("val"), "test_accuracy": metric.column("test")})
+    frame = frame.rename(columns={"val_accuracy": metric.column("val"), "test_accuracy": metric.column("test")})
+    if metric.logged:  # no built-in name says where its columns are, nor that they read as decimals
+        frame.attrs["metric_columns"] = {"val_accuracy": metric.column("val"), "test_accuracy": metric.column("test")}
+    return frame
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:

@@ -600,8 +600,9 @@ def render_report(study: optuna.Study, storage_url: str, *, now: _dt.datetime | 
         f"{heat}</section>")
 
     dense = teacher.get("dense_bytes")
-    if complete and dense and not metric.maximize:
-        hv = (f"<p class=\"note\">Not drawn: {_esc(metric.label)} is minimized and has no natural reference point "
+    if complete and dense and (not metric.maximize or metric.logged):
+        hv = (f"<p class=\"note\">Not drawn: {_esc(metric.label)} is "
+              f"{'a value the model logs' if metric.logged else 'minimized'} and has no natural reference point "
               "for an area; the Pareto front above shows the trade-off.</p>")
     elif complete and dense:
         hv = _figure_html(_hypervolume_figure(trials, float(dense)), HYPERVOLUME_DIV, 340)

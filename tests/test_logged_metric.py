@@ -17,7 +17,7 @@ import slimtune
 from slimtune.search import main
 from slimtune.spaces import SpecError, metric_of, parse_spec
 from slimtune.studies import keys
-from slimtune.trainers import DigitsDataModule, evaluate, logged_value
+from slimtune.trainers import DigitsDataModule, evaluate, logged_names, logged_value
 
 from .test_python_api import SETTINGS, SPACE, SmallNet, _trained
 
@@ -75,13 +75,58 @@ def test_logged_values_are_reduced_over_the_split_as_lightning_reduces_an_epoch(
     assert "log" not in model.__dict__  # the capture is undone
 
 
+class Reducers(pl.LightningModule):
+    """Logs with each reduction Lightning offers, a step-only value, a given batch size and an epoch-end value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(1, 1)
+        self.seen: list[float] = []
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, _ = batch
+        value = float(x.sum())
+        self.seen.append(value)
+        self.log("biggest", value, reduce_fx="MAX")
+        self.log("average", value, reduce_fx="avg")
+        self.log("weighted", value, batch_size=1 + batch_idx)
+        self.log("step_only", value, on_step=True, on_epoch=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("epochs", float(len(self.seen)))
+
+
+def test_reductions_batch_sizes_and_epoch_hooks_follow_lightning() -> None:
+    batches = [(torch.full((n, 1), float(n)), torch.zeros(n)) for n in (1, 2, 3)]  # sums 1, 4, 9
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.tensor([[1.0], [2.0], [2.0], [3.0], [3.0], [3.0]]), torch.zeros(6)), batch_size=1)
+    ours = logged_names(Reducers(), batches)
+    assert ours["biggest"] == 9.0 and ours["average"] == pytest.approx((1 * 1 + 4 * 2 + 9 * 3) / 6)
+    assert ours["weighted"] == pytest.approx((1 * 1 + 4 * 2 + 9 * 3) / 6) and ours["epochs"] == 3.0
+    assert "step_only" not in ours
+    theirs = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
+        Reducers(), dataloaders=loader, verbose=False)[0]
+    mine = logged_names(Reducers(), list(loader))
+    assert {k: round(v, 5) for k, v in mine.items()} == {k: round(float(v), 5) for k, v in theirs.items()}
+
+    class Unsupported(Reducers):
+        def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+            self.log("median", 1.0, reduce_fx="median")
+
+    with pytest.raises(ValueError, match="only mean, sum, max and min are supported"):
+        logged_names(Unsupported(), batches)
+
+
 def test_the_spec_keys_and_the_stored_metric() -> None:
     spec = parse_spec({**BASE, "objective": {"monitor": "val_ce", "mode": "min"}})
     assert spec.metric.logged and not spec.metric.maximize and spec.metric.computed.name == "accuracy"
-    assert spec.metric.objective_name == "val_ce"
+    assert spec.metric.objective_name == "neg_val_ce"  # stored as minus the loss, named so
     assert metric_of(spec.to_dict()) == spec.metric
     with pytest.raises(SpecError, match="objective.mode: 'lowest' is not allowed"):
         parse_spec({**BASE, "objective": {"monitor": "val_ce", "mode": "lowest"}})
+    with pytest.raises(SpecError, match="objective.monitor: 'accuracy' is not allowed.*use objective.metric"):
+        parse_spec({**BASE, "objective": {"monitor": "accuracy"}})
+    with pytest.raises(SpecError, match="objective.mode: 'min' is not allowed; allowed: mode only with"):
+        parse_spec({**BASE, "objective": {"mode": "min"}})
     plain = parse_spec(BASE)
     neutral = parse_spec({**BASE, "objective": {"monitor": "", "mode": "max"}})
     assert not plain.metric.logged and plain.fingerprint() == neutral.fingerprint() != spec.fingerprint()
@@ -95,7 +140,7 @@ def test_a_study_optimizes_the_value_the_model_logs(tmp_path: Path, capsys: pyte
                             objective={"monitor": "val_ce", "mode": "min"}, factory="tests.test_logged_metric:LoggingNet",
                             data_module="slimtune.trainers:DigitsDataModule", **SETTINGS)
     optuna_study = optuna.load_study(study_name="logged", storage=url)
-    assert optuna_study.metric_names[0] == "val_ce"
+    assert optuna_study.metric_names[0] == "neg_val_ce"
     teacher = optuna_study.user_attrs[keys.TEACHER]
     ce = _reference(model, list(data.val_dataloader()))["val_ce"]
     assert teacher["val_accuracy"] == pytest.approx(-ce, rel=1e-5)  # a minimized value is stored as its negative
@@ -114,6 +159,15 @@ def test_a_study_optimizes_the_value_the_model_logs(tmp_path: Path, capsys: pyte
     assert "scores val accuracy " in said and "(PyTorch " in said, said
     assert main(["evaluate", str(out), "--split", "val", "--json", *TRUST]) == 0
     assert json.loads(capsys.readouterr().out)["val_ce"] == pytest.approx(-record.val_accuracy, rel=1e-5)
+    assert main(["evaluate", str(out), "--split", "test", "--json", *TRUST]) == 0
+    assert json.loads(capsys.readouterr().out)["test_ce"] == pytest.approx(-record.test_accuracy, rel=1e-5)
+    assert main(["studies", "--storage", url]) == 0
+    listed = capsys.readouterr().out
+    assert "val_ce" in listed and f"{ce:.4f}" in listed, listed  # the teacher's value, as a decimal
+    assert main(["pareto", "--study", "logged", "--storage", url]) == 0
+    table = capsys.readouterr().out
+    assert "val_ce" in table.splitlines()[0] and "test_ce" in table.splitlines()[0], table
+    assert f"{-record.val_accuracy:.4f}" in table
     assert main(["resume", "--study", "logged", "--storage", url, "--trials", "3", "--quiet", "--threads", "1",
                  *TRUST]) == 0
     assert len(study.trials()) == 3

@@ -72,6 +72,10 @@ def test_seeds_estimated_below_the_floor_are_left_out() -> None:
     assert uniform and all(estimated_drop(sensitivity, p) <= 0.05 for p in uniform)
     assert len({tuple(sorted(p.items())) for p in uniform}) == len(uniform)  # no plan twice
     assert any(p["a.weight_bits"] == 2 for p in uniform_params(spec.space, ["a", "b"], None, 3))
+    costly = json.loads(json.dumps(sensitivity))  # now 8 bits costs 0.01 per layer too
+    for entry in costly["layers"].values():
+        entry["points"][-1]["score"] = 0.89
+    assert uniform_params(spec.space, ["a", "b"], None, 3, sensitivity=costly, max_drop=0.01) == []
 
 
 def test_the_pass_is_stored_once_deterministic_and_seeds_run_first_marked(

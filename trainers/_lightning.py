@@ -119,13 +119,18 @@ class _MetricMixin:
 
     val_history: list[float]
     metric: Metric
+    _accumulated: LoggedValues | MetricAccumulator
 
     def evaluated_model(self) -> nn.Module:
         """The model whose metric this module tracks (the teacher, or the student)."""
         raise NotImplementedError
 
     def on_validation_epoch_start(self) -> None:
-        self._accumulated = LoggedValues() if self.metric.logged else MetricAccumulator(self.metric.name)
+        if self.metric.logged:
+            self._accumulated = LoggedValues()
+            self._accumulated.epoch_start(self.evaluated_model())  # type: ignore[arg-type]
+        else:
+            self._accumulated = MetricAccumulator(self.metric.name)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         if isinstance(self._accumulated, LoggedValues):
@@ -136,6 +141,7 @@ class _MetricMixin:
 
     def on_validation_epoch_end(self) -> None:
         if isinstance(self._accumulated, LoggedValues):
+            self._accumulated.epoch_end(self.evaluated_model())  # type: ignore[arg-type]
             logged = self._accumulated.values()
             if self.metric.name not in logged:
                 raise KeyError(f"validation_step of {type(self.evaluated_model()).__name__} does not log "

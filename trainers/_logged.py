@@ -1,11 +1,14 @@
 """A value the model's own ``LightningModule`` logs in ``validation_step``, read outside a Trainer.
 
 ``[objective] monitor`` names such a value (as Lightning's ``ModelCheckpoint`` monitors one).
-slimtune runs the user's ``validation_step`` on the compressed student and reduces what it
-logs over the split the way Lightning reduces an epoch's validation logs: a ``torchmetrics``
-metric by its ``compute()``, anything else by ``reduce_fx`` (``mean`` weighted by batch size,
-the default, or ``sum``/``max``/``min``). Why not ``Trainer.validate``: the student is validated
-inside our own fine-tune's loop (a Trainer per call would re-seed and re-run setup each epoch).
+slimtune runs the user's ``on_validation_epoch_start``, ``validation_step`` and
+``on_validation_epoch_end`` on the compressed student and reduces what they log over the split
+the way Lightning reduces an epoch's validation logs: a ``torchmetrics`` metric by its
+``compute()``, anything else by ``reduce_fx`` (``mean`` weighted by the batch size, the default,
+or ``sum``/``max``/``min``); a value logged with ``on_epoch=False`` has no epoch value. Why not
+``Trainer.validate``: the student is validated inside our own fine-tune's loop (a Trainer per call
+would re-seed and re-run setup each epoch). Outside the fine-tune no Trainer is attached, so a
+``validation_step`` that reads ``self.trainer`` cannot be evaluated (it is refused at spec time).
 
 Example:
     >>> import lightning.pytorch as pl, torch
@@ -35,26 +38,40 @@ from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import nn
 
-_REDUCERS = {"mean", "sum", "max", "min"}
+_REDUCERS = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
+
+
+def _reducer(reduce_fx: Any) -> str:
+    """Lightning's name for a ``reduce_fx``: ``mean`` (also ``avg`` or ``torch.mean``), ``sum``,
+    ``max`` or ``min``, any case; a ``ValueError`` for anything else, as Lightning refuses it."""
+    name = reduce_fx.lower() if isinstance(reduce_fx, str) else getattr(reduce_fx, "__name__", "")
+    if name not in _REDUCERS:
+        raise ValueError(f"self.log(..., reduce_fx={reduce_fx!r}): only mean, sum, max and min are supported")
+    return _REDUCERS[name]
 
 
 class LoggedValues:
-    """What a ``LightningModule``'s ``validation_step`` logs over an epoch, reduced per name."""
+    """What a ``LightningModule`` logs over a validation epoch (``validation_step`` and the epoch
+    hooks), reduced per name."""
 
     def __init__(self) -> None:
         self._sums: dict[str, tuple[str, float, float]] = {}  # name -> (reducer, accumulated, weight)
         self._metrics: dict[str, Any] = {}  # name -> a torchmetrics Metric, computed at the end
 
     def _log(self, name: str, value: Any, *args: Any, reduce_fx: Any = "mean", batch_size: int | None = None,
-             batch: Any = None, **kwargs: Any) -> None:
+             on_epoch: bool | None = None, batch: Any = None, **kwargs: Any) -> None:
+        """Record one ``self.log`` call (``batch``: the step's batch, for its size; ``None`` in an epoch hook)."""
+        if on_epoch is False:  # a step-only value: Lightning gives it no epoch value either
+            return
         if hasattr(value, "compute") and hasattr(value, "reset"):  # a torchmetrics Metric
             self._metrics[name] = value
             return
-        number = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
-        reducer = reduce_fx if isinstance(reduce_fx, str) and reduce_fx in _REDUCERS else getattr(
-            reduce_fx, "__name__", "mean")
-        reducer = reducer if reducer in _REDUCERS else "mean"
-        weight = float(batch_size if batch_size is not None else _batch_size(batch))
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            raise ValueError(f"self.log({name!r}, ...) got a tensor of shape {tuple(value.shape)}; "
+                             "one value per call is what Lightning logs")
+        number = float(value.detach().float()) if isinstance(value, torch.Tensor) else float(value)
+        reducer = _reducer(reduce_fx)
+        weight = float(batch_size if batch_size is not None else (1 if batch is None else _batch_size(batch, name)))
         old = self._sums.get(name)
         if old is None:
             self._sums[name] = (reducer, number * weight if reducer == "mean" else number, weight)
@@ -96,12 +113,25 @@ class LoggedValues:
         with self.capturing(module, batch):
             module.validation_step(batch, batch_idx)
 
+    def epoch_start(self, module: pl.LightningModule) -> None:
+        """Run ``module.on_validation_epoch_start()``, recording what it logs."""
+        with self.capturing(module, None):
+            module.on_validation_epoch_start()
 
-def _batch_size(batch: Any) -> int:
+    def epoch_end(self, module: pl.LightningModule) -> None:
+        """Run ``module.on_validation_epoch_end()`` (where many modules log epoch values), recording what it logs."""
+        with self.capturing(module, None):
+            module.on_validation_epoch_end()
+
+
+def _batch_size(batch: Any, name: str) -> int:
+    """The batch's size as Lightning infers it; a ``ValueError`` naming the value when it cannot
+    (Lightning then asks for ``self.log(..., batch_size=...)`` too)."""
     try:
         return int(extract_batch_size(batch))
-    except Exception:  # Lightning's own fallback when it cannot tell is 1
-        return 1
+    except Exception:
+        raise ValueError(f"self.log({name!r}, ...): the batch size cannot be inferred from the batch; "
+                         "pass batch_size=") from None
 
 
 def logged_names(model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
@@ -114,8 +144,10 @@ def logged_names(model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
     values = LoggedValues()
     try:
         with torch.no_grad():
+            values.epoch_start(model)
             for index, batch in enumerate(batches):
                 values.step(model, move_data_to_device(batch, device), index)
+            values.epoch_end(model)
     finally:
         model.train(was_training)
     return values.values()

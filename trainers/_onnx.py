@@ -343,19 +343,29 @@ def export_artifact_onnx(blob: bytes, path: str | os.PathLike[str], *, integer: 
     artifact's references are built)."""
     model, meta = load_artifact(blob, name, template=template)
     dm = prepare_datamodule(datamodule) if datamodule is not None else artifact_datamodule(meta, name)
-    result = write_model_onnx(model, blob, example_batch(dm), path, integer=integer, option=option)
-    metric = metric_of(meta)
-    if metric.logged:  # onnxruntime runs no validation_step: the task's own metric, against PyTorch's on this model
-        metric = metric.computed
+    metric, against = metric_of(meta), "the recorded"
+    if metric.logged:  # onnxruntime runs no validation_step: the logged value is checked in PyTorch, the file
+        if recorded_score is not None:  # on the task's own metric against PyTorch's (before any thinning)
+            _check_score(evaluate(model, dm.val_dataloader(), metric), recorded_score, metric, option, name,
+                         "the PyTorch model read from the artifact")
+        metric, against = metric.computed, "PyTorch's"
         recorded_score = metric.score(evaluate(model, dm.val_dataloader(), metric.name))
+    result = write_model_onnx(model, blob, example_batch(dm), path, integer=integer, option=option)
     result.val = evaluate(OnnxModel(path), dm.val_dataloader(), metric.name)
     result.recorded = metric.value(recorded_score)
-    if recorded_score is not None and not abs(metric.score(result.val) - recorded_score) <= SCORE_TOLERANCE:
-        raise SpecError(option, str(path), f"an ONNX model whose validation {metric.label} is within "
-                        f"{metric.drop_text(SCORE_TOLERANCE)} of the trial's",
-                        f"scores {metric.format(result.val)} in onnxruntime against the recorded "
-                        f"{metric.format(result.recorded)}")
+    if recorded_score is not None:
+        _check_score(result.val, recorded_score, metric, option, str(path), "onnxruntime", against)
     return result
+
+
+def _check_score(value: float, expected_score: float, metric: Any, option: str, what: str, runner: str,
+                 against: str = "the recorded") -> None:
+    """A :class:`SpecError` unless the metric ``value`` scores within :data:`SCORE_TOLERANCE` of ``expected_score``."""
+    if not abs(metric.score(value) - expected_score) <= SCORE_TOLERANCE:
+        raise SpecError(option, what, f"a model whose validation {metric.label} is within "
+                        f"{metric.drop_text(SCORE_TOLERANCE)} of {against}",
+                        f"scores {metric.format(value)} in {runner} against {against} "
+                        f"{metric.format(metric.value(expected_score))}")
 
 
 DEPLOY_RUNS = 50  # timed calls behind a trial's latency_ms (after the warm-up calls)

@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.data import extract_batch_size
 from torch.utils.data import DataLoader, Subset
 
 from slimtune.spaces import NO_NEUTRAL, CompressionPlan, LayerPlan, global_knobs, sensitivity_grid
@@ -45,12 +46,25 @@ def _neutral_globals(space: Any) -> dict[str, float]:
     return out
 
 
+def _validation_batches(dm: Any, samples: int, own_batches: bool) -> list[Any]:
+    """The first ``samples`` validation samples as batches: of 512 from the dataset, or the data
+    module's own batches (a logged metric's ``validation_step`` reads them as they come)."""
+    if not own_batches:
+        dataset = dm.val_dataloader().dataset
+        return list(DataLoader(Subset(dataset, range(min(samples, len(dataset)))), batch_size=512))
+    batches: list[Any] = []
+    for batch in dm.val_dataloader():
+        batches.append(batch)
+        if sum(extract_batch_size(b) for b in batches) >= samples:
+            break
+    return batches
+
+
 def sensitivity_pass(ctx: Any, samples: int) -> dict[str, Any]:
     """Measure every layer's grid on ``ctx`` (a ``TrialContext``); see the module docstring."""
     started = time.perf_counter()
     spec = ctx.spec
-    dataset = ctx.datamodule.val_dataloader().dataset
-    batches = list(DataLoader(Subset(dataset, range(min(samples, len(dataset)))), batch_size=512))
+    batches = _validation_batches(ctx.datamodule, samples, own_batches=spec.metric.logged)
     globals_ = _neutral_globals(spec.space)
     meta = ctx.artifact_meta()
 
@@ -73,6 +87,6 @@ def sensitivity_pass(ctx: Any, samples: int) -> dict[str, Any]:
             score, size = measure({name: {knob: value}})
             points.append({"knob": knob, "value": value, "score": score, "bytes": size})
         layers[name] = {"bytes": 4 * sum(getattr(m, t).numel() for m, t in weight_tensors(layer)), "points": points}
-    return {"metric": spec.metric.name, "samples": sum(len(b[-1]) for b in batches),
+    return {"metric": spec.metric.name, "samples": sum(extract_batch_size(b) for b in batches),
             "seconds": time.perf_counter() - started, "base_score": base_score, "base_bytes": base_bytes,
             "layers": layers}
