@@ -79,8 +79,10 @@ LABELS = {"seeded": "per-layer, TPE seeded ([search.seed])", "tpe": "per-layer, 
 COLORS = {"seeded": "#d62728", "tpe": "#1f77b4", "gp": "#9467bd", "nsga2": "#2ca02c", "random": "#ff7f0e",
           "uniform": "#7f7f7f"}
 # The ``seeded`` method's [search.seed]: as many seeds as TPE's random start-up trials (10), so that
-# TPE models from the seeds instead of random plans; 6 allocated from the sensitivity pass, 4 uniform.
+# TPE models from the seeds instead of random plans: 6 allocated from the sensitivity pass, 4 uniform.
+# Every other method runs without seeds.
 SEEDING = {"plans": 6, "uniform": 4}
+NO_SEEDS = {"plans": 0, "uniform": 0}
 WITHIN = 0.005  # "best ratio within 0.5 validation points of the teacher"
 
 
@@ -169,7 +171,7 @@ def net_spec(net: str, name: str, storage: str | None = None, trials: int | None
 
 
 def net_label(net: str) -> str:
-    return PRESET if net == "lenet300" else f"{net} (architectures benchmark, digits)"
+    return PRESET if net == "lenet300" else f"{net} CNN, digits"
 
 
 def stem(net: str) -> str:
@@ -187,8 +189,7 @@ def method_spec(method: str, seed: int, args: argparse.Namespace) -> Any:
     raw["model"]["checkpoint"] = str(checkpoint_path(args.storage, args.prefix, args.net))
     if method == "uniform":
         raw["space"] = uniform_space(raw["space"])
-    if method == "seeded":
-        raw["search"]["seed"] = {**raw["search"]["seed"], **SEEDING}
+    raw["search"]["seed"] = {**raw["search"]["seed"], **(SEEDING if method == "seeded" else NO_SEEDS)}
     return parse_spec(raw)
 
 

@@ -36,6 +36,8 @@ def seed_study(study: optuna.Study, storage: optuna.storages.BaseStorage, contex
     seeds = [("sensitivity", p) for p in seed_params(sensitivity, space, seed.plans, floor)]
     seeds += [("uniform", p) for p in uniform_params(space, layers, context.output_layer, seed.uniform,
                                                      context.inert, sensitivity, floor)]
+    room = max(0, context.spec.trials - len(study.get_trials(deepcopy=False)))
+    seeds = seeds[:room]  # never more than the target leaves: a seed beyond it would wait in the study
     for kind, params in seeds:
         study.enqueue_trial(params, user_attrs={keys.TRIAL_SEEDED: kind})
     points = sum(len(entry["points"]) for entry in sensitivity["layers"].values())

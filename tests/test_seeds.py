@@ -107,7 +107,9 @@ def test_the_pass_is_stored_once_deterministic_and_seeds_run_first_marked(
     other = tmp_path / "again"
     other.mkdir()
     again = f"sqlite:///{other / 's.db'}"
-    assert main(["search", str(_spec_file(tmp_path, 3)), "--storage", again, "--quiet"]) == 0
+    assert main(["search", str(_spec_file(tmp_path, 2)), "--storage", again, "--quiet"]) == 0
+    small = optuna.load_study(study_name="digits-test", storage=again)  # 3 seeds, a target of 2: 2 seeds run
+    assert [t.user_attrs.get(keys.TRIAL_SEEDED) for t in small.trials] == ["sensitivity", "sensitivity"]
     second = stored_sensitivity(open_storage(again), "digits-test")
     assert second is not None
     for measured in (first, second):
