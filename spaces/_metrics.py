@@ -24,6 +24,8 @@ what an ONNX file, which runs no ``validation_step``, is checked on.
     >>> f1 = logged_metric("val_f1", "max", metric("accuracy"))
     >>> f1.logged, f1.objective_name, f1.computed.name, f1.format(0.5), f1.column("test")
     (True, 'val_f1', 'accuracy', '0.5000', 'test_f1')
+    >>> logged_metric("val_loss", "min", metric("accuracy")).objective_name
+    'val_neg_loss'
 """
 
 from __future__ import annotations
@@ -72,10 +74,11 @@ class Metric:
     @property
     def objective_name(self) -> str:
         """The study's first objective as Optuna names it: ``val_accuracy``, or ``val_neg_mse``
-        for a minimized metric (the score is its negative); a logged value's own name, ``neg_<name>``
-        when minimized."""
+        for a minimized metric (the score is its negative); a logged value as its column, e.g.
+        ``val_f1``, or ``val_neg_loss`` for a minimized ``val_loss``."""
         if self.logged:
-            return self.name if self.maximize else f"neg_{self.name}"
+            column = self.column("val")
+            return column if self.maximize else f"val_neg_{column[len('val_'):]}"
         return f"val_{self.name}" if self.maximize else f"val_neg_{self.name}"
 
     def column(self, split: str) -> str:

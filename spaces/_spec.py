@@ -90,8 +90,8 @@ FINETUNE = Section("finetune", "the student's training recipe (its learning rate
           "refine_within": "search.refine.within", "refine_share": "search.refine.share",
           "cache_mb": "runtime.cache_mb"})
 SEARCH = Section("search", "the sampler, and when a search with an accuracy goal ends", (
-    Setting("sampler", str, "tpe", "tpe (multivariate TPE) | nsga2 | gp (Optuna's Gaussian process) | random",
-            choices=SAMPLERS),
+    Setting("sampler", str, "tpe", "tpe (multivariate TPE) | nsga2 | gp (Optuna's Gaussian process) | random; "
+            "TPE and GP sample their first max(4, min(10, trials // 3)) trials at random", choices=SAMPLERS),
     Setting("goal_patience", int, 10, "with study.goal_drop (search --goal-drop): stop once the smallest plan within "
             "that drop has not shrunk for this many finished trials", low=1, high=1_000_000, fingerprinted=False),
 ))

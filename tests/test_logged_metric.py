@@ -119,7 +119,7 @@ def test_reductions_batch_sizes_and_epoch_hooks_follow_lightning() -> None:
 def test_the_spec_keys_and_the_stored_metric() -> None:
     spec = parse_spec({**BASE, "objective": {"monitor": "val_ce", "mode": "min"}})
     assert spec.metric.logged and not spec.metric.maximize and spec.metric.computed.name == "accuracy"
-    assert spec.metric.objective_name == "neg_val_ce"  # stored as minus the loss, named so
+    assert spec.metric.objective_name == "val_neg_ce"  # stored as minus the loss, named as val_neg_mse is
     assert metric_of(spec.to_dict()) == spec.metric
     with pytest.raises(SpecError, match="objective.mode: 'lowest' is not allowed"):
         parse_spec({**BASE, "objective": {"monitor": "val_ce", "mode": "lowest"}})
@@ -140,7 +140,7 @@ def test_a_study_optimizes_the_value_the_model_logs(tmp_path: Path, capsys: pyte
                             objective={"monitor": "val_ce", "mode": "min"}, factory="tests.test_logged_metric:LoggingNet",
                             data_module="slimtune.trainers:DigitsDataModule", **SETTINGS)
     optuna_study = optuna.load_study(study_name="logged", storage=url)
-    assert optuna_study.metric_names[0] == "neg_val_ce"
+    assert optuna_study.metric_names[0] == "val_neg_ce"
     teacher = optuna_study.user_attrs[keys.TEACHER]
     ce = _reference(model, list(data.val_dataloader()))["val_ce"]
     assert teacher["val_accuracy"] == pytest.approx(-ce, rel=1e-5)  # a minimized value is stored as its negative

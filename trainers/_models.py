@@ -167,8 +167,9 @@ def given_object_error(part: str, given: str) -> SpecError:
     built by this process (``resume``, ``worker``, ``evaluate``), and what to do instead."""
     builder = "factory='module:callable'" if part == "model" else "data_module='module:DataModuleClass'"
     return SpecError(f"{part}.given", given, f"continue it from Python, in a process that holds the {part} "
-                     "(slimtune.search(model, datamodule, study=..., storage=...)), or pass "
-                     f"{builder} to slimtune.search so that resume, worker and evaluate can build it",
+                     "(slimtune.search(model, datamodule, study=..., storage=...)"
+                     + (", or load_artifact(path, template=model) for a file" if part == "model" else "")
+                     + f"), or pass {builder} to slimtune.search so that resume, worker and evaluate can build it",
                      "was given to slimtune.search as a Python object, which this process does not have")
 
 
