@@ -32,6 +32,7 @@ from typing import Any, Mapping
 import optuna
 import pandas as pd
 import torch
+from optuna.trial import TrialState
 
 from slimtune.spaces import DEFAULT_STORAGE, SpecError, parse_spec
 from slimtune.studies import (
@@ -224,7 +225,19 @@ def search(model: torch.nn.Module, datamodule: Any, *, study: str, storage: str 
                         log=lambda message: print(message, file=sys.stderr), given=(model, datamodule))
     if summary.stopped_by is not None and summary.finished == 0:
         raise SearchFailed(f"the search of study {study} stopped before any trial finished ({summary.stopped_by})")
+    print(_summary_line(summary), file=sys.stderr)
     return Study(study, parsed.storage, template=model, summary=summary, datamodule=datamodule)
+
+
+def _summary_line(summary: SearchSummary) -> str:
+    """What a run of :func:`search` leaves, as people count it: finished trials split into those
+    on the front's side (complete) and those the floor stopped (pruned), and failures."""
+    states = [t.state for t in load_existing_study(summary.study_name, summary.storage).get_trials(deepcopy=False)]
+    counts = {state: states.count(state) for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    return (f"study {summary.study_name}: {summary.finished}/{summary.target} finished trials "
+            f"({counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} stopped below the accuracy floor"
+            + (f", {counts[TrialState.FAIL]} failed" if counts[TrialState.FAIL] else "")
+            + f"; {summary.ran} run now, {summary.seconds:.0f} s)")
 
 
 def load_study(name: str, storage: str = DEFAULT_STORAGE, model: torch.nn.Module | None = None,

@@ -76,6 +76,10 @@ def test_a_model_object_is_searched_with_its_own_weights_as_the_teacher(net: nn.
     data = DigitsDataModule()
     study = slimtune.search(net, data, study="api-net", storage=url, trials=3, space=SPACE, **SETTINGS)
     assert all(torch.equal(weights[k], v) for k, v in net.state_dict().items())  # the caller's model unchanged
+    states = [t.state for t in study.optuna_study.trials]
+    complete, pruned = states.count(optuna.trial.TrialState.COMPLETE), states.count(optuna.trial.TrialState.PRUNED)
+    assert (f"study api-net: 3/3 finished trials ({complete} complete, {pruned} stopped below the accuracy floor; "
+            "3 run now") in capsys.readouterr().err
 
     optuna_study = optuna.load_study(study_name="api-net", storage=url)
     teacher = optuna_study.user_attrs[keys.TEACHER]
