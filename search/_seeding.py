@@ -36,6 +36,7 @@ def seed_study(study: optuna.Study, storage: optuna.storages.BaseStorage, contex
     seeds = [("sensitivity", p) for p in seed_params(sensitivity, space, seed.plans, floor)]
     seeds += [("uniform", p) for p in uniform_params(space, layers, context.output_layer, seed.uniform,
                                                      context.inert, sensitivity, floor)]
+    asked = seed.plans + seed.uniform
     room = max(0, context.spec.trials - len(study.get_trials(deepcopy=False)))
     seeds = seeds[:room]  # never more than the target leaves: a seed beyond it would wait in the study
     for kind, params in seeds:
@@ -44,5 +45,6 @@ def seed_study(study: optuna.Study, storage: optuna.storages.BaseStorage, contex
     log(f"sensitivity pass: {points} single-layer plans over {len(sensitivity['layers'])} layers on "
         f"{sensitivity['samples']} validation samples in {sensitivity['seconds']:.1f} s; seeded "
         f"{len(seeds)} plans ({sum(k == 'sensitivity' for k, _ in seeds)} allocated, "
-        f"{sum(k == 'uniform' for k, _ in seeds)} uniform)")
+        f"{sum(k == 'uniform' for k, _ in seeds)} uniform" + (f"; {asked} asked for: the others are estimated "
+        "below the floor, repeat a plan, or exceed the trial target" if len(seeds) < asked else "") + ")")
     return len(seeds)
