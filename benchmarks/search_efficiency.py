@@ -174,6 +174,11 @@ def net_label(net: str) -> str:
     return PRESET if net == "lenet300" else f"{net} CNN, digits"
 
 
+def section_of(payload: dict[str, Any]) -> str:
+    """The output files' and RESULTS.md section's name of a run: ``--section``, else :func:`stem`."""
+    return payload.get("section") or stem(payload.get("net", "lenet300"))
+
+
 def stem(net: str) -> str:
     """The output files' and RESULTS.md section's name for ``net``."""
     return "search_efficiency" if net == "lenet300" else f"search_efficiency_{net}"
@@ -437,8 +442,8 @@ def render(payload: dict[str, Any]) -> str:
         f"{teacher['dense_bytes']:,} bytes fp32. Hypervolume in (validation accuracy in points ↑, "
         f"log10 bytes ↓), reference ({ref_acc:.2f} %, {ref_log:.3f}) = (teacher val − "
         f"{100 * budget['max_accuracy_drop']:g} pt, i.e. the accuracy floor; log10 of the dense fp32 bytes); "
-        f"unit: points × decades. Mean ± std over seeds. Plot: `{stem(payload.get('net', 'lenet300'))}.png`; "
-        f"raw curves: `{stem(payload.get('net', 'lenet300'))}.json`."),
+        f"unit: points × decades. Mean ± std over seeds. Plot: `{section_of(payload)}.png`; "
+        f"raw curves: `{section_of(payload)}.json`."),
         "",
         "| method | " + " | ".join(f"HV @ {c}" + (" (all)" if c == trials else "") for c in cps)
         + " | " + " | ".join(f"best ratio within 0.5 pt @ {c}" for c in ratio_cps)
@@ -523,7 +528,7 @@ def plot(payload: dict[str, Any], path: Path) -> bool:
 def write_outputs(payload: dict[str, Any], out_dir: Path, final: bool, results_md: bool) -> str:
     payload["table"] = summarize(payload)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = stem(payload.get("net", "lenet300"))
+    name = section_of(payload)
     tmp = out_dir / f"{name}.json.tmp"
     tmp.write_text(json.dumps(payload, indent=1) + "\n")
     tmp.replace(out_dir / f"{name}.json")
@@ -620,6 +625,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         "machine": machine_info(args),
         "preset": net_label(args.net),
         "net": args.net,
+        "section": args.section,
         "budget": {"trials": args.trials, "seeds": seeds, "methods": methods, "jobs": args.jobs,
                    "threads": args.threads, "finetune_epochs": example.finetune.epochs,
                    "max_accuracy_drop": example.max_accuracy_drop,
@@ -672,7 +678,8 @@ def orchestrate(args: argparse.Namespace) -> None:
                 proc.wait()
     text = refresh(final=True)
     print(text)
-    print(f"wrote {out_dir / (stem(args.net) + '.json')}, {out_dir / (stem(args.net) + '.png')}"
+    name = args.section or stem(args.net)
+    print(f"wrote {out_dir / (name + '.json')}, {out_dir / (name + '.png')}"
           + ("" if args.no_results_md else f" and {HERE / 'RESULTS.md'}"), file=sys.stderr)
 
 
@@ -696,6 +703,8 @@ def main() -> None:
     parser.add_argument("--write-every", type=float, default=30.0, help="seconds between partial JSON/PNG writes")
     parser.add_argument("--machine-note", default=None, help="a few words on the machine, for the table's text")
     parser.add_argument("--no-results-md", action="store_true", help="do not touch benchmarks/RESULTS.md")
+    parser.add_argument("--section", default=None, help="name of the output files and RESULTS.md section "
+                        "(default search_efficiency, or search_efficiency_<net>), e.g. for a second budget")
     parser.add_argument("--render-only", action="store_true",
                         help="rebuild the PNG, the table and the RESULTS.md section from the JSON")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -709,7 +718,7 @@ def main() -> None:
         return
     if args.render_only:
         out_dir = Path(args.out_dir) if args.out_dir else HERE
-        payload = json.loads((out_dir / f"{stem(args.net)}.json").read_text())
+        payload = json.loads((out_dir / f"{args.section or stem(args.net)}.json").read_text())
         print(write_outputs(payload, out_dir, final=True, results_md=not args.no_results_md))
         return
     orchestrate(args)
