@@ -44,9 +44,10 @@ from slimtune.studies import (
 )
 from slimtune.trainers import (
     MODEL_OUTPUT, TrialContext, build_datamodule, build_model, check_accelerator, check_finite_weights,
-    check_logged_metric, check_logger, check_model_and_data, compressible_layers, datamodule_info, dense_parameter_bytes, evaluate,
-    example_batch, first_parameter_difference, import_ref, load_state_bytes, method, prepare_datamodule, run_logger,
-    silence_lightning, state_to_bytes, train_teacher, uncompressed_weights, unit_groups,
+    check_logged_metric, check_logger, check_model_and_data, compressible_layers, datamodule_info,
+    dense_parameter_bytes, evaluate, example_batch, first_parameter_difference, import_ref, load_state_bytes, method,
+    prepare_datamodule, run_logger, silence_lightning, state_to_bytes, train_teacher, uncompressed_weights,
+    unit_groups,
 )
 
 from ._cmd_export import require_onnx_extra

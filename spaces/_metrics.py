@@ -143,9 +143,7 @@ def metric_of(spec: Mapping[str, Any] | None) -> Metric:
     objective = (spec or {}).get("objective") or {}
     if not isinstance(objective, Mapping):
         return METRICS[DEFAULT_METRIC]
-    chosen = objective.get("metric", DEFAULT_METRIC)
-    base = METRICS.get(chosen, METRICS[DEFAULT_METRIC]) if isinstance(chosen, str) else METRICS[DEFAULT_METRIC]
-    monitor, mode = objective.get("monitor"), objective.get("mode", "max")
-    if isinstance(monitor, str) and monitor.strip() and monitor not in METRICS and mode in ("max", "min"):
-        return logged_metric(monitor, mode, base)
-    return base
+    chosen, monitor, mode = objective.get("metric"), objective.get("monitor"), objective.get("mode", "max")
+    readable = isinstance(monitor, str) and monitor.strip() and monitor not in METRICS and mode in ("max", "min")
+    return objective_metric({"metric": chosen if isinstance(chosen, str) and chosen in METRICS else DEFAULT_METRIC,
+                             "monitor": monitor if readable else "", "mode": mode})

@@ -292,7 +292,8 @@ class StudySpec:
     @property
     def metric(self) -> Metric:
         """The validation metric the study optimizes (``[objective] metric``, or ``monitor``)."""
-        return objective_metric(self.objective._values)
+        return objective_metric({k: getattr(self.objective, k) for k in ("metric", "monitor", "mode")
+                                 if hasattr(self.objective, k)})
 
     @property
     def deploy(self) -> str | None:

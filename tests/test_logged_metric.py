@@ -98,7 +98,8 @@ class Reducers(pl.LightningModule):
 
 def test_reductions_batch_sizes_and_epoch_hooks_follow_lightning() -> None:
     batches = [(torch.full((n, 1), float(n)), torch.zeros(n)) for n in (1, 2, 3)]  # sums 1, 4, 9
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.tensor([[1.0], [2.0], [2.0], [3.0], [3.0], [3.0]]), torch.zeros(6)), batch_size=1)
+    values = torch.tensor([[1.0], [2.0], [2.0], [3.0], [3.0], [3.0]])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(values, torch.zeros(6)), batch_size=1)
     ours = logged_names(Reducers(), batches)
     assert ours["biggest"] == 9.0 and ours["average"] == pytest.approx((1 * 1 + 4 * 2 + 9 * 3) / 6)
     assert ours["weighted"] == pytest.approx((1 * 1 + 4 * 2 + 9 * 3) / 6) and ours["epochs"] == 3.0
@@ -137,7 +138,8 @@ def test_a_study_optimizes_the_value_the_model_logs(tmp_path: Path, capsys: pyte
     model = _trained(LoggingNet())
     data = DigitsDataModule()
     study = slimtune.search(model, data, study="logged", storage=url, trials=2, space=SPACE,
-                            objective={"monitor": "val_ce", "mode": "min"}, factory="tests.test_logged_metric:LoggingNet",
+                            objective={"monitor": "val_ce", "mode": "min"},
+                            factory="tests.test_logged_metric:LoggingNet",
                             data_module="slimtune.trainers:DigitsDataModule", **SETTINGS)
     optuna_study = optuna.load_study(study_name="logged", storage=url)
     assert optuna_study.metric_names[0] == "val_neg_ce"
@@ -148,7 +150,8 @@ def test_a_study_optimizes_the_value_the_model_logs(tmp_path: Path, capsys: pyte
     small, record = study.best(max_drop=0.5)
     assert record.val_accuracy == pytest.approx(-_reference(small, list(data.val_dataloader()))["val_ce"], rel=1e-5)
     front = study.pareto()
-    assert {"val_ce", "test_ce"} <= set(front.columns) and front["val_ce"].iloc[0] == pytest.approx(-record.val_accuracy, rel=1e-6)
+    assert {"val_ce", "test_ce"} <= set(front.columns)
+    assert front["val_ce"].iloc[0] == pytest.approx(-record.val_accuracy, rel=1e-6)
 
     # the ONNX check compares the task's own metric (accuracy): onnxruntime runs no validation_step
     capsys.readouterr()

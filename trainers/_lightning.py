@@ -142,11 +142,7 @@ class _MetricMixin:
     def on_validation_epoch_end(self) -> None:
         if isinstance(self._accumulated, LoggedValues):
             self._accumulated.epoch_end(self.evaluated_model())  # type: ignore[arg-type]
-            logged = self._accumulated.values()
-            if self.metric.name not in logged:
-                raise KeyError(f"validation_step of {type(self.evaluated_model()).__name__} does not log "
-                               f"{self.metric.name!r} ([objective] monitor); it logs {sorted(logged) or 'nothing'}")
-            value = logged[self.metric.name]
+            value = self._accumulated.value_of(self.metric.name, self.evaluated_model())
         else:
             value = self._accumulated.value()
         self.val_history.append(self.metric.score(value))

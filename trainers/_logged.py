@@ -108,6 +108,14 @@ class LoggedValues:
             module.__dict__.pop("log", None)
             module.__dict__.pop("log_dict", None)
 
+    def value_of(self, name: str, module: nn.Module) -> float:
+        """The epoch value of ``name``; a ``KeyError`` naming what ``module`` logs when it does not log it."""
+        values = self.values()
+        if name not in values:
+            raise KeyError(f"validation_step of {type(module).__name__} does not log {name!r}; "
+                           f"it logs {sorted(values) or 'nothing'}")
+        return values[name]
+
     def step(self, module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """Run ``module.validation_step(batch, batch_idx)``, recording what it logs."""
         with self.capturing(module, batch):
@@ -134,8 +142,8 @@ def _batch_size(batch: Any, name: str) -> int:
                          "pass batch_size=") from None
 
 
-def logged_names(model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
-    """Every value ``model.validation_step`` logs over ``batches``, reduced as for an epoch."""
+def _run_epoch(model: nn.Module, batches: Iterable[Any]) -> LoggedValues:
+    """``model``'s validation epoch hooks and steps over ``batches``, in eval mode, what they log recorded."""
     if not isinstance(model, pl.LightningModule):
         raise TypeError(f"{type(model).__name__} is not a LightningModule: it logs no validation values")
     was_training = model.training
@@ -150,14 +158,15 @@ def logged_names(model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
             values.epoch_end(model)
     finally:
         model.train(was_training)
-    return values.values()
+    return values
+
+
+def logged_names(model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
+    """Every value ``model.validation_step`` logs over ``batches``, reduced as for an epoch."""
+    return _run_epoch(model, batches).values()
 
 
 def logged_value(model: nn.Module, batches: Iterable[Any], name: str) -> float:
     """The value ``name`` that ``model.validation_step`` logs over ``batches``; a ``KeyError``
     naming what it logs when it does not log ``name``."""
-    values = logged_names(model, batches)
-    if name not in values:
-        raise KeyError(f"validation_step of {type(model).__name__} does not log {name!r}; "
-                       f"it logs {sorted(values) or 'nothing'}")
-    return values[name]
+    return _run_epoch(model, batches).value_of(name, model)

@@ -53,9 +53,11 @@ def _validation_batches(dm: Any, samples: int, own_batches: bool) -> list[Any]:
         dataset = dm.val_dataloader().dataset
         return list(DataLoader(Subset(dataset, range(min(samples, len(dataset)))), batch_size=512))
     batches: list[Any] = []
+    seen = 0
     for batch in dm.val_dataloader():
         batches.append(batch)
-        if sum(extract_batch_size(b) for b in batches) >= samples:
+        seen += extract_batch_size(batch)
+        if seen >= samples:
             break
     return batches
 
