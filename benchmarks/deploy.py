@@ -76,9 +76,11 @@ batch_size = 32
 epochs = 3
 batch_size = 32
 """
-# net: (preset, trials, spec tables added to the preset's); lenet300-onnx searches the ONNX file's bytes too
+# net: (preset, trials, spec tables added to the preset's); lenet300-onnx searches the ONNX file's bytes too,
+# lenet300-int8 quantizes every layer's input to int8 (act_bits = 8: integer kernels in onnxruntime)
 NETS = {"lenet300": ("lenet300-mnist", 40, ""),
         "lenet300-onnx": ("lenet300-mnist", 40, '[objective]\ndeploy = "onnx_bytes"\n'),
+        "lenet300-int8": ("lenet300-mnist", 40, "[space.act_bits]\nfixed = 8\n"),
         "lenet5": ("lenet5-mnist", 30, ""), "residual": (None, 60, "")}
 
 
@@ -187,10 +189,13 @@ def measure(net: str, name: str, storage: str, folder: Path, runs: int) -> dict[
         record = TrialRecord.of(trial)
         path = folder / f"{net}-pick{points}.onnx"
         blob = get_blob(db, name, keys.artifact_blob_key(trial.number))
-        export_artifact_onnx(blob, path, recorded_score=trial.values[0], name=f"trial {trial.number}")
-        row = _onnx_row(f"slimtune `--max-drop {points / 100:g}` (trial {trial.number}), integer ONNX", path, dm,
+        done = export_artifact_onnx(blob, path, recorded_score=trial.values[0], name=f"trial {trial.number}")
+        kind = "integer ONNX" + (f", int8 inputs ({len(done.integer_inputs)}/{len(done.quantized_inputs)} layers on "
+                                 "integer kernels)" if done.quantized_inputs else "")
+        row = _onnx_row(f"slimtune `--max-drop {points / 100:g}` (trial {trial.number}), {kind}", path, dm,
                         feed, runs)
-        row.update({"slim_bytes": record.size_bytes, "val": record.val_accuracy, "pick": points})
+        row.update({"slim_bytes": record.size_bytes, "val": record.val_accuracy, "pick": points,
+                    "onnx_val": done.val, "onnx_max_diff": done.max_diff, "integer_inputs": done.integer_inputs})
         rows.append(row)
     baselines = rows[1:4]
     smallest = min(r["bytes"] for r in baselines)
@@ -199,11 +204,24 @@ def measure(net: str, name: str, storage: str, folder: Path, runs: int) -> dict[
         row["bytes_vs_best_int8"] = smallest / row["bytes"]
         row["speed_vs_best_int8"] = {str(b): fastest[b] / row["latency_ms"][str(b)][0] for b in BATCHES}
     complete = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
-    return {"net": net, "study": name, "trials": len(study.trials), "complete": complete, "rows": rows}
+    return {"net": net, "study": name, "trials": len(study.trials), "complete": complete, "rows": rows,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def _merged(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This run's results, after those of the other nets that ``deploy.json`` holds (kept as measured then)."""
+    path = HERE / "deploy.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    now = {r["net"] for r in results}
+    kept = [{"date": earlier.get("date"), "command": earlier.get("command", "benchmarks/deploy.py --reuse"), **r}
+            for r in earlier.get("results", []) if r["net"] not in now]
+    order = list(NETS)
+    return sorted(kept + results, key=lambda r: order.index(r["net"]) if r["net"] in order else len(order))
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"**{result['net']}** ({result['complete']} complete trials of {result['trials']})", "",
+    lines = [f"**{result['net']}** ({result['complete']} complete trials of {result['trials']}; measured "
+             f"{result.get('date', '?')})", "",
              "| model | file bytes | test acc. | batch 1 ms | batch 256 ms | peak RSS | smaller than best int8 | "
              "as fast as best int8 (1 / 256) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
@@ -223,6 +241,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--storage", default=f"sqlite:///{HERE / 'deploy.db'}")
     parser.add_argument("--reuse", action="store_true", help="measure the studies already in --storage")
+    parser.add_argument("--no-results-md", action="store_true", help="print only: write neither deploy.json "
+                        "nor RESULTS.md")
     args = parser.parse_args()
     silence_lightning()
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer notes
@@ -238,14 +258,20 @@ def main() -> None:
             name = f"deploy-{net}" if args.reuse else search(net, trials, args.storage, Path(tmp), args.threads)
             results.append(measure(net, name, args.storage, Path(tmp), args.runs))
             print(table(results[-1]), flush=True)
+    if args.no_results_md:
+        return
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     command = "benchmarks/deploy.py" + (f" --nets {args.nets}" if args.nets != ",".join(NETS) else "") + (
         f" --trials {args.trials}" if args.trials else "") + (" --reuse" if args.reuse else "")
+    for result in results:
+        result["command"] = command
+    results = _merged(results)
     (HERE / "deploy.json").write_text(json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d"),
-                                                  "command": command, "results": results}, indent=1))
-    body = (f"Command: `.venv/bin/python {command}`. Machine: {machine}. Date: {time.strftime('%Y-%m-%d')}. "
-            "Raw: [`deploy.json`](deploy.json).\n\n"
-            "All rows in one run on one machine: onnxruntime on the CPU, one thread, each ONNX file timed in a fresh "
+                                                  "results": results}, indent=1))
+    commands = sorted({r.get("command", "benchmarks/deploy.py --reuse") for r in results})
+    body = (f"Commands: {', '.join(f'`.venv/bin/python {c}`' for c in commands)} (each net's table says when it "
+            f"was measured). Machine: {machine}. Raw: [`deploy.json`](deploy.json).\n\n"
+            "All rows of a table in one run on one machine: onnxruntime on the CPU, one thread, each ONNX file timed in a fresh "
             "process (median of the timed calls at batch 1 and 256 on test inputs; peak resident memory of that "
             "process); torch's dynamic int8 timed in the benchmark's process (one torch thread), its bytes a "
             "`torch.save` of its state. The slimtune rows are the integer ONNX files `slimtune export --onnx` "

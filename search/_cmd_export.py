@@ -162,10 +162,14 @@ def write_onnx(blob: bytes, path: Path, name: str, recorded_score: float | None,
         kind += f", {len(done.float_weights)} as floats ({', '.join(done.float_weights[:4])}"
         kind += ", ...)" if len(done.float_weights) > 4 else ")"
     thinned = "".join(f", {layer} {before}->{after} units" for layer, (before, after) in done.thinned.items())
+    if done.quantized_inputs:
+        kind += (f", {len(done.quantized_inputs)} layers with int8 inputs ({len(done.integer_inputs)} on "
+                 "onnxruntime's integer kernels)")
     # a logged metric (onnxruntime runs no validation_step): its task's metric, against PyTorch's
     shown, recorded = (f"{metric.computed.label} ", "PyTorch") if metric.logged else ("", "recorded")
+    agree = "within the int8 tolerance" if done.quantized_inputs else "same classes"
     return (f"{done.bytes:,} bytes, {kind}{thinned}; onnxruntime matches PyTorch on {done.batch} validation inputs "
-            f"(max abs diff {done.max_diff:.2g}, same classes) and scores val {shown}{metric.computed.format(done.val)}"
+            f"(max abs diff {done.max_diff:.2g}, {agree}) and scores val {shown}{metric.computed.format(done.val)}"
             + ("" if done.recorded is None else f" ({recorded} {metric.computed.format(done.recorded)})"))
 
 

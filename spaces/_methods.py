@@ -14,7 +14,7 @@ Example:
     >>> [d.name for d in declarations()]
     ['prune', 'quantize', 'distill', 'lowrank', 'units', 'recipe', 'loss']
     >>> [k.name for k in per_layer_knobs()]
-    ['prune_ratio', 'weight_bits', 'kd_temperature', 'rank_ratio', 'unit_ratio']
+    ['prune_ratio', 'weight_bits', 'act_bits', 'kd_temperature', 'rank_ratio', 'unit_ratio']
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ._settings import Section, Setting
 PRUNE_SCHEDULES = ("oneshot", "gradual", "dynamic")
 QUANTIZERS = ("amax", "lsq")
 BIAS_BITS = (32, 16)
+ACT_BITS_CHOICES = (8, 32)
 
 PRUNE = Declaration(
     "prune", "unstructured pruning: the smallest-scoring weights of a layer set to zero",
@@ -45,9 +46,14 @@ PRUNE = Declaration(
 )
 
 QUANTIZE = Declaration(
-    "quantize", "uniform symmetric per-output-channel weight quantization (integer codes and scales)",
+    "quantize", "uniform symmetric per-output-channel weight quantization (integer codes and scales), and "
+    "optionally the layer's input as int8 codes",
     knobs=(KnobDeclaration("weight_bits", "int-choice", {"choices": [2, 3, 4, 5, 6, 8, 32]}, allowed_text=BITS_ALLOWED,
-                           neutral=32, help="bits per weight code (32: float, not quantized)"),),
+                           neutral=32, help="bits per weight code (32: float, not quantized)"),
+           KnobDeclaration("act_bits", "int-choice", {"fixed": 32}, choices=ACT_BITS_CHOICES,
+                           allowed_text="8 (the layer's input as int8 codes: integer kernels in the ONNX export) or "
+                                        "32 (float)", neutral=32,
+                           help="bits of the layer's input (8: int8 codes, a range observed in training; 32: float)")),
     options=(
         Setting("quantizer", str, "lsq", "how channel scales are chosen: amax (largest weight / largest code) or lsq "
                 "(learned step sizes)", choices=QUANTIZERS, neutral="amax"),
@@ -55,7 +61,9 @@ QUANTIZE = Declaration(
                 "float16)", choices=BIAS_BITS, neutral=32),
     ),
     stats=("bits",),
-    panels=(Panel("weight bits (achieved)", "bits", "achieved", "Viridis", "d", "bits %{text}", 1.0, 5.0, log2=True),),
+    panels=(Panel("weight bits (achieved)", "bits", "achieved", "Viridis", "d", "bits %{text}", 1.0, 5.0, log2=True),
+            Panel("input bits (plan act_bits)", "act_bits", "plan", "Cividis", "d", "input bits %{z}", 8.0, 32.0,
+                  only_if_used=True, neutral=32)),
 )
 
 DISTILL = Declaration(

@@ -72,6 +72,12 @@ def test_a_crafted_artifact_is_a_clear_error(tmp_path: Path, capsys: pytest.Capt
     ({"model": {"preset": "resnet-1000"}, "data": {"preset": "digits"}}, "unknown preset 'resnet-1000'"),
     ({"model": {"preset": "cnn-digits"}, "data": {"preset": "digits"}, "factorized": {"nowhere": 2}},
      "meta.factorized.nowhere"),
+    ({"model": {"preset": "cnn-digits"}, "data": {"preset": "digits"}, "quantized_inputs": {"fc1": 4}},
+     "meta.quantized_inputs.fc1"),
+    ({"model": {"preset": "cnn-digits"}, "data": {"preset": "digits"}, "quantized_inputs": {"pool": 8}},
+     "meta.quantized_inputs.pool"),
+    ({"model": {"preset": "cnn-digits"}, "data": {"preset": "digits"}, "quantized_inputs": ["fc1"]},
+     "meta.quantized_inputs"),
     ({"model": {"preset": "cnn-digits"}, "data": {"table": "/etc/passwd"}}, "data.table"),
     ({"model": {"preset": "cnn-digits"}}, "has no data reference"),
 ])

@@ -25,6 +25,8 @@ def test_defaults_are_filled_and_round_trip() -> None:
     [
         ("space", "weight_bits", {"choices": [1, 4]}, "space.weight_bits.choices"),
         ("space", "weight_bits", {"choices": [4, 33]}, "space.weight_bits.choices"),
+        ("space", "act_bits", {"choices": [4, 8]}, "space.act_bits.choices"),
+        ("space", "act_bits", {"fixed": 16}, "space.act_bits.fixed"),
         ("space", "prune_ratio", {"low": 0.1, "high": 1.0}, "space.prune_ratio.high"),
         ("space", "prune_ratio", {"fixed": 1.5}, "space.prune_ratio.fixed"),
         ("space", "kd_temperature", {"low": 0, "high": 2}, "space.kd_temperature.low"),

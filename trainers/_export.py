@@ -28,6 +28,7 @@ from slimtune.spaces import DataSpec, SpecError, metric_of, parse_data_section
 from ._data import build_datamodule
 from ._models import model_from_meta
 from ._pack import unpack_model
+from .methods import check_input_ranges
 from ._teacher import evaluate
 
 SPLITS = ("val", "test")
@@ -71,6 +72,11 @@ def _load(data: bytes, name: str, template: nn.Module | None = None) -> tuple[nn
     except RuntimeError as exc:
         raise SpecError("artifact", name, _ARTIFACT, "does not fit the model it names "
                         f"({str(exc).splitlines()[0][:200]})") from None
+    try:
+        check_input_ranges(model)
+    except ValueError as exc:
+        raise SpecError("artifact", name, "input ranges that are finite and hold 0, as a trial stores them",
+                        f"is not readable: {exc}") from None
     return model.eval(), meta
 
 

@@ -2,7 +2,8 @@
 
 They apply in this order, each to every layer of a plan: ``lowrank`` (a layer becomes two thin
 factors), ``units`` (dropped output units masked, with the next layer's inputs that read them),
-``prune`` (unstructured masks) and ``quantize`` (fake quantization, float16 biases). A method
+``prune`` (unstructured masks) and ``quantize`` (fake quantization of weights and, with
+``act_bits = 8``, of inputs; float16 biases). A method
 registered with :func:`register_method` applies after them.
 
 Example:
@@ -26,6 +27,10 @@ from ._base import (
     unregister_method,
 )
 from ._graph import MODEL_OUTPUT, UnitGroup, traced, unit_groups
+from ._inputs import (
+    ACT_BITS, ACT_QMAX, ACT_QMIN, InputQuant, attach_input_quant, check_input_ranges, float_inputs, input_qparams,
+    input_quantized,
+)
 from ._layers import COMPRESSIBLE, bias_tensors, is_compressible, weight_tensors
 from .lowrank import (
     Factorized,
@@ -57,11 +62,11 @@ for _method in (LowRank(), Units(), Prune(), Quantize()):
     register_method(_method)
 
 __all__ = [
-    "ApplyContext", "COMPRESSIBLE", "Codec", "CompressionMethod", "DynamicPruning", "FP16_SCALE_MAX_BITS",
-    "Factorized", "FakeQuant", "FitContext", "GradualPruning", "HalfPrecision", "LowRank", "MODEL_OUTPUT", "Mask",
+    "ACT_BITS", "ACT_QMAX", "ACT_QMIN", "ApplyContext", "COMPRESSIBLE", "Codec", "CompressionMethod", "DynamicPruning", "FP16_SCALE_MAX_BITS",
+    "Factorized", "FakeQuant", "FitContext", "GradualPruning", "HalfPrecision", "InputQuant", "LowRank", "MODEL_OUTPUT", "Mask",
     "Prune", "PruneMask", "Quantize", "UnitGroup", "UnitMask", "Units", "allowed_mask", "allowed_weights",
-    "bias_tensors", "channel_scales", "cubic_sparsity", "dequantize", "factorize", "factorized_ranks",
-    "factorized_shell", "full_rank", "importance", "is_compressible", "layer_input_scales", "magnitude_mask",
+    "attach_input_quant", "bias_tensors", "channel_scales", "check_input_ranges", "cubic_sparsity", "dequantize", "factorize", "factorized_ranks",
+    "factorized_shell", "float_inputs", "full_rank", "importance", "input_qparams", "input_quantized", "is_compressible", "layer_input_scales", "magnitude_mask",
     "masked_before", "method", "methods", "pruned_weights", "quantize", "rank_for", "register_method",
     "replace_submodule", "straight_through", "traced", "unit_groups", "unit_keeps", "unregister_method",
     "weight_modules", "weight_tensors",

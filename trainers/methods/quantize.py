@@ -1,4 +1,4 @@
-"""Weight quantization: the ``quantize`` method (knob ``weight_bits``, options ``[method.quantize]``).
+"""Weight quantization: the ``quantize`` method (knobs ``weight_bits`` and ``act_bits``, options ``[method.quantize]``).
 
 :class:`FakeQuant` quantizes a weight uniformly and symmetrically per output channel to ``bits``
 (codes in ``[-(2**(bits-1)-1), 2**(bits-1)-1]``) in the forward pass, with a straight-through
@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -35,10 +36,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from slimtune.spaces import QUANTIZE_DECLARATION, LayerPlan
+from slimtune.spaces import QUANTIZE_DECLARATION, LayerPlan, SpecError
 
 from .._index import bitmap, positions, run_lengths
+from ._inputs import ACT_BITS, attach_input_quant, input_quantized
 from ._layers import bias_tensors, register_parametrization, weight_tensors
+from .lowrank import Factorized
 from ._base import ApplyContext, Blocks, Codec, CompressionMethod, straight_through
 
 FP16_MAX = 65504.0
@@ -222,10 +225,56 @@ def _decode_half(entry: dict[str, Any], parts: Blocks, count: int, shape: tuple[
     return torch.from_numpy(np.frombuffer(parts[0], dtype="<f2").astype(np.float32).reshape(shape))
 
 
+INPUT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)  # the modules that get an InputQuant
+INPUT_QUANTIZABLE = (*INPUT_LAYERS, Factorized)  # layers whose input act_bits quantizes (a low-rank one: its first factor)
+
+
+def _float_calls(model: nn.Module, layer_names: list[str], example_input: torch.Tensor | None) -> dict[str, int]:
+    """How many times ``model`` calls each layer of ``layer_names`` as a module with a float tensor
+    first (an attention's ``out_proj`` is read, not called: 0); once each when ``example_input`` is ``None``."""
+    if example_input is None:
+        return dict.fromkeys(layer_names, 1)
+    calls = dict.fromkeys(layer_names, 0)
+
+    def count(name: str, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            calls[name] += 1
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(lambda module, args, name=name: count(name, args))
+               for name in layer_names]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example_input)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _sharing_weights(model: nn.Module, layer_names: list[str]) -> set[str]:
+    """The layers whose weight is also another module's (tied weights): one input range cannot
+    stand for two layers' inputs in an export."""
+    owners: dict[int, set[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            owners.setdefault(id(weight), set()).add(name)
+    shared: set[str] = set()
+    for name in layer_names:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if isinstance(weight, torch.Tensor) and len(owners.get(id(weight), ())) > 1:
+            shared.add(name)
+    return shared
+
+
 class Quantize(CompressionMethod):
     """Fake quantization on a layer's weight tensors below 32 bits (both factors of a factorized
-    one, each matrix of an attention or recurrent layer; per row of an embedding), and float16
-    biases with ``bias_bits = 16``."""
+    one, each matrix of an attention or recurrent layer; per row of an embedding), float16
+    biases with ``bias_bits = 16``, and int8 inputs with ``act_bits = 8`` (the layers of
+    :data:`INPUT_QUANTIZABLE` the model calls once, with a weight of their own; the knob is inert
+    on the others)."""
 
     declaration = QUANTIZE_DECLARATION
 
@@ -241,7 +290,37 @@ class Quantize(CompressionMethod):
         if options.bias_bits == 16:
             for module, tensor_name in bias_tensors(layer):
                 register_parametrization(module, tensor_name, HalfPrecision())
+        if values["act_bits"] < 32 and isinstance(layer, INPUT_QUANTIZABLE):
+            # a low-rank layer's first factor reads its input (a child of the Sequential would run after it)
+            attach_input_quant(layer[0] if isinstance(layer, Factorized) else layer, values["act_bits"])
         return None
+
+    def inert_layers(self, model: nn.Module, layer_names: list[str],
+                     example_input: torch.Tensor | None = None) -> dict[str, set[str]]:
+        calls = _float_calls(model, layer_names, example_input)
+        shared = _sharing_weights(model, layer_names)
+        return {"act_bits": {n for n in layer_names if not isinstance(model.get_submodule(n), INPUT_QUANTIZABLE)
+                             or calls.get(n) != 1 or n in shared}}
+
+    def architecture(self, model: nn.Module) -> dict[str, Any]:
+        found = input_quantized(model)
+        return {"quantized_inputs": {name: quant.bits for name, quant in found.items()}} if found else {}
+
+    def rebuild(self, model: nn.Module, meta: Mapping[str, Any]) -> None:
+        found = meta.get("quantized_inputs", {})
+        if not isinstance(found, Mapping):
+            raise SpecError("artifact", "meta.quantized_inputs", "a table of layer names and activation bits",
+                            "is unreadable")
+        for name, bits in found.items():
+            try:
+                layer = model.get_submodule(name) if isinstance(name, str) and name else None
+            except AttributeError:
+                layer = None
+            if not isinstance(layer, INPUT_LAYERS) or bits != ACT_BITS or isinstance(bits, bool):
+                raise SpecError("artifact", f"meta.quantized_inputs.{name}",
+                                f"a Linear/Conv layer of the model and {ACT_BITS} bits",
+                                f"does not fit the model ({bits!r} bits)")
+            attach_input_quant(layer, bits)
 
     def codecs(self) -> list[Codec]:
         return [
