@@ -2,11 +2,13 @@
 
 Run by hand from the repository root, after ``make test`` (or ``make demo``) once for the venv::
 
-    .venv/bin/python benchmarks/deploy.py [--nets lenet300,lenet300-onnx,lenet5,residual] [--trials N] [--runs 200]
+    .venv/bin/python benchmarks/deploy.py [--nets lenet300,lenet300-int8,lenet5,residual,...] [--trials N] [--runs 200]
 
 Per net, one search (``slimtune search``, the preset's settings, ``lenet300-onnx`` with
-``[objective] deploy = "onnx_bytes"`` added, or, for the residual CNN on digits, the default
-space with the architectures benchmark's budget; ``--reuse`` measures the
+``[objective] deploy = "onnx_bytes"`` added, ``lenet300-int8`` with every layer's input
+quantized to int8 (``act_bits = 8``), ``lenet300-int8-onnx`` with both, or, for the residual CNN
+on digits, the default space with the architectures benchmark's budget, ``residual-int8`` with
+``act_bits = 8``; ``--reuse`` measures the
 studies already in ``--storage`` instead) and then, in this one run: the dense fp32 teacher
 exported to ONNX; onnxruntime's ``quantize_dynamic`` of it (int8 weights, its defaults) and
 ``quantize_static`` (QDQ int8 weights and activations, calibrated on 512 training inputs, its
@@ -77,11 +79,14 @@ epochs = 3
 batch_size = 32
 """
 # net: (preset, trials, spec tables added to the preset's); lenet300-onnx searches the ONNX file's bytes too,
-# lenet300-int8 quantizes every layer's input to int8 (act_bits = 8: integer kernels in onnxruntime)
+# lenet300-int8 and residual-int8 quantize every layer's input to int8 (act_bits = 8: integer kernels in
+# onnxruntime), lenet300-int8-onnx also searches the ONNX file's bytes
 NETS = {"lenet300": ("lenet300-mnist", 40, ""),
         "lenet300-onnx": ("lenet300-mnist", 40, '[objective]\ndeploy = "onnx_bytes"\n'),
         "lenet300-int8": ("lenet300-mnist", 40, "[space.act_bits]\nfixed = 8\n"),
-        "lenet5": ("lenet5-mnist", 30, ""), "residual": (None, 60, "")}
+        "lenet300-int8-onnx": ("lenet300-mnist", 40, '[space.act_bits]\nfixed = 8\n[objective]\ndeploy = "onnx_bytes"\n'),
+        "lenet5": ("lenet5-mnist", 30, ""), "residual": (None, 60, ""),
+        "residual-int8": (None, 60, "[space.act_bits]\nfixed = 8\n")}
 
 
 def search(net: str, trials: int, storage: str, folder: Path, threads: int) -> str:
@@ -91,7 +96,8 @@ def search(net: str, trials: int, storage: str, folder: Path, threads: int) -> s
     name = f"deploy-{net}"
     if preset is None:
         spec = folder / f"{net}.toml"
-        spec.write_text(RESIDUAL_SPEC.format(trials=trials))
+        spec.write_text(RESIDUAL_SPEC.format(trials=trials).replace('name = "deploy-residual"', f'name = "{name}"')
+                        + "\n" + extra)
         argv = [str(spec)]
     elif extra:
         spec = folder / f"{net}.toml"
@@ -271,7 +277,8 @@ def main() -> None:
     commands = sorted({r.get("command", "benchmarks/deploy.py --reuse") for r in results})
     body = (f"Commands: {', '.join(f'`.venv/bin/python {c}`' for c in commands)} (each net's table says when it "
             f"was measured). Machine: {machine}. Raw: [`deploy.json`](deploy.json).\n\n"
-            "All rows of a table in one run on one machine: onnxruntime on the CPU, one thread, each ONNX file timed in a fresh "
+            "All rows of a table in one run on one machine: onnxruntime on the CPU, one thread, each ONNX file timed "
+            "in a fresh "
             "process (median of the timed calls at batch 1 and 256 on test inputs; peak resident memory of that "
             "process); torch's dynamic int8 timed in the benchmark's process (one torch thread), its bytes a "
             "`torch.save` of its state. The slimtune rows are the integer ONNX files `slimtune export --onnx` "

@@ -13,16 +13,20 @@ import torch
 from optuna.trial import TrialState
 from torch import nn
 
+import slimtune
 from slimtune.search import main
-from slimtune.spaces import CompressionPlan, LayerPlan
-from slimtune.trainers import DigitsCNN, OnnxModel, apply_plan, artifact_datamodule, evaluate, load_artifact, pack_model
+from slimtune.spaces import CompressionPlan, LayerPlan, parse_spec, sample_plan
+from slimtune.trainers import (
+    DigitsCNN, DigitsDataModule, OnnxModel, apply_plan, artifact_datamodule, evaluate, load_artifact, pack_model,
+)
 from slimtune.trainers._onnx import QDQ_SCORE_TOLERANCE, write_model_onnx
 from slimtune.trainers.methods import (
     InputQuant, attach_input_quant, input_qparams, input_quantized, method,
 )
 from slimtune.trainers.methods._inputs import RANGE_MOMENTUM
 
-from .conftest import SPEC_TOML
+from .conftest import SPEC_TOML, digits_spec_dict
+from .test_python_api import SETTINGS, SPACE, SmallNet, _trained
 
 STUDY = "digits-test"
 # every layer's input int8; weights at 8 bits but conv1's float (its input then runs in float
@@ -218,3 +222,32 @@ def test_a_crafted_input_range_is_a_clear_error(tmp_path: Path, capsys: pytest.C
     assert main(["evaluate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "layer 'fc1' stores the input range [1, " in err and "Traceback" not in err
+
+
+def test_act_bits_is_searched_per_layer_and_left_float_where_inert() -> None:
+    data = digits_spec_dict()
+    data["space"]["act_bits"] = {"choices": [8, 32]}
+    spec = parse_spec(data)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen: dict[str, set[int]] = {}
+    for _ in range(12):
+        trial = study.ask()
+        plan = sample_plan(trial, spec.space, ["conv1", "conv2", "fc1", "fc2"], inert={"act_bits": {"conv1"}})
+        for name, layer in plan.layers.items():
+            seen.setdefault(name, set()).add(layer.act_bits)
+        assert "conv1.act_bits" not in trial.params  # an inert layer adds no parameter
+        study.tell(trial, 0.0)
+    assert seen == {"conv1": {32}, "conv2": {8, 32}, "fc1": {8, 32}, "fc2": {8, 32}}
+
+
+def test_from_python_a_model_object_with_int8_inputs_exports_integer_kernels(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    net = _trained(SmallNet())
+    study = slimtune.search(net, DigitsDataModule(), study="api-int8", storage=url, trials=2,
+                            space={**SPACE, "act_bits": 8}, **SETTINGS)
+    model, record = study.best(max_drop=0.5)
+    assert sorted(input_quantized(model)) == ["body.1", "body.3"]
+    study.export(tmp_path / "m.slim", max_drop=0.5, onnx=tmp_path / "m.onnx")
+    assert _optimized_ops(tmp_path / "m.onnx", tmp_path).count("QGemm") == 2  # both layers on integer kernels
+    onnx_val = evaluate(OnnxModel(tmp_path / "m.onnx"), DigitsDataModule().val_dataloader())
+    assert abs(onnx_val - record.val_accuracy) <= QDQ_SCORE_TOLERANCE

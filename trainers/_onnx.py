@@ -144,7 +144,8 @@ def check_onnx(path: str | os.PathLike[str], x: torch.Tensor, expected: torch.Te
     if got.shape != want.shape:
         raise ValueError(f"onnxruntime returned shape {got.shape}, PyTorch {want.shape}")
     diff = float(np.abs(got - want).max()) if want.size else 0.0
-    tolerance = (QDQ_ATOL if quantized_inputs else ONNX_ATOL) * max(1.0, float(np.abs(want).max()) if want.size else 1.0)
+    largest = float(np.abs(want).max()) if want.size else 1.0
+    tolerance = (QDQ_ATOL if quantized_inputs else ONNX_ATOL) * max(1.0, largest)
     if not diff <= tolerance:
         raise ValueError(f"max abs diff {diff:.3g} exceeds {tolerance:.3g}")
     differ = int((got.argmax(1) != want.argmax(1)).sum()) if want.ndim == 2 and want.shape[1] > 1 else 0
@@ -241,7 +242,8 @@ def _per_axis(scales: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return scales.reshape(shape)
 
 
-def _integer_weights(path: str, codes: dict[str, StoredCodes], weights: dict[str, np.ndarray]) -> dict[str, tuple[str, int]]:
+def _integer_weights(path: str, codes: dict[str, StoredCodes],
+                     weights: dict[str, np.ndarray]) -> dict[str, tuple[str, int]]:
     """Rewrite the float ONNX at ``path``: each float initializer that is a weight of ``codes``
     (by name, or laid out otherwise: :func:`_placement`) becomes its codes and scales, and a
     ``Cast`` to float and a ``Mul`` by the scales give the initializer's name back. Returns
@@ -339,7 +341,6 @@ def write_model_onnx(model: nn.Module, blob: bytes, x: torch.Tensor, path: str |
     integer_inputs: list[str] = []
     if quants:
         wanted = {n: state[n] for n in (f"{layer}.weight" for layer in quants) if n in state}
-        wanted.update({n: state[n] for n in (f"{layer}.0.weight" for layer in quants) if n in state})
         tensors = {**weight_tensor_names(str(path), {n: w for n, w in wanted.items() if n not in done}), **done}
         try:
             integer_inputs = quantize_inputs(str(path), quants, tensors, {n: codes[n] for n in done}, state)

@@ -77,12 +77,10 @@ def weight_tensor_names(path: str, weights: Mapping[str, np.ndarray]) -> dict[st
 
 
 def _weight_key(layer: str, state: Mapping[str, Any]) -> str | None:
-    """The state key of the weight that reads the layer's input: ``<layer>.weight``, or the first
-    factor's of a low-rank layer."""
-    for key in (f"{layer}.weight", f"{layer}.0.weight"):
-        if key in state:
-            return key
-    return None
+    """The state key of the weight that reads the layer's input (``<layer>.weight``; a low-rank
+    layer's quantized input is its first factor's, ``fc1.0``)."""
+    key = f"{layer}.weight"
+    return key if key in state else None
 
 
 def _replace_weight(graph: Any, target: str, stored: StoredCodes, axis: int, codes_array: np.ndarray) -> None:
@@ -149,7 +147,8 @@ def _emulated(graph: Any, node: Any, prefix: str, scale: float, zero_point: int)
 
     constants = {"inverse": np.float32(1) / np.float32(scale), "scale": np.float32(scale),
                  "zero": np.float32(zero_point), "low": np.float32(ACT_QMIN), "high": np.float32(ACT_QMAX)}
-    graph.initializer.extend([numpy_helper.from_array(np.array(v, np.float32), f"{prefix}.{k}") for k, v in constants.items()])
+    graph.initializer.extend([numpy_helper.from_array(np.array(value, np.float32), f"{prefix}.{key}")
+                              for key, value in constants.items()])
     steps = [("Mul", [node.input[0], f"{prefix}.inverse"], "scaled"), ("Round", [f"{prefix}.scaled"], "rounded"),
              ("Add", [f"{prefix}.rounded", f"{prefix}.zero"], "shifted"),
              ("Clip", [f"{prefix}.shifted", f"{prefix}.low", f"{prefix}.high"], "codes"),

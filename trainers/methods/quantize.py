@@ -226,7 +226,7 @@ def _decode_half(entry: dict[str, Any], parts: Blocks, count: int, shape: tuple[
 
 
 INPUT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)  # the modules that get an InputQuant
-INPUT_QUANTIZABLE = (*INPUT_LAYERS, Factorized)  # layers whose input act_bits quantizes (a low-rank one: its first factor)
+INPUT_QUANTIZABLE = (*INPUT_LAYERS, Factorized)  # layers whose input act_bits quantizes (low rank: the first factor's)
 
 
 def _float_calls(model: nn.Module, layer_names: list[str], example_input: torch.Tensor | None) -> dict[str, int]:
