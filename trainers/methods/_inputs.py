@@ -8,7 +8,9 @@ then a moving average (:data:`RANGE_MOMENTUM`) while training; evaluation uses t
 stands (a model evaluated before any training batch takes its first batch's). The range always
 holds 0, so zero padding and ReLU outputs stay exact. The two floats ``low`` and ``high`` are
 buffers: the artifact stores them, and :func:`input_qparams` turns them into the scale and zero
-point for training and for the ONNX export alike, so both compute the same codes.
+point for training and for the ONNX export alike, so both compute the same codes. Our own
+rather than torch.ao's ``FakeQuantize``: ``torch.ao.quantization`` warns that it is deprecated,
+and its module stores observer state and flags where the artifact needs two floats.
 
 Example:
     >>> layer = nn.Linear(4, 2)
