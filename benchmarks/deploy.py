@@ -6,7 +6,7 @@ Run by hand from the repository root, after ``make test`` (or ``make demo``) onc
 
 Per net, one search (``slimtune search``, the preset's settings, ``lenet300-onnx`` with
 ``[objective] deploy = "onnx_bytes"`` added, ``lenet300-int8`` with every layer's input
-quantized to int8 (``act_bits = 8``), ``lenet300-int8-onnx`` with both, or, for the residual CNN
+quantized to int8 (``act_bits = 8``; ``lenet5-int8`` too), ``lenet300-int8-onnx`` with both, or, for the residual CNN
 on digits, the default space with the architectures benchmark's budget, ``residual-int8`` with
 ``act_bits = 8``; ``--reuse`` measures the
 studies already in ``--storage`` instead) and then, in this one run: the dense fp32 teacher
@@ -79,13 +79,14 @@ epochs = 3
 batch_size = 32
 """
 # net: (preset, trials, spec tables added to the preset's); lenet300-onnx searches the ONNX file's bytes too,
-# lenet300-int8 and residual-int8 quantize every layer's input to int8 (act_bits = 8: integer kernels in
+# lenet300-int8, lenet5-int8 and residual-int8 quantize every layer's input to int8 (act_bits = 8: integer kernels in
 # onnxruntime), lenet300-int8-onnx also searches the ONNX file's bytes
 NETS = {"lenet300": ("lenet300-mnist", 40, ""),
         "lenet300-onnx": ("lenet300-mnist", 40, '[objective]\ndeploy = "onnx_bytes"\n'),
         "lenet300-int8": ("lenet300-mnist", 40, "[space.act_bits]\nfixed = 8\n"),
         "lenet300-int8-onnx": ("lenet300-mnist", 40, '[space.act_bits]\nfixed = 8\n[objective]\ndeploy = "onnx_bytes"\n'),
-        "lenet5": ("lenet5-mnist", 30, ""), "residual": (None, 60, ""),
+        "lenet5": ("lenet5-mnist", 30, ""), "lenet5-int8": ("lenet5-mnist", 30, "[space.act_bits]\nfixed = 8\n"),
+        "residual": (None, 60, ""),
         "residual-int8": (None, 60, "[space.act_bits]\nfixed = 8\n")}
 
 
