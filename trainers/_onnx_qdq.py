@@ -9,16 +9,18 @@ as codes of at most 8 bits, becomes a ``DequantizeLinear`` of those codes (as ``
 trial's per-channel scales, and its bias an ``INT32`` ``DequantizeLinear`` at the product of the
 two scales: the QDQ pattern onnxruntime fuses into ``QGemm``, ``QLinearMatMul`` or
 ``QLinearConv`` (``ReLU`` and ``MaxPool`` between two quantized layers go into the requantization).
-What onnxruntime does not fuse (a layer after an addition, say) keeps its weight as ``Cast`` and
-``Mul``, which it folds into float weights when it loads the file: a ``DequantizeLinear`` left
-unfused would run at every call (see ``_onnx._integer_weights``). Which layers fuse is asked of
+What onnxruntime does not fuse (a layer before an addition, say) keeps its weight as ``Cast`` and
+``Mul``, which it folds into float weights when it loads the file (a ``DequantizeLinear`` left
+unfused would run at every call: see ``_onnx._integer_weights``), and gets its input quantized in
+float operators (:func:`_emulated`). Which layers fuse is asked of
 onnxruntime itself (:func:`fused_weights`), not guessed, until the file it writes fuses every
 layer it says (a layer may fuse only beside a quantized neighbour); a bias whose codes would not
 fit int32 keeps its layer on float operators.
 
 Example::
 
-    layers = quantize_inputs(path, {"fc1": quant}, {"fc1.weight": ("fc1.weight", 0)}, {"fc1.weight": stored}, state)
+    layers = quantize_inputs(path, {"fc1": quant}, {"fc1.weight": ("fc1.weight", 0)},
+                             {"fc1.weight": stored}, state)
 """
 
 from __future__ import annotations
