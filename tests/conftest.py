@@ -102,18 +102,25 @@ def copy_database(source: Path, target: Path) -> Path:
     return target
 
 
+def searched(folder: Path, spec_text: str, db: str = "studies.db") -> str:
+    """The storage URL of a SQLite database in ``folder`` holding the finished search of the spec
+    ``spec_text`` (``slimtune search``, one torch thread, quiet)."""
+    from slimtune.search import main
+
+    spec = folder / "study.toml"
+    spec.write_text(spec_text)
+    url = f"sqlite:///{folder / db}"
+    assert main(["search", str(spec), "--storage", url, "--threads", "1", "--quiet"]) == 0
+    return url
+
+
 @pytest.fixture(scope="session")
 def digits_study_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 3-trial digits search (one torch thread), searched once per session: copy it
     (:func:`copy_database`) before changing it."""
-    from slimtune.search import main
-
     folder = tmp_path_factory.mktemp("digits-study")
-    spec = folder / "study.toml"
-    spec.write_text(SPEC_TOML)
-    db = folder / "studies.db"
-    assert main(["search", str(spec), "--storage", f"sqlite:///{db}", "--threads", "1", "--quiet"]) == 0
-    return db
+    searched(folder, SPEC_TOML)
+    return folder / "studies.db"
 
 
 from .postgres import postgres  # noqa: E402,F401  (the session-wide throwaway PostgreSQL cluster)

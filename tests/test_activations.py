@@ -25,7 +25,7 @@ from slimtune.trainers.methods import (
 )
 from slimtune.trainers.methods._inputs import RANGE_MOMENTUM
 
-from .conftest import SPEC_TOML, digits_spec_dict
+from .conftest import SPEC_TOML, digits_spec_dict, searched
 from .test_python_api import SETTINGS, SPACE, SmallNet, _trained
 
 STUDY = "digits-test"
@@ -116,11 +116,7 @@ def test_a_layer_without_a_tensor_input_is_left_alone() -> None:
 
 @pytest.fixture(scope="module")
 def db(tmp_path_factory: pytest.TempPathFactory) -> str:
-    folder = tmp_path_factory.mktemp("acts")
-    (folder / "s.toml").write_text(SPEC)
-    url = f"sqlite:///{folder / 's.db'}"
-    assert main(["search", str(folder / "s.toml"), "--storage", url, "--threads", "1", "--quiet"]) == 0
-    return url
+    return searched(tmp_path_factory.mktemp("acts"), SPEC)
 
 
 def _optimized_ops(path: Path, tmp_path: Path) -> list[str]:

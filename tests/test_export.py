@@ -18,7 +18,7 @@ from slimtune.trainers import (
     DigitsCNN, artifact_datamodule, check_onnx, example_batch, load_artifact, pack_model,
 )
 
-from .conftest import SPEC_TOML
+from .conftest import SPEC_TOML, searched
 
 STUDY = "digits-test"
 
@@ -26,12 +26,7 @@ STUDY = "digits-test"
 @pytest.fixture(scope="module")
 def db(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A finished 3-trial digits search (one torch thread, so evaluation repeats it exactly)."""
-    folder = tmp_path_factory.mktemp("export")
-    spec = folder / "study.toml"
-    spec.write_text(SPEC_TOML)
-    url = f"sqlite:///{folder / 'studies.db'}"
-    assert main(["search", str(spec), "--storage", url, "--threads", "1", "--quiet"]) == 0
-    return url
+    return searched(tmp_path_factory.mktemp("export"), SPEC_TOML)
 
 
 def _study(url: str) -> optuna.Study:

@@ -20,7 +20,7 @@ from slimtune.trainers import (
     OnnxModel, artifact_datamodule, evaluate, load_artifact, thin_units, unit_groups, unpack_codes,
 )
 
-from .conftest import SPEC_TOML
+from .conftest import SPEC_TOML, searched
 
 STUDY = "digits-test"
 # conv1 at 2 bits (INT4), the rest at 8 (INT8); every layer but the logits keeps half its units
@@ -30,11 +30,7 @@ SPEC = SPEC_TOML.replace('weight_bits = { choices = [2, 4, 8, 32] }', 'weight_bi
 
 @pytest.fixture(scope="module")
 def db(tmp_path_factory: pytest.TempPathFactory) -> str:
-    folder = tmp_path_factory.mktemp("onnx")
-    (folder / "s.toml").write_text(SPEC)
-    url = f"sqlite:///{folder / 's.db'}"
-    assert main(["search", str(folder / "s.toml"), "--storage", url, "--threads", "1", "--quiet"]) == 0
-    return url
+    return searched(tmp_path_factory.mktemp("onnx"), SPEC)
 
 
 def _trial(url: str) -> optuna.trial.FrozenTrial:
@@ -184,10 +180,7 @@ def test_bench_measures_the_integer_onnx_beside_the_teacher(db: str, tmp_path: P
 
 def test_a_latency_objective_makes_a_three_objective_study_with_its_report(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    spec = tmp_path / "s.toml"
-    spec.write_text(SPEC + '\n[objective]\ndeploy = "latency_ms"\nlatency_batch = 4\n')
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    assert main(["search", str(spec), "--storage", url, "--threads", "1", "--quiet"]) == 0
+    url = searched(tmp_path, SPEC + '\n[objective]\ndeploy = "latency_ms"\nlatency_batch = 4\n')
     study = optuna.load_study(study_name=STUDY, storage=url)
     assert len(study.directions) == 3 and study.metric_names == ["val_accuracy", "size_bytes", "latency_ms"]
     trial = _trial(url)
@@ -207,6 +200,7 @@ def test_a_latency_objective_makes_a_three_objective_study_with_its_report(
     assert 'id="deploy-objective"' in page and "Third objective: latency_ms" in page
 
     # the objectives are the study's: another deploy objective is refused, even with --force
+    spec = tmp_path / "study.toml"
     spec.write_text(SPEC)
     assert main(["search", str(spec), "--storage", url, "--threads", "1", "--quiet", "--force"]) == 2
     assert "objective.deploy: 'none'" in capsys.readouterr().err and len(study.trials) == 2

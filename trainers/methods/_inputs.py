@@ -56,22 +56,21 @@ class InputQuant(nn.Module):
         return bool(torch.isfinite(self.low)) and bool(torch.isfinite(self.high))
 
     @torch.no_grad()
-    def observe(self, x: torch.Tensor) -> None:
-        """Move the range towards ``x``'s (or take it, before the first batch)."""
+    def observe(self, x: torch.Tensor, move: bool = True) -> None:
+        """Move the range towards ``x``'s (``move``), or take it before the first batch (no host
+        sync: a training step on a GPU does not wait for it)."""
         low = torch.clamp(x.detach().min().float(), max=0.0).to(self.low.device)
         high = torch.clamp(x.detach().max().float(), min=0.0).to(self.high.device)
-        if not self.observed:
-            self.low.copy_(low)
-            self.high.copy_(high)
-        else:
-            self.low.add_(RANGE_MOMENTUM * (low - self.low))
-            self.high.add_(RANGE_MOMENTUM * (high - self.high))
+        unseen = torch.isnan(self.low) | torch.isnan(self.high)
+        moved_low = self.low + RANGE_MOMENTUM * (low - self.low) if move else self.low
+        moved_high = self.high + RANGE_MOMENTUM * (high - self.high) if move else self.high
+        self.low.copy_(torch.where(unseen, low, moved_low))
+        self.high.copy_(torch.where(unseen, high, moved_high))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or not x.is_floating_point():
             return x
-        if self.training or not self.observed:
-            self.observe(x)
+        self.observe(x, move=self.training)  # in evaluation only a range never observed is taken
         scale, zero_point = input_qparams(self)
         return torch.fake_quantize_per_tensor_affine(
             x, scale.to(x.device), zero_point.to(x.device), ACT_QMIN, ACT_QMAX)
