@@ -21,7 +21,8 @@ each, one onnxruntime thread, median of ``--runs`` calls at batch 1 and 256 on r
 inputs) and scored on the test split in onnxruntime; torch's is timed in this process the same
 way. The ratios against the best int8 baseline (the smallest file, the fastest at each batch)
 are computed within the run. Writes ``benchmarks/deploy.json`` and replaces the ``deploy``
-section of RESULTS.md; the studies stay in ``benchmarks/deploy.db``.
+section of RESULTS.md (other nets' tables are kept as measured then; ``--render-only`` rewrites
+the section from ``deploy.json``); the studies stay in ``benchmarks/deploy.db``.
 """
 
 from __future__ import annotations
@@ -52,11 +53,11 @@ from slimtune.trainers import (
     OnnxModel, artifact_datamodule, bench_onnx, evaluate, example_batch, export_artifact_onnx, export_onnx,
     first_inputs, load_state_bytes, model_from_meta, silence_lightning, unpack_model,
 )
+from slimtune.trainers._onnx import CALIBRATION_INPUTS  # the export's own calibration size
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BATCHES = (1, 256)
-CALIBRATION_INPUTS = 512
 PICKS = (0.1, 0.5, 1.0)  # accuracy points: the smallest Pareto trial within each drop (as export --max-drop picks)
 RESIDUAL_SPEC = """[study]
 name = "deploy-residual"
@@ -227,8 +228,9 @@ def _merged(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(result: dict[str, Any]) -> str:
+    command = f" by `{result['command']}`" if result.get("command") else ""
     lines = [f"**{result['net']}** ({result['complete']} complete trials of {result['trials']}; measured "
-             f"{result.get('date', '?')})", "",
+             f"{result.get('date', '?')}{command})", "",
              "| model | file bytes | test acc. | batch 1 ms | batch 256 ms | peak RSS | smaller than best int8 | "
              "as fast as best int8 (1 / 256) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
@@ -250,7 +252,12 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="measure the studies already in --storage")
     parser.add_argument("--no-results-md", action="store_true", help="print only: write neither deploy.json "
                         "nor RESULTS.md")
+    parser.add_argument("--render-only", action="store_true", help="rewrite RESULTS.md's section from deploy.json")
     args = parser.parse_args()
+    if args.render_only:
+        saved = json.loads((HERE / "deploy.json").read_text())
+        write_results(saved["results"], saved["machine"])
+        return
     silence_lightning()
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer notes
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.ao.quantization's deprecation
@@ -275,9 +282,14 @@ def main() -> None:
     results = _merged(results)
     (HERE / "deploy.json").write_text(json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d"),
                                                   "results": results}, indent=1))
+    write_results(results, machine)
+
+
+def write_results(results: list[dict[str, Any]], machine: str) -> None:
+    """The RESULTS.md section: every net's table, in ``NETS`` order."""
     commands = sorted({r.get("command", "benchmarks/deploy.py --reuse") for r in results})
-    body = (f"Commands: {', '.join(f'`.venv/bin/python {c}`' for c in commands)} (each net's table says when it "
-            f"was measured). Machine: {machine}. Raw: [`deploy.json`](deploy.json).\n\n"
+    body = (f"Commands: {', '.join(f'`.venv/bin/python {c}`' for c in commands)} (each net's table says when and "
+            f"by which it was measured). Machine: {machine}. Raw: [`deploy.json`](deploy.json).\n\n"
             "All rows of a table in one run on one machine: onnxruntime on the CPU, one thread, each ONNX file timed "
             "in a fresh "
             "process (median of the timed calls at batch 1 and 256 on test inputs; peak resident memory of that "

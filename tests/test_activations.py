@@ -208,6 +208,86 @@ def test_the_integer_kernels_reported_are_those_onnxruntime_runs(tmp_path: Path)
     assert ops.count("QGemm") + ops.count("QLinearMatMul") == len(done.integer_inputs) - len(convs)
 
 
+class _Residual(nn.Module):
+    """A stem, a block with an identity shortcut, a block with a projection, then a pooled head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.a1, self.a2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.project, self.fc = nn.Conv2d(8, 16, 1, stride=2), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x.view(-1, 1, 8, 8)))
+        x = torch.relu(self.a2(torch.relu(self.a1(x))) + x)
+        x = torch.relu(self.b2(torch.relu(self.b1(x))) + self.project(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_residual_blocks_run_on_integer_kernels_with_their_additions(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = apply_plan(_Residual(), _plan(_Residual(), weight_bits=8, act_bits=8))
+    for _ in range(3):
+        model.train()(torch.rand(64, 64))
+    model.eval()
+    blob = pack_model(model, meta=dict(META))
+    restored, _ = load_artifact(blob, "test", template=_Residual())
+    x, calibration = torch.rand(64, 64), torch.rand(256, 64)
+    done = write_model_onnx(restored, blob, x, tmp_path / "m.onnx", calibration=calibration)
+    convs = ["a1", "a2", "b1", "b2", "project", "stem"]
+    # every convolution, those before an addition too (their outputs quantized at calibrated ranges)
+    assert done.integer_inputs == done.quantized_inputs == sorted(convs + ["fc"])
+    ops = _optimized_ops(tmp_path / "m.onnx", tmp_path)
+    assert ops.count("QLinearConv") == len(convs) and ops.count("QGemm") == 1, ops
+    assert ops.count("QLinearAdd") == 1, ops  # the identity block's; the last one feeds a mean, in float
+    with torch.no_grad():
+        expected = restored(x)
+    got = OnnxModel(tmp_path / "m.onnx")(x)
+    assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.95
+    # the stem's output is read by a1 and the first addition: the addition reads it through a1's
+    # trained quantizer; only what a convolution gives an addition alone gets a calibrated range
+    scales = {i.name: float(onnx.numpy_helper.to_array(i)) for i in onnx.load(str(tmp_path / "m.onnx")).graph.initializer
+              if i.name.endswith(".output.scale")}
+    assert sorted(scales) == ["a2.output.scale", "b2.output.scale", "project.output.scale"]
+    seen: list[torch.Tensor] = []
+    restored.a2.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        restored(calibration)
+    low, high = min(float(seen[0].min()), 0.0), max(float(seen[0].max()), 0.0)
+    assert scales["a2.output.scale"] == pytest.approx((high - low) / 255, rel=0.05)  # min..max of those inputs
+
+
+def test_a_layer_on_float_operators_lets_the_layer_before_it_fuse_at_its_own_range(tmp_path: Path) -> None:
+    class Chain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(512, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.c2(torch.relu(self.c1(x.view(-1, 1, 8, 8))))).flatten(1))
+
+    torch.manual_seed(0)
+    plan = _plan(Chain(), weight_bits=8, act_bits=8)
+    plan = CompressionPlan({**plan.layers, "c2": LayerPlan(weight_bits=32, act_bits=8)}, kd_alpha=0.9,
+                           feature_kd_weight=0.0, lr=1e-3)
+    model = apply_plan(Chain(), plan)
+    model.train()(torch.rand(64, 64))
+    model.eval()
+    blob = pack_model(model, meta=dict(META))
+    restored, _ = load_artifact(blob, "test", template=Chain())
+    done = write_model_onnx(restored, blob, torch.rand(64, 64), tmp_path / "m.onnx", calibration=None)
+    # c2 keeps float weights (its input quantized in float operators); c1 writes codes at c2's
+    # trained range, which c2 quantizes again to the same codes: no calibrated range is needed
+    assert done.quantized_inputs == ["c1", "c2", "fc"] and done.integer_inputs == ["c1", "fc"]
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    fused_output = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.name == "quantize c1.output")
+    assert float(values[fused_output.input[1]]) == float(values["c2.input.scale"])
+    assert int(values[fused_output.input[2]]) - 128 == int(values["c2.input.zero"])
+    assert _optimized_ops(tmp_path / "m.onnx", tmp_path).count("QLinearConv") == 1
+
+
 def test_a_crafted_input_range_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = apply_plan(DigitsCNN(), _plan(DigitsCNN(), weight_bits=8, act_bits=8))
     model.train()(torch.randn(8, 64))

@@ -52,7 +52,7 @@ from ._onnx_qdq import quantize_inputs, weight_tensor_names
 from ._pack import StoredCodes, unpack_codes
 from ._teacher import evaluate
 from ._thin import thin_units
-from .methods import float_inputs
+from .methods import float_inputs, input_quantized
 from .methods.quantize import dequantize
 
 ONNX_ATOL = 1e-4  # allowed |onnxruntime - PyTorch| per logit, relative to max(1, max |logit|)
@@ -320,10 +320,13 @@ class OnnxExport:
 
 
 def write_model_onnx(model: nn.Module, blob: bytes, x: torch.Tensor, path: str | os.PathLike[str], *,
-                     integer: bool = True, option: str = "--onnx") -> OnnxExport:
+                     integer: bool = True, option: str = "--onnx",
+                     calibration: torch.Tensor | None = None) -> OnnxExport:
     """Write ``model`` (the artifact ``blob``'s, read back; thinned in place when ``integer``) to
     ``path`` as ONNX and check its logits on the inputs ``x`` in onnxruntime (no score yet).
-    Layers trained with int8 inputs get them as ``QuantizeLinear`` nodes (``_onnx_qdq``)."""
+    Layers trained with int8 inputs get them as ``QuantizeLinear`` nodes (``_onnx_qdq``); a
+    convolution among them whose output meets an addition gets its output range from the
+    ``calibration`` inputs (training inputs; ``x`` when none are given)."""
     with torch.no_grad():
         expected = model(x)
     thinned: dict[str, tuple[int, int]] = {}
@@ -343,7 +346,8 @@ def write_model_onnx(model: nn.Module, blob: bytes, x: torch.Tensor, path: str |
         wanted = {n: state[n] for n in (f"{layer}.weight" for layer in quants) if n in state}
         tensors = {**weight_tensor_names(str(path), {n: w for n, w in wanted.items() if n not in done}), **done}
         try:
-            integer_inputs = quantize_inputs(str(path), quants, tensors, {n: codes[n] for n in done}, state)
+            integer_inputs = quantize_inputs(str(path), quants, tensors, {n: codes[n] for n in done}, state,
+                                             (x if calibration is None else calibration).cpu().numpy())
         except ValueError as exc:
             raise SpecError(option, str(path), "a model whose quantized layer inputs are found in its ONNX graph",
                             str(exc)) from None
@@ -378,13 +382,22 @@ def export_artifact_onnx(blob: bytes, path: str | os.PathLike[str], *, integer: 
                          "the PyTorch model read from the artifact")
         metric, against = metric.computed, "PyTorch's"
         recorded_score = metric.score(evaluate(model, dm.val_dataloader(), metric.name))
-    result = write_model_onnx(model, blob, example_batch(dm), path, integer=integer, option=option)
+    result = write_model_onnx(model, blob, example_batch(dm), path, integer=integer, option=option,
+                              calibration=calibration_inputs(dm) if input_quantized(model) else None)
     result.val = evaluate(OnnxModel(path), dm.val_dataloader(), metric.name)
     result.recorded = metric.value(recorded_score)
     if recorded_score is not None:
         _check_score(result.val, recorded_score, metric, option, str(path), "onnxruntime", against,
                      QDQ_SCORE_TOLERANCE if result.quantized_inputs else SCORE_TOLERANCE)
     return result
+
+
+CALIBRATION_INPUTS = 512  # training inputs behind an output range the export calibrates (as quantize_static's)
+
+
+def calibration_inputs(dm: Any) -> torch.Tensor:
+    """The first :data:`CALIBRATION_INPUTS` training inputs (the seeded order of the training loader)."""
+    return first_inputs(dm.train_dataloader(), CALIBRATION_INPUTS)
 
 
 def _check_score(value: float, expected_score: float, metric: Any, option: str, what: str, runner: str,
@@ -408,7 +421,8 @@ def deploy_figures(model: nn.Module, blob: bytes, dm: Any, batch: int) -> dict[s
     x = example_batch(dm)
     with tempfile.TemporaryDirectory(prefix="slimtune-deploy-") as folder:
         path = os.path.join(folder, "trial.onnx")
-        written = write_model_onnx(copy.deepcopy(model).eval(), blob, x, path)
+        written = write_model_onnx(copy.deepcopy(model).eval(), blob, x, path,
+                                   calibration=calibration_inputs(dm) if input_quantized(model) else None)
         inputs = first_inputs(dm.val_dataloader(), batch).cpu().numpy()
         timing = bench_onnx(path, inputs, (batch,), threads=1, runs=DEPLOY_RUNS)
     return {"onnx_bytes": float(written.bytes), "latency_ms": timing.latency_ms[batch][0]}

@@ -9,7 +9,17 @@ as codes of at most 8 bits, becomes a ``DequantizeLinear`` of those codes (as ``
 trial's per-channel scales, and its bias an ``INT32`` ``DequantizeLinear`` at the product of the
 two scales: the QDQ pattern onnxruntime fuses into ``QGemm``, ``QLinearMatMul`` or
 ``QLinearConv`` (``ReLU`` and ``MaxPool`` between two quantized layers go into the requantization).
-What onnxruntime does not fuse (a layer before an addition, say) keeps its weight as ``Cast`` and
+A convolution fuses only when nothing but ``QuantizeLinear`` nodes read its output (its integer
+kernel writes codes). Where something else reads it, after its ``ReLU``, it gets one
+(:func:`_output_plan`): a layer on float operators reads it at its own trained range (it
+quantizes those codes again, to the same codes); an addition (a residual connection) reads it
+through the ``QuantizeLinear`` of a layer reading the same tensor (its trained range) or, where no
+layer does, through one whose range is calibrated on training inputs (:func:`output_ranges`: min
+and max, as onnxruntime's ``quantize_static`` calibrates). So the convolutions of a residual block
+run on integer kernels too, and the addition as ``QLinearAdd`` where one quantizer reads its sum
+(:func:`_merge_twin_quantizers`). The calibrated quantization was not trained; the export's check
+bounds what it costs. Activation codes are written as uint8 (:func:`_uint8_zero`).
+What onnxruntime does not fuse even so keeps its weight as ``Cast`` and
 ``Mul``, which it folds into float weights when it loads the file (a ``DequantizeLinear`` left
 unfused would run at every call: see ``_onnx._integer_weights``), and gets its input quantized in
 float operators (:func:`_emulated`). Which layers fuse is asked of
@@ -20,7 +30,7 @@ fit int32 keeps its layer on float operators.
 Example::
 
     layers = quantize_inputs(path, {"fc1": quant}, {"fc1.weight": ("fc1.weight", 0)},
-                             {"fc1.weight": stored}, state)
+                             {"fc1.weight": stored}, state, calibration)
 """
 
 from __future__ import annotations
@@ -56,6 +66,57 @@ def _producer(graph: Any, tensor: str) -> Any | None:
 
 def _initializer(graph: Any, name: str) -> Any | None:
     return next((init for init in graph.initializer if init.name == name), None)
+
+
+def _readers(graph: Any, tensor: str) -> list[Any]:
+    return [node for node in graph.node if tensor in node.input]
+
+
+def _output_end(graph: Any, node: Any) -> str:
+    """The tensor a layer's output becomes through a ``Relu`` that is its only reader (onnxruntime
+    folds that ``Relu`` into the requantization), else the layer's output itself."""
+    readers = _readers(graph, node.output[0])
+    return readers[0].output[0] if len(readers) == 1 and readers[0].op_type == "Relu" else node.output[0]
+
+
+CALIBRATE = "calibrate"  # an output quantization whose range no trained quantizer gives
+
+
+def _scalar(graph: Any, name: str) -> float:
+    from onnx import numpy_helper
+
+    return float(numpy_helper.to_array(_initializer(graph, name)))
+
+
+def _trained_params(graph: Any, reader: Any) -> tuple[float, int] | None:
+    """``(scale, zero point)`` of the trained input quantization that ``reader`` starts: a
+    ``QuantizeLinear`` (its uint8 zero point back to int8) or the first ``Mul`` of an emulated one
+    (:func:`_emulated`); ``None`` for any other node."""
+    if reader.op_type == "QuantizeLinear":
+        return _scalar(graph, reader.input[1]), int(_scalar(graph, reader.input[2])) + ACT_QMIN
+    if reader.op_type == "Mul" and reader.name.startswith("scaled ") and reader.input[1].endswith(".inverse"):
+        prefix = reader.input[1][:-len(".inverse")]
+        return _scalar(graph, f"{prefix}.scale"), int(_scalar(graph, f"{prefix}.zero"))
+    return None
+
+
+def _output_plan(graph: Any, node: Any) -> tuple[float, int] | str | None:
+    """How ``node``, a convolution that did not fuse, gets the ``QuantizeLinear`` on its output
+    (after its ``Relu``) that it needs to fuse: at the trained scale and zero point of the layers
+    reading it (exact: a layer on float operators quantizes the codes again to the same codes),
+    :data:`CALIBRATE` where only additions (residual connections) read it besides quantized
+    layers, ``None`` where it cannot (other readers, layers reading it at different ranges, the
+    model's output)."""
+    if node.op_type != "Conv":
+        return None
+    end = _output_end(graph, node)
+    readers = _readers(graph, end)
+    if not readers or end in {out.name for out in graph.output} or all(r.op_type == "QuantizeLinear" for r in readers):
+        return None
+    trained = {params for params in (_trained_params(graph, r) for r in readers) if params is not None}
+    if any(r.op_type != "Add" and _trained_params(graph, r) is None for r in readers) or len(trained) > 1:
+        return None
+    return trained.pop() if trained else CALIBRATE
 
 
 def weight_tensor_names(path: str, weights: Mapping[str, np.ndarray]) -> dict[str, tuple[str, int]]:
@@ -126,12 +187,20 @@ def _replace_bias(graph: Any, node: Any, weight_scales: np.ndarray, input_scale:
                                           [name], axis=0, name=f"dequantize {name}"))
 
 
+def _uint8_zero(zero_point: int) -> np.ndarray:
+    """The zero point of int8 codes ``[-128, 127]`` as that of the same codes shifted to uint8
+    ``[0, 255]``: the same dequantized values and rounding. Why: onnxruntime converts int8
+    activations to uint8 itself (``QDQS8ToU8Transformer``), but only where a ``QuantizeLinear``
+    has one reader, and a layer whose input and output codes then differ in type does not fuse."""
+    return np.array(zero_point - ACT_QMIN, np.uint8)
+
+
 def _quantize_linear(graph: Any, node: Any, prefix: str, scale: float, zero_point: int) -> str:
     """``QuantizeLinear`` and ``DequantizeLinear`` of ``node``'s first input, in front of it; the new input's name."""
     from onnx import helper, numpy_helper
 
     graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{prefix}.scale"),
-                              numpy_helper.from_array(np.array(zero_point, np.int8), f"{prefix}.zero")])
+                              numpy_helper.from_array(_uint8_zero(zero_point), f"{prefix}.zero")])
     index = list(graph.node).index(node)
     graph.node.insert(index, helper.make_node("DequantizeLinear", [f"{prefix}.q", f"{prefix}.scale", f"{prefix}.zero"],
                                               [f"{prefix}.dq"], name=f"dequantize {prefix}"))
@@ -162,20 +231,51 @@ def _emulated(graph: Any, node: Any, prefix: str, scale: float, zero_point: int)
     return f"{prefix}.fq"
 
 
+def _quantize_output(graph: Any, node: Any, prefix: str, scale: float, zero_point: int) -> None:
+    """Let every reader of ``node``'s output (after its ``Relu``) other than a ``QuantizeLinear``
+    read it quantized, so that the layer fuses (an integer convolution writes codes): through a
+    ``QuantizeLinear`` already reading it (the next layer's input), else through a new one at
+    ``scale`` and ``zero_point``; each reader through a ``DequantizeLinear`` of its own
+    (onnxruntime fuses a ``DequantizeLinear`` with one reader)."""
+    from onnx import helper, numpy_helper
+
+    end = _output_end(graph, node)
+    readers = _readers(graph, end)
+    shared = next((r for r in readers if r.op_type == "QuantizeLinear"), None)
+    if shared is None:
+        graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{prefix}.scale"),
+                                  numpy_helper.from_array(_uint8_zero(zero_point), f"{prefix}.zero")])
+        shared = helper.make_node("QuantizeLinear", [end, f"{prefix}.scale", f"{prefix}.zero"], [f"{prefix}.q"],
+                                  name=f"quantize {prefix}")
+        graph.node.insert(max(i for i, n in enumerate(graph.node) if end in n.output) + 1, shared)
+    index = list(graph.node).index(shared) + 1
+    for k, reader in enumerate(r for r in readers if r.op_type != "QuantizeLinear"):
+        dequantized = f"{prefix}.dq{k}"
+        graph.node.insert(index, helper.make_node("DequantizeLinear", [shared.output[0], *shared.input[1:]],
+                                                  [dequantized], name=f"dequantize {prefix} {k}"))
+        for i, name in enumerate(reader.input):
+            if name == end:
+                reader.input[i] = dequantized
+
+
 def _rewrite(path: str, out: str, quants: Mapping[str, InputQuant], tensors: Mapping[str, tuple[str, int]],
-             state: Mapping[str, Any], codes: Mapping[str, StoredCodes], dq_weights: set[str]) -> None:
+             state: Mapping[str, Any], codes: Mapping[str, StoredCodes], dq_weights: set[str],
+             outputs: Mapping[str, tuple[float, int]] | None = None) -> None:
     """Write ``path`` with every quantized layer's input quantized to ``out``: for the weights of
     ``dq_weights`` (keys) by ``QuantizeLinear``/``DequantizeLinear``, the weight an int8
-    ``DequantizeLinear`` and the bias int32; for the others in float operators (:func:`_emulated`)."""
+    ``DequantizeLinear`` and the bias int32; for the others in float operators (:func:`_emulated`).
+    The layers of ``outputs`` (``{layer: (scale, zero point)}``) get their output quantized too
+    (:func:`_quantize_output`)."""
     import onnx
 
     model = onnx.load(path)
     graph = model.graph
+    nodes: dict[str, Any] = {}
     for layer, quant in quants.items():
         key = _weight_key(layer, state)
         if key not in tensors:
             raise ValueError(f"the input of layer {layer!r} is not found in the ONNX graph (its weight is not)")
-        node = _consumer(graph, tensors[key][0], layer)
+        node = nodes[layer] = _consumer(graph, tensors[key][0], layer)
         scale, zero_point = (t.item() for t in input_qparams(quant))
         if key in dq_weights:
             node.input[0] = _quantize_linear(graph, node, f"{layer}.input", scale, zero_point)
@@ -187,7 +287,71 @@ def _rewrite(path: str, out: str, quants: Mapping[str, InputQuant], tensors: Map
                 _replace_bias(graph, node, stored.scales.numpy(), scale)
         else:
             node.input[0] = _emulated(graph, node, f"{layer}.input", scale, zero_point)
+    for layer, (scale, zero_point) in (outputs or {}).items():
+        _quantize_output(graph, nodes[layer], f"{layer}.output", scale, zero_point)
+    _merge_twin_quantizers(graph)
     onnx.save(model, out)
+
+
+def _merge_twin_quantizers(graph: Any) -> None:
+    """Keep one of the ``QuantizeLinear`` nodes that read the same tensor at the same scale and
+    zero point (two layers reading one tensor observe the same range in training): the same
+    codes, and what a residual addition needs to fuse (its ``Relu`` must have one reader)."""
+    from onnx import numpy_helper
+
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer if not init.dims}
+    kept: dict[tuple[Any, ...], Any] = {}
+    for node in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+        if any(name not in values for name in node.input[1:]):
+            continue
+        key = (node.input[0], *(values[name].item() for name in node.input[1:]),
+               *(str(values[name].dtype) for name in node.input[1:]))
+        twin = kept.setdefault(key, node)
+        if twin is node:
+            continue
+        for reader in _readers(graph, node.output[0]):
+            for i, name in enumerate(reader.input):
+                if name == node.output[0]:
+                    reader.input[i] = twin.output[0]
+        graph.node.remove(node)
+        used = {name for n in graph.node for name in n.input}
+        for name in node.input[1:]:
+            init = _initializer(graph, name)
+            if init is not None and name not in used:
+                graph.initializer.remove(init)
+
+
+def output_ranges(path: str, layers: Mapping[str, str], calibration: np.ndarray,
+                  batch: int = 256) -> dict[str, tuple[float, int]]:
+    """``{layer: (scale, zero point)}`` of what each layer's output (``layers``: ``{layer: ONNX
+    tensor}``) holds on the ``calibration`` inputs, run through ``path`` as written (its
+    quantization in place, no graph optimization): the min and max over all of them, with 0, in
+    the formula of :func:`~slimtune.trainers.methods.input_qparams`."""
+    import onnx
+    import onnxruntime
+
+    model = onnx.load(path)
+    model.graph.output.extend([onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                               for t in layers.values()])
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = session.get_inputs()[0].name
+    names = list(layers.values())
+    low, high = {t: 0.0 for t in names}, {t: 0.0 for t in names}
+    for start in range(0, len(calibration), batch):
+        values = session.run(names, {feed: calibration[start:start + batch]})
+        for tensor, value in zip(names, values):
+            low[tensor], high[tensor] = min(low[tensor], float(value.min())), max(high[tensor], float(value.max()))
+    ranges = {}
+    for layer, tensor in layers.items():
+        quant = InputQuant()
+        quant.low.fill_(low[tensor])
+        quant.high.fill_(high[tensor])
+        scale, zero_point = input_qparams(quant)
+        ranges[layer] = (float(scale), int(zero_point))
+    return ranges
 
 
 def fused_weights(path: str, candidates: set[str], targets: Mapping[str, str]) -> set[str]:
@@ -208,26 +372,57 @@ def fused_weights(path: str, candidates: set[str], targets: Mapping[str, str]) -
 
 
 def quantize_inputs(path: str, quants: Mapping[str, InputQuant], tensors: Mapping[str, tuple[str, int]],
-                    codes: Mapping[str, StoredCodes], state: Mapping[str, Any]) -> list[str]:
+                    codes: Mapping[str, StoredCodes], state: Mapping[str, Any],
+                    calibration: np.ndarray | None = None) -> list[str]:
     """Rewrite the ONNX file ``path`` in place: Q/DQ on the inputs of the layers of ``quants``,
     and the int8 weights onnxruntime fuses into integer kernels (see the module docstring).
     ``tensors``: ``{weight key: (ONNX tensor name, axis)}``; ``codes``: the stored codes of the
-    weights written as integers. Returns the layers that run on integer kernels."""
+    weights written as integers; ``calibration``: inputs for the ranges of convolution outputs
+    that only an addition reads (without them such a convolution stays on float operators).
+    Returns the layers that run on integer kernels."""
     keys = {layer: _weight_key(layer, state) for layer in quants}
     candidates = {key for layer, key in keys.items()
                   if key in codes and key in tensors and codes[key].bits <= WEIGHT_DQ_MAX_BITS
                   and _bias_fits(state, key, codes[key], float(input_qparams(quants[layer])[0]))}
     targets = {key: tensors[key][0] for key in candidates}
+    outputs: dict[str, tuple[float, int]] = {}
     with tempfile.TemporaryDirectory(prefix="slimtune-qdq-") as folder:
         probe = os.path.join(folder, "probe.onnx")
         while True:  # whether a layer fuses can depend on its neighbours': until onnxruntime fuses every candidate
-            _rewrite(path, probe, quants, tensors, state, codes, candidates)
+            _rewrite(path, probe, quants, tensors, state, codes, candidates, outputs)
             fused = fused_weights(probe, candidates, targets)
             if fused == candidates:
                 break
+            plans = _output_plans(probe, candidates - fused, keys, tensors, outputs)
+            calibrate = {layer: plan[1] for layer, plan in plans.items() if plan[0] == CALIBRATE}
+            plans = {layer: plan for layer, plan in plans.items() if layer not in calibrate}
+            if calibrate and calibration is not None:
+                plans.update(output_ranges(probe, calibrate, calibration))
+            if plans:  # first try the convolutions that want their output quantized, with it
+                outputs.update(plans)
+                continue
             candidates = fused
-    _rewrite(path, path, quants, tensors, state, codes, candidates)
+            outputs = {layer: r for layer, r in outputs.items() if keys[layer] in candidates}
+    _rewrite(path, path, quants, tensors, state, codes, candidates, outputs)
     return sorted(layer for layer, key in keys.items() if key in candidates)
+
+
+def _output_plans(path: str, unfused: set[str], keys: Mapping[str, str | None],
+                  tensors: Mapping[str, tuple[str, int]], done: Mapping[str, Any]) -> dict[str, Any]:
+    """``{layer: (scale, zero point), or (CALIBRATE, its output tensor)}`` for the convolutions
+    (weight keys ``unfused``) of the file ``path`` that did not fuse for want of a
+    ``QuantizeLinear`` on their output, can get one (:func:`_output_plan`) and have none yet."""
+    import onnx
+
+    graph = onnx.load(path).graph
+    plans: dict[str, Any] = {}
+    for layer, key in keys.items():
+        if key in unfused and layer not in done:
+            node = _consumer(graph, tensors[key][0], layer)
+            plan = _output_plan(graph, node)
+            if plan is not None:
+                plans[layer] = (CALIBRATE, _output_end(graph, node)) if plan == CALIBRATE else plan
+    return plans
 
 
 def _bias_fits(state: Mapping[str, Any], weight_key: str, stored: StoredCodes, input_scale: float) -> bool:
