@@ -163,8 +163,10 @@ def write_onnx(blob: bytes, path: Path, name: str, recorded_score: float | None,
         kind += ", ...)" if len(done.float_weights) > 4 else ")"
     thinned = "".join(f", {layer} {before}->{after} units" for layer, (before, after) in done.thinned.items())
     if done.quantized_inputs:
+        added = (f", {len(done.outputs_for_additions)} of them giving an addition int8 outputs"
+                 if done.outputs_for_additions else "")
         kind += (f", {len(done.quantized_inputs)} layers with int8 inputs ({len(done.integer_inputs)} on "
-                 "onnxruntime's integer kernels)")
+                 f"onnxruntime's integer kernels{added})")
     # a logged metric (onnxruntime runs no validation_step): its task's metric, against PyTorch's
     shown, recorded = (f"{metric.computed.label} ", "PyTorch") if metric.logged else ("", "recorded")
     agree = "within the int8 tolerance" if done.quantized_inputs else "same classes"

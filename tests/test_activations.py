@@ -17,7 +17,8 @@ import slimtune
 from slimtune.search import main
 from slimtune.spaces import CompressionPlan, LayerPlan, parse_spec, sample_plan
 from slimtune.trainers import (
-    DigitsCNN, DigitsDataModule, OnnxModel, apply_plan, artifact_datamodule, evaluate, load_artifact, pack_model,
+    DigitsCNN, DigitsDataModule, OnnxModel, apply_plan, artifact_datamodule, evaluate, export_artifact_onnx,
+    load_artifact, pack_model,
 )
 from slimtune.trainers._onnx import QDQ_SCORE_TOLERANCE, write_model_onnx
 from slimtune.trainers.methods import (
@@ -250,12 +251,62 @@ def test_residual_blocks_run_on_integer_kernels_with_their_additions(tmp_path: P
     scales = {i.name: float(onnx.numpy_helper.to_array(i)) for i in onnx.load(str(tmp_path / "m.onnx")).graph.initializer
               if i.name.endswith(".output.scale")}
     assert sorted(scales) == ["a2.output.scale", "b2.output.scale", "project.output.scale"]
+    assert done.outputs_for_additions == ["a2", "b2", "project", "stem"]
+    onnx.checker.check_model(onnx.load(str(tmp_path / "m.onnx")))  # a valid graph: its nodes in order
     seen: list[torch.Tensor] = []
     restored.a2.register_forward_hook(lambda module, args, out: seen.append(out))
     with torch.no_grad():
         restored(calibration)
     low, high = min(float(seen[0].min()), 0.0), max(float(seen[0].max()), 0.0)
-    assert scales["a2.output.scale"] == pytest.approx((high - low) / 255, rel=0.05)  # min..max of those inputs
+    assert scales["a2.output.scale"] == pytest.approx((high - low) / 255, rel=1e-4)  # min..max of those inputs
+
+
+def test_a_calibrated_range_that_fails_the_check_is_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import slimtune.trainers._onnx_qdq as qdq
+
+    torch.manual_seed(0)
+    model = apply_plan(_Residual(), _plan(_Residual(), weight_bits=8, act_bits=8))
+    for _ in range(3):
+        model.train()(torch.rand(64, 64))
+    model.eval()
+    blob = pack_model(model, meta=dict(META))
+    x = torch.rand(64, 64)
+    plain = write_model_onnx(load_artifact(blob, "test", template=_Residual())[0], blob, x, tmp_path / "n.onnx")
+    # ranges that clip what the convolutions give the additions to almost nothing: the logits
+    # fail the check, and the file is written again without them
+    monkeypatch.setattr(qdq, "output_ranges", lambda path, layers, calibration: {k: (1e-6, -128) for k in layers})
+    done = write_model_onnx(load_artifact(blob, "test", template=_Residual())[0], blob, x, tmp_path / "m.onnx",
+                            calibration=torch.rand(256, 64))
+    assert done.outputs_for_additions == [] and done.integer_inputs == plain.integer_inputs
+    assert {"a2", "b2", "project", "stem"}.isdisjoint(done.integer_inputs) and "a1" in done.integer_inputs
+    assert (tmp_path / "m.onnx").read_bytes() == (tmp_path / "n.onnx").read_bytes()
+
+
+def test_a_file_whose_additions_cost_its_score_is_written_again_without_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import slimtune.trainers._onnx as exporter
+
+    torch.manual_seed(0)
+    dm = DigitsDataModule()
+    model = apply_plan(_Residual(), _plan(_Residual(), weight_bits=8, act_bits=8))
+    for batch in list(dm.train_dataloader())[:5]:
+        model.train()(batch[0])
+    model.eval()
+    blob = pack_model(model, meta=dict(META))
+    recorded = evaluate(model, dm.val_dataloader())
+    scores = []
+
+    def scored(runner: object, batches: object, *args: object) -> float:  # the first file scores 1 point low
+        value = evaluate(runner, batches, *args)
+        scores.append(value)
+        return value - 0.01 if len(scores) == 1 else value
+
+    monkeypatch.setattr(exporter, "evaluate", scored)
+    done = export_artifact_onnx(blob, tmp_path / "m.onnx", recorded_score=recorded, template=_Residual(),
+                                datamodule=dm)
+    assert len(scores) == 2  # written twice: with the additions' int8 inputs, then without
+    assert done.outputs_for_additions == [] and {"a2", "b2", "project", "stem"}.isdisjoint(done.integer_inputs)
+    assert abs(done.val - recorded) <= QDQ_SCORE_TOLERANCE
 
 
 def test_a_layer_on_float_operators_lets_the_layer_before_it_fuse_at_its_own_range(tmp_path: Path) -> None:

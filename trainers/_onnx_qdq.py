@@ -17,8 +17,9 @@ through the ``QuantizeLinear`` of a layer reading the same tensor (its trained r
 layer does, through one whose range is calibrated on training inputs (:func:`output_ranges`: min
 and max, as onnxruntime's ``quantize_static`` calibrates). So the convolutions of a residual block
 run on integer kernels too, and the addition as ``QLinearAdd`` where one quantizer reads its sum
-(:func:`_merge_twin_quantizers`). The calibrated quantization was not trained; the export's check
-bounds what it costs. Activation codes are written as uint8 (:func:`_uint8_zero`).
+(:func:`_merge_twin_quantizers`). What an addition reads quantized was not quantized in training;
+the export's check bounds what it costs (``_onnx.write_model_onnx`` writes the file again without
+it when it fails). Activation codes are written as uint8 (:func:`_uint8_zero`).
 What onnxruntime does not fuse even so keeps its weight as ``Cast`` and
 ``Mul``, which it folds into float weights when it loads the file (a ``DequantizeLinear`` left
 unfused would run at every call: see ``_onnx._integer_weights``), and gets its input quantized in
@@ -38,7 +39,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -100,13 +101,14 @@ def _trained_params(graph: Any, reader: Any) -> tuple[float, int] | None:
     return None
 
 
-def _output_plan(graph: Any, node: Any) -> tuple[float, int] | str | None:
+def _output_plan(graph: Any, node: Any, additions: bool) -> tuple[tuple[float, int] | str, bool] | None:
     """How ``node``, a convolution that did not fuse, gets the ``QuantizeLinear`` on its output
-    (after its ``Relu``) that it needs to fuse: at the trained scale and zero point of the layers
-    reading it (exact: a layer on float operators quantizes the codes again to the same codes),
-    :data:`CALIBRATE` where only additions (residual connections) read it besides quantized
-    layers, ``None`` where it cannot (other readers, layers reading it at different ranges, the
-    model's output)."""
+    (after its ``Relu``) that it needs to fuse, and whether an addition reads it: at the trained
+    scale and zero point of the layers reading it (exact for a layer on float operators, which
+    quantizes the codes again to the same codes; not trained for an addition reading them), or
+    :data:`CALIBRATE` where only additions (residual connections) read it; ``None`` where it
+    cannot (other readers, layers reading it at different ranges, the model's output, an
+    addition when not ``additions``)."""
     if node.op_type != "Conv":
         return None
     end = _output_end(graph, node)
@@ -114,9 +116,10 @@ def _output_plan(graph: Any, node: Any) -> tuple[float, int] | str | None:
     if not readers or end in {out.name for out in graph.output} or all(r.op_type == "QuantizeLinear" for r in readers):
         return None
     trained = {params for params in (_trained_params(graph, r) for r in readers) if params is not None}
-    if any(r.op_type != "Add" and _trained_params(graph, r) is None for r in readers) or len(trained) > 1:
+    untrained = [r for r in readers if _trained_params(graph, r) is None]
+    if any(r.op_type != "Add" for r in untrained) or len(trained) > 1 or (untrained and not additions):
         return None
-    return trained.pop() if trained else CALIBRATE
+    return (trained.pop() if trained else CALIBRATE), bool(untrained)
 
 
 def weight_tensor_names(path: str, weights: Mapping[str, np.ndarray]) -> dict[str, tuple[str, int]]:
@@ -290,7 +293,25 @@ def _rewrite(path: str, out: str, quants: Mapping[str, InputQuant], tensors: Map
     for layer, (scale, zero_point) in (outputs or {}).items():
         _quantize_output(graph, nodes[layer], f"{layer}.output", scale, zero_point)
     _merge_twin_quantizers(graph)
+    _sort_nodes(graph)
     onnx.save(model, out)
+
+
+def _sort_nodes(graph: Any) -> None:
+    """Order the nodes so that each comes after those whose outputs it reads, as ONNX requires
+    (the rewrite inserts nodes beside the ones they serve), keeping the order they have where
+    they may. Why our own: ``onnx`` has no graph sort; onnxruntime sorts only what it loads."""
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    waiting, ordered = list(graph.node), []
+    while waiting:
+        node = next((n for n in waiting if all(name in ready for name in n.input)), None)
+        if node is None:
+            raise ValueError("the ONNX graph has a cycle or reads a tensor nothing writes")
+        waiting.remove(node)
+        ordered.append(node)
+        ready.update(node.output)
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def _merge_twin_quantizers(graph: Any) -> None:
@@ -371,21 +392,30 @@ def fused_weights(path: str, candidates: set[str], targets: Mapping[str, str]) -
     return {key for key in candidates if f"{targets[key]}.q8" not in left}
 
 
+class QdqLayers(NamedTuple):
+    """What :func:`quantize_inputs` did: the layers on integer kernels (``integer``) and those of
+    them whose output an addition reads quantized (``for_additions``: not trained)."""
+
+    integer: list[str]
+    for_additions: list[str]
+
+
 def quantize_inputs(path: str, quants: Mapping[str, InputQuant], tensors: Mapping[str, tuple[str, int]],
                     codes: Mapping[str, StoredCodes], state: Mapping[str, Any],
-                    calibration: np.ndarray | None = None) -> list[str]:
+                    calibration: np.ndarray | None = None) -> QdqLayers:
     """Rewrite the ONNX file ``path`` in place: Q/DQ on the inputs of the layers of ``quants``,
     and the int8 weights onnxruntime fuses into integer kernels (see the module docstring).
     ``tensors``: ``{weight key: (ONNX tensor name, axis)}``; ``codes``: the stored codes of the
     weights written as integers; ``calibration``: inputs for the ranges of convolution outputs
-    that only an addition reads (without them such a convolution stays on float operators).
-    Returns the layers that run on integer kernels."""
+    that only an addition reads. Without them no addition reads a quantized output: a
+    convolution read by one stays on float operators."""
     keys = {layer: _weight_key(layer, state) for layer in quants}
     candidates = {key for layer, key in keys.items()
                   if key in codes and key in tensors and codes[key].bits <= WEIGHT_DQ_MAX_BITS
                   and _bias_fits(state, key, codes[key], float(input_qparams(quants[layer])[0]))}
     targets = {key: tensors[key][0] for key in candidates}
     outputs: dict[str, tuple[float, int]] = {}
+    for_additions: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="slimtune-qdq-") as folder:
         probe = os.path.join(folder, "probe.onnx")
         while True:  # whether a layer fuses can depend on its neighbours': until onnxruntime fuses every candidate
@@ -393,35 +423,39 @@ def quantize_inputs(path: str, quants: Mapping[str, InputQuant], tensors: Mappin
             fused = fused_weights(probe, candidates, targets)
             if fused == candidates:
                 break
-            plans = _output_plans(probe, candidates - fused, keys, tensors, outputs)
-            calibrate = {layer: plan[1] for layer, plan in plans.items() if plan[0] == CALIBRATE}
-            plans = {layer: plan for layer, plan in plans.items() if layer not in calibrate}
+            plans = _output_plans(probe, candidates - fused, keys, tensors, outputs, calibration is not None)
+            calibrate = {layer: plan[1] for layer, (plan, _) in plans.items() if plan[0] == CALIBRATE}
             if calibrate and calibration is not None:
-                plans.update(output_ranges(probe, calibrate, calibration))
+                outputs.update(output_ranges(probe, calibrate, calibration))
+            outputs.update({layer: plan for layer, (plan, _) in plans.items() if layer not in calibrate})
+            for_additions |= {layer for layer, (_, for_addition) in plans.items() if for_addition}
             if plans:  # first try the convolutions that want their output quantized, with it
-                outputs.update(plans)
                 continue
             candidates = fused
             outputs = {layer: r for layer, r in outputs.items() if keys[layer] in candidates}
     _rewrite(path, path, quants, tensors, state, codes, candidates, outputs)
-    return sorted(layer for layer, key in keys.items() if key in candidates)
+    return QdqLayers(sorted(layer for layer, key in keys.items() if key in candidates),
+                     sorted(for_additions & set(outputs)))
 
 
 def _output_plans(path: str, unfused: set[str], keys: Mapping[str, str | None],
-                  tensors: Mapping[str, tuple[str, int]], done: Mapping[str, Any]) -> dict[str, Any]:
-    """``{layer: (scale, zero point), or (CALIBRATE, its output tensor)}`` for the convolutions
-    (weight keys ``unfused``) of the file ``path`` that did not fuse for want of a
-    ``QuantizeLinear`` on their output, can get one (:func:`_output_plan`) and have none yet."""
+                  tensors: Mapping[str, tuple[str, int]], done: Mapping[str, Any],
+                  additions: bool) -> dict[str, tuple[Any, bool]]:
+    """``{layer: ((scale, zero point) or (CALIBRATE, its output tensor), whether an addition reads
+    it)}`` for the convolutions (weight keys ``unfused``) of the file ``path`` that did not fuse
+    for want of a ``QuantizeLinear`` on their output, can get one (:func:`_output_plan`) and have
+    none yet."""
     import onnx
 
     graph = onnx.load(path).graph
-    plans: dict[str, Any] = {}
+    plans: dict[str, tuple[Any, bool]] = {}
     for layer, key in keys.items():
         if key in unfused and layer not in done:
             node = _consumer(graph, tensors[key][0], layer)
-            plan = _output_plan(graph, node)
-            if plan is not None:
-                plans[layer] = (CALIBRATE, _output_end(graph, node)) if plan == CALIBRATE else plan
+            found = _output_plan(graph, node, additions)
+            if found is not None:
+                plan, for_addition = found
+                plans[layer] = ((CALIBRATE, _output_end(graph, node)) if plan == CALIBRATE else plan, for_addition)
     return plans
 
 
