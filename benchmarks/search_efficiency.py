@@ -641,6 +641,9 @@ def orchestrate(args: argparse.Namespace) -> None:
         "runs": {},
     }
     queue = [(m, s) for s in seeds for m in methods]
+    # SIGTERM ends this process through ``finally`` below, which stops the studies' processes too
+    # (by default a terminated orchestrator left them running)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     running: list[tuple[subprocess.Popen, str]] = []
     base = [sys.executable, str(Path(__file__).resolve()), "--trials", str(args.trials), "--storage", args.storage,
             "--threads", str(args.threads), "--prefix", args.prefix, "--net", args.net]
