@@ -226,13 +226,18 @@ class _Residual(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_residual_blocks_run_on_integer_kernels_with_their_additions(tmp_path: Path) -> None:
+def _trained_residual(batches: list[torch.Tensor]) -> tuple[nn.Module, bytes]:
+    """A :class:`_Residual` with every weight and input int8, trained a step per batch (seed 0), and its artifact."""
     torch.manual_seed(0)
     model = apply_plan(_Residual(), _plan(_Residual(), weight_bits=8, act_bits=8))
-    for _ in range(3):
-        model.train()(torch.rand(64, 64))
+    for batch in batches:
+        model.train()(batch)
     model.eval()
-    blob = pack_model(model, meta=dict(META))
+    return model, pack_model(model, meta=dict(META))
+
+
+def test_residual_blocks_run_on_integer_kernels_with_their_additions(tmp_path: Path) -> None:
+    _, blob = _trained_residual([torch.rand(64, 64) for _ in range(3)])
     restored, _ = load_artifact(blob, "test", template=_Residual())
     x, calibration = torch.rand(64, 64), torch.rand(256, 64)
     done = write_model_onnx(restored, blob, x, tmp_path / "m.onnx", calibration=calibration)
@@ -264,12 +269,7 @@ def test_residual_blocks_run_on_integer_kernels_with_their_additions(tmp_path: P
 def test_a_calibrated_range_that_fails_the_check_is_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import slimtune.trainers._onnx_qdq as qdq
 
-    torch.manual_seed(0)
-    model = apply_plan(_Residual(), _plan(_Residual(), weight_bits=8, act_bits=8))
-    for _ in range(3):
-        model.train()(torch.rand(64, 64))
-    model.eval()
-    blob = pack_model(model, meta=dict(META))
+    _, blob = _trained_residual([torch.rand(64, 64) for _ in range(3)])
     x = torch.rand(64, 64)
     plain = write_model_onnx(load_artifact(blob, "test", template=_Residual())[0], blob, x, tmp_path / "n.onnx")
     # ranges that clip what the convolutions give the additions to almost nothing: the logits
@@ -286,13 +286,8 @@ def test_a_file_whose_additions_cost_its_score_is_written_again_without_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import slimtune.trainers._onnx as exporter
 
-    torch.manual_seed(0)
     dm = DigitsDataModule()
-    model = apply_plan(_Residual(), _plan(_Residual(), weight_bits=8, act_bits=8))
-    for batch in list(dm.train_dataloader())[:5]:
-        model.train()(batch[0])
-    model.eval()
-    blob = pack_model(model, meta=dict(META))
+    model, blob = _trained_residual([batch[0] for batch in list(dm.train_dataloader())[:5]])
     recorded = evaluate(model, dm.val_dataloader())
     scores = []
 
