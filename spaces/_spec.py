@@ -116,10 +116,10 @@ REFINE = Section("search.refine", "after the search, the best in-band Pareto pla
 ))
 SEED = Section("search.seed", "plans the study runs first, before its sampler's own: allocations from a sensitivity "
                "pass (what compressing one layer alone costs) and uniform plans", (
-    Setting("plans", int, 0, "plans allocated from the sensitivity pass, spread over the size range (0: none; "
-            "the pass runs when plans or uniform is above 0)",
+    Setting("plans", int, 6, "plans allocated from the sensitivity pass, spread over the size range (0: none; "
+            "the pass runs when plans or uniform is above 0; the LeNet-300-100 presets set 0)",
             low=0, high=1_000, fingerprinted=False),
-    Setting("uniform", int, 0, "uniform plans (every layer alike) spread over the size range", low=0, high=1_000,
+    Setting("uniform", int, 4, "uniform plans (every layer alike) spread over the size range", low=0, high=1_000,
             fingerprinted=False),
     Setting("samples", int, 2_000, "validation samples the sensitivity pass measures on", low=10, high=10_000_000,
             fingerprinted=False),
@@ -709,6 +709,7 @@ _V01_FINETUNE = {
     "promote_size_tolerance": ("search", "promote", "size_tolerance", 1.0),
     "refine_epochs": ("search", "refine", "epochs", 0), "refine_top": ("search", "refine", "top", 4),
     "refine_within": ("search", "refine", "within", 0.002), "refine_share": ("search", "refine", "share", 0.25),
+    "seed_plans": ("search", "seed", "plans", 0), "seed_uniform": ("search", "seed", "uniform", 0),
 }
 _V01_FINETUNE_KEPT = {"weight_ema": 0.0, "augment_shift": 0, "augment_in": "all"}
 _V01_SPACE = {"rank_ratio": {"fixed": 1.0}, "unit_ratio": {"fixed": 1.0}, "l1_weight": {"fixed": 0.0}}
@@ -738,7 +739,7 @@ def upgrade_stored_spec(raw: Mapping[str, Any]) -> dict[str, Any]:
     finetune = dict(old.get("finetune", {}))
     new: dict[str, Any] = {k: v for k, v in old.items() if k not in ("study", "finetune")}
     new["study"] = {k: v for k, v in study.items() if k not in ("sampler", "heartbeat_interval", "heartbeat_grace")}
-    new["search"] = {"sampler": study.get("sampler", "tpe"), "promote": {}, "refine": {}}
+    new["search"] = {"sampler": study.get("sampler", "tpe"), "promote": {}, "refine": {}, "seed": {}}
     new["runtime"] = {"cache_mb": finetune.pop("cache_mb", 1024),
                       "heartbeat_interval": study.get("heartbeat_interval", 20),
                       "heartbeat_grace": study.get("heartbeat_grace", 60)}

@@ -113,6 +113,7 @@ def test_an_old_spec_reads_as_the_same_settings_in_this_versions_sections(old: s
     assert spec.search.sampler == "tpe" and spec.runtime.heartbeat_grace == 60
     assert spec.method("quantize").quantizer == "amax" and spec.method("quantize").bias_bits == 32
     assert spec.method("prune").activation_power == 0.0 and spec.space.knobs["unit_ratio"].fixed == 1.0
+    assert (spec.search.seed.plans, spec.search.seed.uniform) == (0, 0)  # 0.1 had no seeds: none on resume
     # written today by hand, it is the same study: the same fingerprint
     today = parse_spec(tomllib.loads(TABLE_TODAY))
     assert today.fingerprint() == spec.fingerprint()

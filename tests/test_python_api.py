@@ -99,7 +99,8 @@ def test_a_model_object_is_searched_with_its_own_weights_as_the_teacher(net: nn.
     onnx_val = evaluate(OnnxModel(tmp_path / "net.onnx"), data.val_dataloader())
     assert onnx_val == pytest.approx(record.val_accuracy, abs=1e-3)  # the integer ONNX runs as recorded
     with pytest.raises(SpecError, match="data module the study was searched from"):  # its data is an object too
-        slimtune.load_study("api-net", url, model=net).export(tmp_path / "y.slim", onnx=tmp_path / "y.onnx")
+        slimtune.load_study("api-net", url, model=net).export(tmp_path / "y.slim", max_drop=0.5,
+                                                              onnx=tmp_path / "y.onnx")
     assert not (tmp_path / "y.slim").exists() and not (tmp_path / "y.onnx").exists()
     assert "`tests.test_python_api:SmallNet` (given to slimtune.search as a Python object)" in study_note(optuna_study)
     assert study.report(tmp_path / "r.html").stat().st_size > 1_000_000

@@ -117,6 +117,21 @@ def test_the_pass_is_stored_once_deterministic_and_seeds_run_first_marked(
     assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
 
 
+def test_seeding_is_on_by_default_and_off_in_the_presets_measured_without_it(digits_study_db: Path) -> None:
+    from slimtune.search import resolve_spec
+
+    default = parse_spec(digits_spec_dict())  # no [search.seed]: the measured default
+    assert (default.search.seed.plans, default.search.seed.uniform) == (6, 4)
+    url = f"sqlite:///{digits_study_db}"  # a search of that spec: it measured the pass and ran seeds first
+    assert stored_sensitivity(open_storage(url), "digits-test")
+    trials = optuna.load_study(study_name="digits-test", storage=url).trials
+    assert trials[0].user_attrs.get(keys.TRIAL_SEEDED) == "sensitivity"
+    for preset, expected in [("lenet300-mnist", (0, 0)), ("lenet300-mnist-hour", (0, 0)),
+                             ("lenet5-mnist-hour", (0, 0)), ("lenet5-mnist", (6, 4)), ("cnn-digits", (6, 4))]:
+        seed = resolve_spec(preset=preset, name="x").search.seed
+        assert (seed.plans, seed.uniform) == expected, preset
+
+
 def test_a_bad_seed_setting_exits_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = tmp_path / "s.toml"
     spec.write_text(SPEC_TOML.replace("[space]", "[search.seed]\nplans = -1\n\n[space]"))

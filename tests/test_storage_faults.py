@@ -65,15 +65,16 @@ def test_a_database_damaged_inside_is_a_clear_error(digits_study_db: Path, tmp_p
                 ["report", "--study", STUDY, "--storage", url, "--out", str(tmp_path / "r.html")],
                 ["export", "--study", STUDY, "--storage", url, "--trial", str(trial), "--out", str(tmp_path / "t.slim")],
                 ["resume", "--study", STUDY, "--storage", url, "--trials", "4", "--quiet"]]
-    failed = 0
+    failed = []
     for argv in commands:
         code, err = _run(argv, capsys)
         assert "Traceback" not in err and code in (0, 2), (argv, code, err)
         if code == 2:
-            failed += 1
+            failed.append(argv[0])
             assert url in err and "damaged" in err and "PRAGMA integrity_check" in err, (argv, err)
-    # what reads the damaged part fails; with many pages, everything does
-    assert failed == (len(commands) if damage == "many pages" else 2)
+    # what reads the damaged part fails (the blobs: the sensitivity pass the report charts, the
+    # teacher that export and resume load); with many pages, everything does
+    assert failed == ([argv[0] for argv in commands] if damage == "many pages" else ["report", "export", "resume"])
     assert not (tmp_path / "t.slim").exists()
 
 
