@@ -28,6 +28,9 @@ def seed_study(study: optuna.Study, storage: optuna.storages.BaseStorage, contex
     seed = context.spec.search.seed
     if (seed.plans == 0 and seed.uniform == 0) or stored_sensitivity(storage, study.study_name) is not None:
         return 0
+    room = max(0, context.spec.trials - len(study.get_trials(deepcopy=False)))
+    if room == 0:  # the study holds its target: no seed could run, so the pass waits for a larger one
+        return 0
     sensitivity = sensitivity_pass(context, seed.samples)
     if not claim_blob(storage, study.study_name, keys.SENSITIVITY_BLOB, json.dumps(sensitivity).encode()):
         return 0  # another worker stored it first, and seeds the study
@@ -37,7 +40,6 @@ def seed_study(study: optuna.Study, storage: optuna.storages.BaseStorage, contex
     seeds += [("uniform", p) for p in uniform_params(space, layers, context.output_layer, seed.uniform,
                                                      context.inert, sensitivity, floor)]
     asked = seed.plans + seed.uniform
-    room = max(0, context.spec.trials - len(study.get_trials(deepcopy=False)))
     seeds = seeds[:room]  # never more than the target leaves: a seed beyond it would wait in the study
     for kind, params in seeds:
         study.enqueue_trial(params, user_attrs={keys.TRIAL_SEEDED: kind})

@@ -117,6 +117,23 @@ def test_the_pass_is_stored_once_deterministic_and_seeds_run_first_marked(
     assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
 
 
+def test_a_study_at_its_target_measures_no_pass_until_a_larger_target_leaves_room(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    unseeded = tmp_path / "off.toml"
+    unseeded.write_text(SPEC_TOML.replace("trials = 3", "trials = 2").replace(
+        "[space]", "[search.seed]\nplans = 0\nuniform = 0\n\n[space]"))
+    assert main(["search", str(unseeded), "--storage", url, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(_spec_file(tmp_path, 2)), "--storage", url, "--quiet"]) == 0  # seeding on now
+    assert "sensitivity pass:" not in capsys.readouterr().err  # no room for a seed: no pass
+    assert stored_sensitivity(open_storage(url), "digits-test") is None
+    assert main(["search", str(_spec_file(tmp_path, 3)), "--storage", url, "--quiet"]) == 0
+    assert "seeded 1 plans" in capsys.readouterr().err
+    study = optuna.load_study(study_name="digits-test", storage=url)
+    assert [t.user_attrs.get(keys.TRIAL_SEEDED) for t in study.trials] == [None, None, "sensitivity"]
+
+
 def test_seeding_is_on_by_default_and_off_in_the_presets_measured_without_it(digits_study_db: Path) -> None:
     from slimtune.search import resolve_spec
 
