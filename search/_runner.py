@@ -531,7 +531,6 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
                 listed = "; ".join(f"{n}: {why}" for n, why in context.untappable.items())
                 log(f"feature distillation leaves out {len(context.untappable)} layer"
                     f"{'s' * (len(context.untappable) != 1)} ({listed})")
-            seed_study(study, storage, context, log)
             objective = CompressionObjective(context, storage, stop, feasible_floor=(
                 None if spec.feasible_drop is None else teacher_val - spec.feasible_drop), run=run)
             bar, refresh = _progress(study, spec.trials, progress)
@@ -547,6 +546,7 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
                 try:
                     if goal is not None and (reached := goal.met(study, spec.storage)):
                         raise GoalReached(reached)
+                    seed_study(study, storage, spec.storage, context, stop, search_deadline, log)
                     search(spec.trials, search_deadline)
                     refine_until_deadline(study, storage, objective, spec, stop, teacher_val, search, deadline,
                                           callbacks=[refresh, figures])

@@ -1,14 +1,16 @@
 """Seeding a study (``[search.seed]``): the sensitivity pass, once, then plans enqueued before the sampler's.
 
 The first process to reach a study with seeding on measures the pass
-(``slimtune.trainers.sensitivity_pass``) and stores it insert-if-absent (the ``sensitivity``
-blob); only the process whose write landed enqueues the seeds, so a study gets them once however
-many workers start together, and ``resume`` reuses the stored pass. Seeded trials carry the
-``seeded`` attr (``"sensitivity"`` or ``"uniform"``); Optuna runs enqueued trials before it samples.
+(``slimtune.trainers.sensitivity_pass``) and stores it (the ``sensitivity`` blob), holding the
+study's slot lock until its seeds are enqueued: workers that start together wait for it instead
+of measuring the pass again or sampling trials before the seeds; ``resume`` reuses the stored
+pass. Seeded trials carry the ``seeded`` attr (``"sensitivity"`` or ``"uniform"``); Optuna runs
+enqueued trials before it samples. A pass that fails or outlasts the search's deadline leaves the
+study without seeds (the log says why); a signal during it stops the run like one during a trial.
 
 Example::
 
-    seeded = seed_study(study, storage, context, log)   # 0 when already seeded or seeding is off
+    seeded = seed_study(study, storage, url, context, stop, deadline, log)   # 0: already seeded, off, or no room
 """
 
 from __future__ import annotations
@@ -17,32 +19,52 @@ import json
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
-from slimtune.spaces import seed_params, uniform_params
+from slimtune.spaces import seed_params, sensitivity_grid, uniform_params
 from slimtune.studies import claim_blob, keys, stored_sensitivity
-from slimtune.trainers import TrialContext, sensitivity_pass
+from slimtune.trainers import PassOutOfTime, TrialContext, sensitivity_pass
+
+from ._loop import slot_lock
+from ._objective import describe_failure
+from ._signals import GracefulStop, Interrupted
+
+TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)  # what run_until_target counts
 
 
-def seed_study(study: optuna.Study, storage: optuna.storages.BaseStorage, context: TrialContext, log: Any) -> int:
+def seed_study(study: optuna.Study, storage: optuna.storages.BaseStorage, url: str, context: TrialContext,
+               stop: GracefulStop, deadline: float | None, log: Any) -> int:
     """Measure and store the pass and enqueue the seeds unless the study has them; the number enqueued."""
     seed = context.spec.search.seed
-    if (seed.plans == 0 and seed.uniform == 0) or stored_sensitivity(storage, study.study_name) is not None:
+    if seed.plans == 0 and seed.uniform == 0:
         return 0
-    room = max(0, context.spec.trials - len(study.get_trials(deepcopy=False)))
-    if room == 0:  # the study holds its target: no seed could run, so the pass waits for a larger one
-        return 0
-    sensitivity = sensitivity_pass(context, seed.samples)
-    if not claim_blob(storage, study.study_name, keys.SENSITIVITY_BLOB, json.dumps(sensitivity).encode()):
-        return 0  # another worker stored it first, and seeds the study
-    space, layers = context.spec.space, context.layer_names
-    floor = context.spec.max_accuracy_drop  # a seed estimated below the floor would only be pruned
-    seeds = [("sensitivity", p) for p in seed_params(sensitivity, space, seed.plans, floor)]
-    seeds += [("uniform", p) for p in uniform_params(space, layers, context.output_layer, seed.uniform,
-                                                     context.inert, sensitivity, floor)]
-    asked = seed.plans + seed.uniform
-    seeds = seeds[:room]  # never more than the target leaves: a seed beyond it would wait in the study
-    for kind, params in seeds:
-        study.enqueue_trial(params, user_attrs={keys.TRIAL_SEEDED: kind})
+    with slot_lock(storage, url, study.study_name):
+        if stored_sensitivity(storage, study.study_name) is not None:
+            return 0
+        room = context.spec.trials - len(study.get_trials(deepcopy=False, states=TAKEN))
+        if room <= 0:  # no seed could run: the pass waits for a larger target
+            return 0
+        grid = sensitivity_grid(context.spec.space, context.layer_names, context.output_layer, context.inert)
+        if not any(grid.values()):  # every compression knob fixed: nothing to measure or seed
+            return 0
+        try:
+            with stop.trial_body():  # a signal ends the pass at once, as it ends a fine-tune
+                sensitivity = sensitivity_pass(context, seed.samples, deadline)
+        except Interrupted:
+            raise
+        except PassOutOfTime as exc:
+            log(f"sensitivity pass: {exc}; the study runs without seeds")
+            return 0
+        except Exception as exc:  # a model or data the pass cannot evaluate: the trials may still run
+            log(f"sensitivity pass failed ({describe_failure(exc)}); the study runs without seeds")
+            return 0
+        if not claim_blob(storage, study.study_name, keys.SENSITIVITY_BLOB, json.dumps(sensitivity).encode()):
+            return 0  # stored meanwhile by a process that does not take the lock (an older version)
+        seeds = _seeds(sensitivity, context)
+        asked = seed.plans + seed.uniform
+        seeds = seeds[:room]  # never more than the target leaves: a seed beyond it would wait in the study
+        for kind, params in seeds:
+            study.enqueue_trial(params, user_attrs={keys.TRIAL_SEEDED: kind})
     points = sum(len(entry["points"]) for entry in sensitivity["layers"].values())
     log(f"sensitivity pass: {points} single-layer plans over {len(sensitivity['layers'])} layers on "
         f"{sensitivity['samples']} validation samples in {sensitivity['seconds']:.1f} s; seeded "
@@ -50,3 +72,13 @@ def seed_study(study: optuna.Study, storage: optuna.storages.BaseStorage, contex
         f"{sum(k == 'uniform' for k, _ in seeds)} uniform" + (f"; {asked} asked for: the others are estimated "
         "below the floor, repeat a plan, or exceed the trial target" if len(seeds) < asked else "") + ")")
     return len(seeds)
+
+
+def _seeds(sensitivity: dict[str, Any], context: TrialContext) -> list[tuple[str, dict[str, Any]]]:
+    """The allocated, then the uniform plans, each non-empty (a plan that sets nothing is no seed)."""
+    seed, space, layers = context.spec.search.seed, context.spec.space, context.layer_names
+    floor = context.spec.max_accuracy_drop  # a seed estimated below the floor would only be pruned
+    seeds = [("sensitivity", p) for p in seed_params(sensitivity, space, seed.plans, floor)]
+    seeds += [("uniform", p) for p in uniform_params(space, layers, context.output_layer, seed.uniform,
+                                                     context.inert, sensitivity, floor)]
+    return [(kind, params) for kind, params in seeds if params]

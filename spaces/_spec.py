@@ -91,7 +91,8 @@ FINETUNE = Section("finetune", "the student's training recipe (its learning rate
           "cache_mb": "runtime.cache_mb"})
 SEARCH = Section("search", "the sampler, and when a search with an accuracy goal ends", (
     Setting("sampler", str, "tpe", "tpe (multivariate TPE) | nsga2 | gp (Optuna's Gaussian process) | random; "
-            "TPE and GP sample their first max(4, min(10, trials // 3)) trials at random", choices=SAMPLERS),
+            "TPE and GP sample at random until the study holds max(4, min(10, trials // 3)) trials, the seeded plans "
+            "([search.seed]) among them", choices=SAMPLERS),
     Setting("goal_patience", int, 10, "with study.goal_drop (search --goal-drop): stop once the smallest plan within "
             "that drop has not shrunk for this many finished trials", low=1, high=1_000_000, fingerprinted=False),
 ))
@@ -117,11 +118,12 @@ REFINE = Section("search.refine", "after the search, the best in-band Pareto pla
 SEED = Section("search.seed", "plans the study runs first, before its sampler's own: allocations from a sensitivity "
                "pass (what compressing one layer alone costs) and uniform plans", (
     Setting("plans", int, 6, "plans allocated from the sensitivity pass, spread over the size range (0: none; "
-            "the pass runs when plans or uniform is above 0; the LeNet-300-100 presets set 0)",
+            "the pass runs when plans or uniform is above 0; the LeNet-300-100 and -hour presets set 0)",
             low=0, high=1_000, fingerprinted=False),
     Setting("uniform", int, 4, "uniform plans (every layer alike) spread over the size range", low=0, high=1_000,
             fingerprinted=False),
-    Setting("samples", int, 2_000, "validation samples the sensitivity pass measures on", low=10, high=10_000_000,
+    Setting("samples", int, 2_000, "validation samples the sensitivity pass measures on (whole batches of the data module's own validation "
+            "loader, so a few more where a batch ends past it)", low=10, high=10_000_000,
             fingerprinted=False),
 ))
 DEPLOY_OBJECTIVES = ("none", "latency_ms", "onnx_bytes")
@@ -723,7 +725,8 @@ def is_v01_spec(raw: Mapping[str, Any]) -> bool:
 def upgrade_stored_spec(raw: Mapping[str, Any]) -> dict[str, Any]:
     """A spec stored by slimtune 0.1, in this version's sections, meaning the same trials: every
     key 0.1 left out is written with the value it meant then (which is not always today's
-    default). A spec already in this version's shape is returned as it is.
+    default). A spec already in this version's shape is returned as it is, but for a ``[search]``
+    stored before ``[search.seed]`` existed, which gets the no seeds it meant.
 
     >>> old = {"study": {"name": "x", "sampler": "tpe", "heartbeat_interval": 20, "heartbeat_grace": 60},
     ...        "model": {"preset": "lenet300"}, "data": {"preset": "mnist"},
@@ -733,7 +736,10 @@ def upgrade_stored_spec(raw: Mapping[str, Any]) -> dict[str, Any]:
     ({'quantizer': 'lsq', 'bias_bits': 32}, 'tpe', 1024)
     """
     if not is_v01_spec(raw):
-        return copy.deepcopy(dict(raw))
+        spec = copy.deepcopy(dict(raw))
+        if isinstance(spec.get("search"), dict) and "seed" not in spec["search"]:
+            spec["search"]["seed"] = {"plans": 0, "uniform": 0}  # stored before seeding existed: none, as then
+        return spec
     old = copy.deepcopy(dict(raw))
     study = dict(old.get("study", {}))
     finetune = dict(old.get("finetune", {}))

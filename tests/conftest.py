@@ -57,6 +57,12 @@ lr = { fixed = 2e-3 }
 """
 
 
+def without_seeds(toml: str) -> str:
+    """``toml`` with ``[search.seed]`` off, for a test of what the sampler itself does (the seeds,
+    on by default, would fill a few-trial study)."""
+    return toml.replace("\n[model]", "\n[search.seed]\nplans = 0\nuniform = 0\n\n[model]", 1)
+
+
 @pytest.fixture(autouse=True)
 def _threads() -> None:
     torch.set_num_threads(1)

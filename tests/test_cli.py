@@ -14,13 +14,13 @@ from slimtune.studies import get_blob, keys, open_storage, preset_names
 from slimtune.trainers import build_model, unpack_model
 from slimtune.spaces import ModelSpec
 
-from .conftest import SPEC_TOML
+from .conftest import SPEC_TOML, without_seeds
 
 
 @pytest.fixture
 def spec_file(tmp_path: Path) -> Path:
     path = tmp_path / "study.toml"
-    path.write_text(SPEC_TOML)
+    path.write_text(without_seeds(SPEC_TOML))  # resume's trials are sampled ones, not seeds
     return path
 
 

@@ -14,7 +14,7 @@ from slimtune.search._goal import Goal
 from slimtune.spaces import SpecError, parse_spec
 from slimtune.studies import keys
 
-from .conftest import SPEC_TOML, digits_spec_dict
+from .conftest import SPEC_TOML, digits_spec_dict, without_seeds
 
 
 def _study_with(sizes_and_vals: list[tuple[float, float] | None]) -> optuna.Study:
@@ -55,7 +55,7 @@ def test_the_goal_is_a_spec_key_left_out_of_the_fingerprint() -> None:
 def test_a_search_with_a_goal_ends_early_says_what_to_export_and_resume_runs_nothing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = tmp_path / "s.toml"
-    spec.write_text(SPEC_TOML.replace("trials = 3", "trials = 40").replace("[space]", "[search]\ngoal_patience = 2\n\n"
+    spec.write_text(without_seeds(SPEC_TOML).replace("trials = 3", "trials = 40").replace("[space]", "[search]\ngoal_patience = 2\n\n"
                                                                                       "[space]"))
     url = f"sqlite:///{tmp_path / 's.db'}"
     assert main(["search", str(spec), "--storage", url, "--quiet", "--threads", "1", "--goal-drop", "0.5"]) == 0

@@ -20,7 +20,7 @@ from slimtune.search._signals import GracefulStop
 from slimtune.spaces import SpecError, parse_spec
 from slimtune.studies import keys, pareto_trials, search_front
 
-from .conftest import SPEC_TOML, digits_spec_dict
+from .conftest import SPEC_TOML, digits_spec_dict, without_seeds
 
 REFINE_TOML = SPEC_TOML.replace("epochs = 1\nbatch_size = 64", "epochs = 1\nbatch_size = 64\n\n[search.refine]\n"
                                 "epochs = 2\ntop = 2\nwithin = 0.5")
@@ -45,8 +45,8 @@ def test_the_stage_refines_front_plans_as_new_trials_and_the_front_judges_them_b
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     plain, refining = tmp_path / "plain.toml", tmp_path / "refine.toml"
-    plain.write_text(SPEC_TOML)
-    refining.write_text(REFINE_TOML)
+    plain.write_text(without_seeds(SPEC_TOML))  # the sampler's plans, some below the floor
+    refining.write_text(without_seeds(REFINE_TOML))
     assert main(["search", str(plain), "--storage", url, "--trials", "10", "--quiet"]) == 0
     study = optuna.load_study(study_name="digits-test", storage=url)
     teacher_val = study.user_attrs[keys.TEACHER]["val_accuracy"]

@@ -13,6 +13,7 @@ import pytest
 from slimtune.search import main
 from slimtune.spaces import estimated_drop, metric, parse_spec, seed_params, sensitivity_grid, uniform_params
 from slimtune.studies import clean_sensitivity, keys, open_storage, sensitivity_figure, stored_sensitivity
+from slimtune.trainers import PassOutOfTime
 
 from .conftest import SPEC_TOML, digits_spec_dict
 
@@ -87,7 +88,8 @@ def test_the_pass_is_stored_once_deterministic_and_seeds_run_first_marked(
     first = stored_sensitivity(storage, "digits-test")
     assert first is not None and set(first["layers"]) == {"conv1", "conv2", "fc1", "fc2"}
     counts = {name: len(entry["points"]) for name, entry in first["layers"].items()}
-    assert first["samples"] == 200 and counts == {"conv1": 10, "conv2": 10, "fc1": 10, "fc2": 7}  # the logits keep units
+    assert counts == {"conv1": 10, "conv2": 10, "fc1": 10, "fc2": 7}  # the logits keep units
+    assert first["samples"] == 359  # samples = 200: digits' validation loader gives its 359 in one batch
     study = optuna.load_study(study_name="digits-test", storage=url)
     seeded = [t.user_attrs.get(keys.TRIAL_SEEDED) for t in study.trials]
     assert seeded == ["sensitivity", "sensitivity", "uniform", None, None]  # enqueued before sampled trials
@@ -102,7 +104,7 @@ def test_the_pass_is_stored_once_deterministic_and_seeds_run_first_marked(
     assert stored_sensitivity(storage, "digits-test") == first
     assert main(["report", "--study", "digits-test", "--storage", url, "--out", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
-    assert 'id="sensitivity-chart"' in page and f"It measured {sum(counts.values())} plans on 200 validation" in page
+    assert 'id="sensitivity-chart"' in page and f"It measured {sum(counts.values())} plans on 359 validation" in page
 
     other = tmp_path / "again"
     other.mkdir()
@@ -132,6 +134,41 @@ def test_a_study_at_its_target_measures_no_pass_until_a_larger_target_leaves_roo
     assert "seeded 1 plans" in capsys.readouterr().err
     study = optuna.load_study(study_name="digits-test", storage=url)
     assert [t.user_attrs.get(keys.TRIAL_SEEDED) for t in study.trials] == [None, None, "sensitivity"]
+
+
+@pytest.mark.parametrize("trouble", [RuntimeError("stack expects each tensor to be equal size"),
+                                     PassOutOfTime("the search's time ran out after 3 s")])
+def test_a_pass_that_fails_or_runs_out_of_time_leaves_the_study_unseeded_and_searching(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        trouble: Exception) -> None:
+    def pass_in_trouble(*args: Any) -> dict[str, Any]:
+        raise trouble
+
+    monkeypatch.setattr("slimtune.search._seeding.sensitivity_pass", pass_in_trouble)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert main(["search", str(_spec_file(tmp_path, 2)), "--storage", url, "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert str(trouble) in err and "the study runs without seeds" in err
+    study = optuna.load_study(study_name="digits-test", storage=url)
+    assert [t.user_attrs.get(keys.TRIAL_SEEDED) for t in study.trials] == [None, None]
+    assert stored_sensitivity(open_storage(url), "digits-test") is None  # a later run measures it again
+
+
+def test_the_pass_reads_the_data_modules_own_validation_batches() -> None:
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from slimtune.trainers._sensitivity import _validation_batches
+
+    class Padded:  # a collate function the trials use too: the pass must not rebuild the loader
+        def val_dataloader(self) -> DataLoader:
+            data = TensorDataset(torch.arange(10.0).reshape(10, 1), torch.arange(10))
+            return DataLoader(data, batch_size=4, collate_fn=lambda rows: {
+                "x": torch.stack([r[0] for r in rows]), "y": torch.stack([r[1] for r in rows])})
+
+    batches = _validation_batches(Padded(), samples=5)
+    assert [sorted(b) for b in batches] == [["x", "y"], ["x", "y"]]  # whole batches up to 5 samples: 8
+    assert torch.equal(torch.cat([b["y"] for b in batches]), torch.arange(8))
 
 
 def test_seeding_is_on_by_default_and_off_in_the_presets_measured_without_it(digits_study_db: Path) -> None:

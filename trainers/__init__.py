@@ -37,7 +37,7 @@ from ._models import (
 from ._onnx import OnnxExport, OnnxModel, check_onnx, export_artifact_onnx, export_onnx
 from ._pack import StoredCodes, layer_stats, pack_model, unpack_codes, unpack_model
 from ._schedule import PromotionGate, weight_averaging
-from ._sensitivity import sensitivity_pass
+from ._sensitivity import PassOutOfTime, sensitivity_pass
 from ._table import BreastCancerDataModule, TableDataModule, read_table
 from ._logged import LoggedValues, logged_names, logged_value
 from ._teacher import TeacherCache, evaluate, load_state_bytes, state_to_bytes, train_loader_for, train_teacher
@@ -82,21 +82,21 @@ from .methods import (
 
 __all__ = [
     "AccuracyFloor", "ApplyContext", "BreastCancerDataModule", "ClassifierModule", "Codec", "CompressionMethod",
-    "DigitsCNN", "DigitsDataModule", "DistillationModule", "DynamicPruning", "Factorized", "FakeQuant", "FeatureTap",
-    "FitContext", "GradualPruning", "HalfPrecision", "LeNet300", "LeNet5", "LoggedValues", "MODEL_OUTPUT", "Mask",
-    "MnistDataModule", "OnnxExport", "OnnxModel", "OnnxTiming", "PromotionGate", "PromotionRule", "PruneMask",
-    "StoredCodes", "TableDataModule", "TableMLP", "TeacherCache", "TensorDataModule", "TrialContext", "TrialResult",
-    "UnitGroup", "UnitMask", "apply_plan", "artifact_datamodule", "bake", "batch_loader", "bench_onnx",
-    "build_datamodule", "build_model", "channel_scales", "check_accelerator", "check_finite_weights",
-    "check_logged_metric", "check_logger", "check_model_and_data", "check_onnx", "compressible_layers",
-    "cubic_sparsity", "datamodule_info", "dense_parameter_bytes", "dequantize", "evaluate", "evaluate_artifact",
-    "example_batch", "export_artifact_onnx", "export_onnx", "factorize", "factorized_ranks", "feature_kd_loss",
-    "first_inputs", "first_parameter_difference", "given_object_error", "import_ref", "importance", "is_compressible",
-    "layer_input_scales", "layer_stats", "load_artifact", "load_state_bytes", "logged_names", "logged_value",
-    "logit_kd_loss", "magnitude_mask", "materialize", "method", "method_options", "methods", "metric_value",
-    "model_from_meta", "pack_model", "prepare_datamodule", "quantize", "quiet_trainer", "rank_for", "read_table",
-    "register_method", "run_logger", "run_trial", "sensitivity_pass", "silence_lightning", "state_to_bytes",
-    "thin_units", "train_loader_for", "train_teacher", "uncompressed_weights", "unit_groups", "unit_keeps",
-    "unpack_codes", "unpack_model", "unregister_method", "untappable_layers", "weight_averaging", "weight_modules",
-    "weight_tensors",
+    "DigitsCNN", "DigitsDataModule", "DistillationModule", "DynamicPruning", "Factorized", "FakeQuant",
+    "FeatureTap", "FitContext", "GradualPruning", "HalfPrecision", "LeNet300", "LeNet5", "LoggedValues",
+    "MODEL_OUTPUT", "Mask", "MnistDataModule", "OnnxExport", "OnnxModel", "OnnxTiming", "PassOutOfTime",
+    "PromotionGate", "PromotionRule", "PruneMask", "StoredCodes", "TableDataModule", "TableMLP", "TeacherCache",
+    "TensorDataModule", "TrialContext", "TrialResult", "UnitGroup", "UnitMask", "apply_plan", "artifact_datamodule",
+    "bake", "batch_loader", "bench_onnx", "build_datamodule", "build_model", "channel_scales", "check_accelerator",
+    "check_finite_weights", "check_logged_metric", "check_logger", "check_model_and_data", "check_onnx",
+    "compressible_layers", "cubic_sparsity", "datamodule_info", "dense_parameter_bytes", "dequantize", "evaluate",
+    "evaluate_artifact", "example_batch", "export_artifact_onnx", "export_onnx", "factorize", "factorized_ranks",
+    "feature_kd_loss", "first_inputs", "first_parameter_difference", "given_object_error", "import_ref",
+    "importance", "is_compressible", "layer_input_scales", "layer_stats", "load_artifact", "load_state_bytes",
+    "logged_names", "logged_value", "logit_kd_loss", "magnitude_mask", "materialize", "method", "method_options",
+    "methods", "metric_value", "model_from_meta", "pack_model", "prepare_datamodule", "quantize", "quiet_trainer",
+    "rank_for", "read_table", "register_method", "run_logger", "run_trial", "sensitivity_pass", "silence_lightning",
+    "state_to_bytes", "thin_units", "train_loader_for", "train_teacher", "uncompressed_weights", "unit_groups",
+    "unit_keeps", "unpack_codes", "unpack_model", "unregister_method", "untappable_layers", "weight_averaging",
+    "weight_modules", "weight_tensors",
 ]

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities.data import extract_batch_size
-from torch.utils.data import DataLoader, Subset
 
 from slimtune.spaces import NO_NEUTRAL, CompressionPlan, LayerPlan, global_knobs, sensitivity_grid
 
@@ -46,12 +45,13 @@ def _neutral_globals(space: Any) -> dict[str, float]:
     return out
 
 
-def _validation_batches(dm: Any, samples: int, own_batches: bool) -> list[Any]:
-    """The first ``samples`` validation samples as batches: of 512 from the dataset, or the data
-    module's own batches (a logged metric's ``validation_step`` reads them as they come)."""
-    if not own_batches:
-        dataset = dm.val_dataloader().dataset
-        return list(DataLoader(Subset(dataset, range(min(samples, len(dataset)))), batch_size=512))
+class PassOutOfTime(RuntimeError):
+    """The pass reached the search's deadline before it measured every point."""
+
+
+def _validation_batches(dm: Any, samples: int) -> list[Any]:
+    """The data module's own validation batches up to the first ``samples`` samples: its loader's
+    collate function, batch size and any streaming dataset, as the trials evaluate them."""
     batches: list[Any] = []
     seen = 0
     for batch in dm.val_dataloader():
@@ -62,11 +62,12 @@ def _validation_batches(dm: Any, samples: int, own_batches: bool) -> list[Any]:
     return batches
 
 
-def sensitivity_pass(ctx: Any, samples: int) -> dict[str, Any]:
-    """Measure every layer's grid on ``ctx`` (a ``TrialContext``); see the module docstring."""
+def sensitivity_pass(ctx: Any, samples: int, deadline: float | None = None) -> dict[str, Any]:
+    """Measure every layer's grid on ``ctx`` (a ``TrialContext``); see the module docstring.
+    Raises :class:`PassOutOfTime` once ``time.monotonic()`` passes ``deadline`` between points."""
     started = time.perf_counter()
     spec = ctx.spec
-    batches = _validation_batches(ctx.datamodule, samples, own_batches=spec.metric.logged)
+    batches = _validation_batches(ctx.datamodule, samples)
     globals_ = _neutral_globals(spec.space)
     meta = ctx.artifact_meta()
 
@@ -86,6 +87,9 @@ def sensitivity_pass(ctx: Any, samples: int) -> dict[str, Any]:
         layer = ctx.teacher.get_submodule(name)
         points = []
         for knob, value in changes:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise PassOutOfTime(f"the search's time ran out after {time.perf_counter() - started:.0f} s, "
+                                    f"before layer {name} was measured")
             score, size = measure({name: {knob: value}})
             points.append({"knob": knob, "value": value, "score": score, "bytes": size})
         layers[name] = {"bytes": 4 * sum(getattr(m, t).numel() for m, t in weight_tensors(layer)), "points": points}
