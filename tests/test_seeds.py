@@ -186,6 +186,16 @@ def test_seeding_is_on_by_default_and_off_in_the_presets_measured_without_it(dig
         assert (seed.plans, seed.uniform) == expected, preset
 
 
+def test_a_spec_stored_before_seeding_existed_keeps_it_off_on_resume() -> None:
+    from slimtune.spaces import upgrade_stored_spec
+
+    stored = parse_spec(digits_spec_dict()).to_dict()
+    del stored["search"]["seed"]  # as development code stored it before [search.seed]
+    seed = parse_spec(upgrade_stored_spec(stored)).search.seed
+    assert (seed.plans, seed.uniform) == (0, 0)
+    assert parse_spec(upgrade_stored_spec(parse_spec(digits_spec_dict()).to_dict())).search.seed.plans == 6
+
+
 def test_a_bad_seed_setting_exits_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = tmp_path / "s.toml"
     spec.write_text(SPEC_TOML.replace("[space]", "[search.seed]\nplans = -1\n\n[space]"))
