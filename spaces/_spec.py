@@ -122,9 +122,9 @@ SEED = Section("search.seed", "plans the study runs first, before its sampler's 
             low=0, high=1_000, fingerprinted=False),
     Setting("uniform", int, 4, "uniform plans (every layer alike) spread over the size range", low=0, high=1_000,
             fingerprinted=False),
-    Setting("samples", int, 2_000, "validation samples the sensitivity pass measures on (whole batches of the data module's own validation "
-            "loader, so a few more where a batch ends past it)", low=10, high=10_000_000,
-            fingerprinted=False),
+    Setting("samples", int, 2_000, "validation samples the sensitivity pass measures on (whole batches of the "
+            "data module's own validation loader, so a few more where a batch ends past it)", low=10,
+            high=10_000_000, fingerprinted=False),
 ))
 DEPLOY_OBJECTIVES = ("none", "latency_ms", "onnx_bytes")
 OBJECTIVE = Section("objective", "what the search optimizes beside smallness: a validation metric (drops, floors "
