@@ -60,9 +60,8 @@ def seed_study(study: optuna.Study, storage: optuna.storages.BaseStorage, url: s
             return 0
         if not claim_blob(storage, study.study_name, keys.SENSITIVITY_BLOB, json.dumps(sensitivity).encode()):
             return 0  # stored meanwhile by a process that does not take the lock (an older version)
-        seeds = _seeds(sensitivity, context)
+        seeds = _seeds(sensitivity, context, room)
         asked = seed.plans + seed.uniform
-        seeds = seeds[:room]  # never more than the target leaves: a seed beyond it would wait in the study
         for kind, params in seeds:
             study.enqueue_trial(params, user_attrs={keys.TRIAL_SEEDED: kind})
     points = sum(len(entry["points"]) for entry in sensitivity["layers"].values())
@@ -74,11 +73,12 @@ def seed_study(study: optuna.Study, storage: optuna.storages.BaseStorage, url: s
     return len(seeds)
 
 
-def _seeds(sensitivity: dict[str, Any], context: TrialContext) -> list[tuple[str, dict[str, Any]]]:
-    """The allocated, then the uniform plans, each non-empty (a plan that sets nothing is no seed)."""
+def _seeds(sensitivity: dict[str, Any], context: TrialContext, room: int) -> list[tuple[str, dict[str, Any]]]:
+    """The allocated, then the uniform plans, at most ``room`` (a seed beyond the trial target would
+    wait in the study), each spread over the sizes, mild to strong, and non-empty."""
     seed, space, layers = context.spec.search.seed, context.spec.space, context.layer_names
     floor = context.spec.max_accuracy_drop  # a seed estimated below the floor would only be pruned
-    seeds = [("sensitivity", p) for p in seed_params(sensitivity, space, seed.plans, floor)]
-    seeds += [("uniform", p) for p in uniform_params(space, layers, context.output_layer, seed.uniform,
-                                                     context.inert, sensitivity, floor)]
-    return [(kind, params) for kind, params in seeds if params]
+    allocated = [p for p in seed_params(sensitivity, space, min(seed.plans, room), floor) if p]
+    uniform = [p for p in uniform_params(space, layers, context.output_layer, min(seed.uniform, room - len(allocated)),
+                                         context.inert, sensitivity, floor) if p]
+    return [("sensitivity", p) for p in allocated] + [("uniform", p) for p in uniform]

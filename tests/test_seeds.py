@@ -79,6 +79,28 @@ def test_seeds_estimated_below_the_floor_are_left_out() -> None:
     assert uniform_params(spec.space, ["a", "b"], None, 3, sensitivity=costly, max_drop=0.01) == []
 
 
+def test_a_short_target_gets_seeds_spread_over_the_sizes_not_only_the_mildest() -> None:
+    from types import SimpleNamespace
+
+    from slimtune.search._seeding import _seeds
+
+    data = digits_spec_dict()
+    data["space"] = {"prune_ratio": {"fixed": 0.0}, "weight_bits": {"choices": [2, 3, 4, 5, 6, 8, 32]},
+                     "lr": {"fixed": 2e-3}}
+    data["search"] = {"seed": {"plans": 3, "uniform": 2}}
+    spec = parse_spec(data)
+    bits = [2, 3, 4, 5, 6, 8]
+    sensitivity = {"base_score": 0.9, "base_bytes": 4000, "layers": {name: {"bytes": 2000, "points": [
+        {"knob": "weight_bits", "value": b, "score": 0.9 - cost * (8 - b) / 600, "bytes": 4000 - 2000 * (32 - b) // 32}
+        for b in bits]} for name, cost in (("a", 1.0), ("b", 3.0))}}
+    context = SimpleNamespace(spec=spec, layer_names=["a", "b"], output_layer=None, inert={})
+    full, short = _seeds(sensitivity, context, room=100), _seeds(sensitivity, context, room=2)
+    allocated = [p for kind, p in full if kind == "sensitivity"]
+    assert len(allocated) == 3 and [kind for kind, _ in full].count("uniform") == 2
+    assert [kind for kind, _ in short] == ["sensitivity", "sensitivity"]
+    assert [p for _, p in short] == [allocated[0], allocated[-1]]  # the mildest and the strongest, not the two mildest
+
+
 def test_the_pass_is_stored_once_deterministic_and_seeds_run_first_marked(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
