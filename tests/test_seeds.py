@@ -176,6 +176,24 @@ def test_a_pass_that_fails_or_runs_out_of_time_leaves_the_study_unseeded_and_sea
     assert stored_sensitivity(open_storage(url), "digits-test") is None  # a later run measures it again
 
 
+def test_a_run_with_no_time_left_for_a_trial_measures_no_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def must_not_run(*args: Any) -> dict[str, Any]:
+        raise AssertionError("the pass ran with no time left")
+
+    import tomllib
+
+    from slimtune.search import run_study
+
+    monkeypatch.setattr("slimtune.search._seeding.sensitivity_pass", must_not_run)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = parse_spec(tomllib.loads(_spec_file(tmp_path, 2).read_text())).with_overrides(storage=url)
+    said: list[str] = []
+    summary = run_study(spec, timeout=0.0, log=said.append)  # the teacher only, as a benchmark's first step
+    assert summary.ran == 0 and not [line for line in said if "sensitivity pass" in line]
+    assert stored_sensitivity(open_storage(url), "digits-test") is None
+
+
 def test_the_pass_reads_the_data_modules_own_validation_batches() -> None:
     import torch
     from torch.utils.data import DataLoader, TensorDataset

@@ -72,6 +72,10 @@ def sensitivity_pass(ctx: Any, samples: int, deadline: float | None = None) -> d
     meta = ctx.artifact_meta()
 
     def measure(changes: dict[str, dict[str, Any]]) -> tuple[float, int]:
+        if deadline is not None and time.monotonic() >= deadline:
+            where = next(iter(changes), None)
+            raise PassOutOfTime(f"the search's time ran out after {time.perf_counter() - started:.0f} s"
+                                + (f", before layer {where} was measured" if where else ""))
         plan = CompressionPlan({n: LayerPlan(changes.get(n, {})) for n in ctx.layer_names}, **globals_)
         model = apply_plan(copy.deepcopy(ctx.teacher), plan, spec.methods, ctx.input_rms, ctx.output_layer,
                            ctx.example_input).eval()
@@ -87,9 +91,6 @@ def sensitivity_pass(ctx: Any, samples: int, deadline: float | None = None) -> d
         layer = ctx.teacher.get_submodule(name)
         points = []
         for knob, value in changes:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise PassOutOfTime(f"the search's time ran out after {time.perf_counter() - started:.0f} s, "
-                                    f"before layer {name} was measured")
             score, size = measure({name: {knob: value}})
             points.append({"knob": knob, "value": value, "score": score, "bytes": size})
         layers[name] = {"bytes": 4 * sum(getattr(m, t).numel() for m, t in weight_tensors(layer)), "points": points}
