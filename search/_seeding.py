@@ -38,7 +38,7 @@ def seed_study(study: optuna.Study, storage: optuna.storages.BaseStorage, url: s
     """Measure and store the pass and enqueue the seeds unless the study has them; the number enqueued."""
     seed = context.spec.search.seed
     if (seed.plans == 0 and seed.uniform == 0) or (deadline is not None and time.monotonic() >= deadline):
-        return 0  # off, or no time left for a trial (e.g. --timeout 0: the teacher only)
+        return 0  # off, or no time left for a trial (run_study(timeout=0): the teacher only)
     with slot_lock(storage, url, study.study_name):
         if stored_sensitivity(storage, study.study_name) is not None:
             return 0
