@@ -30,7 +30,8 @@ from ._loop import slot_lock
 from ._objective import describe_failure
 from ._signals import GracefulStop, Interrupted
 
-TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)  # what run_until_target counts
+# the trials that fill the target: finished, running, and enqueued ones (run_until_target runs those first)
+TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
 def seed_study(study: optuna.Study, storage: optuna.storages.BaseStorage, url: str, context: TrialContext,

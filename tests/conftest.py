@@ -60,6 +60,7 @@ lr = { fixed = 2e-3 }
 def without_seeds(toml: str) -> str:
     """``toml`` with ``[search.seed]`` off, for a test of what the sampler itself does (the seeds,
     on by default, would fill a few-trial study)."""
+    assert "\n[model]" in toml, "without_seeds puts [search.seed] before the spec's [model] table"
     return toml.replace("\n[model]", "\n[search.seed]\nplans = 0\nuniform = 0\n\n[model]", 1)
 
 
