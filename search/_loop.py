@@ -152,6 +152,29 @@ def _record_failure(trial: optuna.Trial, reason: str) -> None:
         pass
 
 
+def ask_enqueued(study: optuna.Study, storage: optuna.storages.BaseStorage, params: dict[str, Any],
+                 user_attrs: dict[str, Any]) -> optuna.Trial:
+    """Enqueue a plan and start that very trial. ``study.ask()`` starts the oldest waiting trial,
+    which may be another: a seed an earlier run left, a trial re-queued after its worker died.
+    Call it under the slot lock.
+
+    Example::
+
+        trial = ask_enqueued(study, storage, source.params, {"refines": source.number})
+    """
+    study.enqueue_trial(params, user_attrs=user_attrs)
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    mine = max((t for t in waiting if t.user_attrs == user_attrs and t.system_attrs.get("fixed_params") == params),
+               key=lambda t: t.number)
+    if not storage.set_trial_state_values(mine._trial_id, state=TrialState.RUNNING):  # as Study.ask pops one
+        # taken meanwhile by a worker on a database slot_lock cannot lock: it runs this plan
+        # (its attrs say what it is); this one takes what ask() gives, as before
+        with warnings.catch_warnings():  # the trial loop runs the heartbeat itself
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            return study.ask()
+    return optuna.Trial(study, mine._trial_id)
+
+
 def run_until_target(study: optuna.Study, storage: optuna.storages.BaseStorage,
                      objective: Callable[[optuna.Trial], Any], target: int, stop: GracefulStop,
                      url: str, deadline: float | None = None,

@@ -28,7 +28,6 @@ Example::
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable
 
 import optuna
@@ -37,7 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 from slimtune.spaces import StudySpec
 from slimtune.studies import finished_count, refine_candidates, refinement_attrs
 
-from ._loop import run_one_trial, slot_lock
+from ._loop import ask_enqueued, run_one_trial, slot_lock
 from ._signals import GracefulStop
 
 
@@ -61,10 +60,7 @@ def run_refinement(study: optuna.Study, storage: optuna.storages.BaseStorage,
                 break
             source = candidates[0]
             tried.add(source.number)
-            study.enqueue_trial(source.params, user_attrs=refinement_attrs(source.number))
-            with warnings.catch_warnings():  # the trial loop runs the heartbeat itself
-                warnings.filterwarnings("ignore", message="Heartbeat of storage")
-                trial = study.ask()
+            trial = ask_enqueued(study, storage, source.params, refinement_attrs(source.number))
         frozen = run_one_trial(study, storage, objective, trial)
         ran += 1
         for callback in callbacks or []:

@@ -184,3 +184,26 @@ def test_a_dominant_refinement_does_not_hide_its_short_neighbours_from_the_stage
     assert [t.number for t in pareto_trials(study)] == [2]  # the long run beats every short plan
     assert [t.number for t in search_front(study)] == [0, 1]  # at the search's fidelity both stand
     assert [t.number for t in refine_candidates(study, 0.97, 0.02, top=5)] == [1]  # trial 0 is taken
+
+
+def test_the_stage_runs_its_own_refinement_and_not_a_seed_left_waiting(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    spec = parse_spec({**digits_spec_dict(trials=2, storage=url),
+                       "search": {"refine": {"epochs": 1, "top": 1, "within": 0.05}}})
+    storage = optuna.storages.RDBStorage(url)
+    study = optuna.create_study(study_name="leftover", storage=storage, directions=["maximize", "minimize"])
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        return 0.96 + 0.001 * x, 100.0
+
+    assert run_until_target(study, storage, objective, 1, GracefulStop(), url) == 1
+    # a seed still waiting (an earlier run's larger target, then `resume --trials 1`)
+    study.enqueue_trial({"x": 0.5}, user_attrs={keys.TRIAL_SEEDED: "uniform"})
+    ran = refine_until_deadline(study, storage, objective, spec, GracefulStop(), teacher_val=0.97,
+                                search=lambda target, until: 0, deadline=None)
+    trials = study.get_trials()
+    assert ran == 1
+    assert [(t.state, t.user_attrs.get(keys.TRIAL_REFINES), t.user_attrs.get(keys.TRIAL_SEEDED)) for t in trials] == [
+        (TrialState.COMPLETE, None, None), (TrialState.WAITING, None, "uniform"), (TrialState.COMPLETE, 0, None)]
+    assert trials[2].params == trials[0].params
