@@ -35,7 +35,7 @@ from ._methods import (
     unregister_declaration,
 )
 from ._metrics import DEFAULT_METRIC, METRICS, Metric, logged_metric, metric, metric_of
-from ._plan import CompressionPlan, LayerPlan, knob_names, sample_plan, select_layers
+from ._plan import CompressionPlan, LayerPlan, knob_names, sample_plan, select_layers, unsampled_values
 from ._seeds import estimated_drop, seed_params, sensitivity_grid, uniform_params
 from ._settings import MISSING, Errors, Section, Setting, SpecErrors, reference_toml
 from ._spec import (
@@ -82,5 +82,5 @@ __all__ = [
     "module_of", "parse_data_section", "parse_knob", "parse_spec", "per_layer_knobs", "reference_toml",
     "register_declaration", "regular_sections", "require_trusted", "sample_plan", "seed_params", "select_layers",
     "sensitivity_grid", "spec_reference", "trust", "trusted_modules", "trusting", "uniform_params",
-    "unregister_declaration", "upgrade_stored_spec",
+    "unregister_declaration", "unsampled_values", "upgrade_stored_spec",
 ]

@@ -196,17 +196,10 @@ def sample_plan(trial: optuna.Trial, space: Any, layer_names: list[str],
         tied = _suggest(trial, decl.name, knob) if knob.tie and any(
             decl.name not in _fixed_for(name, space) for name in layer_names) else None
         for name in layer_names:
-            fixed = _fixed_for(name, space)
-            if decl.output_value is not None and name == output_layer:
-                values[name][decl.name] = decl.output_value
-            elif name in (inert or {}).get(decl.name, ()) and decl.neutral is not NO_NEUTRAL:
-                values[name][decl.name] = decl.neutral
-            elif decl.name in fixed:
-                values[name][decl.name] = fixed[decl.name]
-            elif tied is not None:
-                values[name][decl.name] = tied
-            else:
-                values[name][decl.name] = _suggest(trial, f"{name}.{decl.name}", knob)
+            value = _unsampled(decl, name, space, output_layer, inert)
+            if value is None:
+                value = tied if tied is not None else _suggest(trial, f"{name}.{decl.name}", knob)
+            values[name][decl.name] = value
     layers = {name: LayerPlan(v) for name, v in values.items()}
     glob = {decl.name: float(_suggest(trial, decl.name, space.knobs[decl.name])) for decl in global_knobs()}
     if output_layer is not None and output_layer not in layers:
@@ -217,6 +210,44 @@ def sample_plan(trial: optuna.Trial, space: Any, layer_names: list[str],
                 param = decl.name if knob.tie else f"{output_layer}.{decl.name}"
                 logit_temperature = float(fixed if fixed is not None else _suggest(trial, param, knob))
     return CompressionPlan(layers, logit_temperature, **glob)
+
+
+def _unsampled(decl: KnobDeclaration, layer: str, space: Any, output_layer: str | None,
+               inert: Mapping[str, Collection[str]] | None) -> float | int | None:
+    """The value ``sample_plan`` gives ``layer``'s knob without sampling it, or None when it is sampled:
+    the output layer's ``output_value``, the neutral value where the knob is inert, a fixed value."""
+    if decl.output_value is not None and layer == output_layer:
+        return decl.output_value
+    if layer in (inert or {}).get(decl.name, ()) and decl.neutral is not NO_NEUTRAL:
+        return decl.neutral
+    fixed = _fixed_for(layer, space)
+    if decl.name in fixed:
+        return fixed[decl.name]
+    return space.knobs[decl.name].fixed
+
+
+def unsampled_values(space: Any, layer_names: list[str], output_layer: str | None = None,
+                     inert: Mapping[str, Collection[str]] | None = None) -> dict[str, dict[str, float | int]]:
+    """Per layer, the compression knobs every trial's plan holds at a value other than neutral
+    without sampling them (``[space.<knob>] fixed``, a per-layer override): what a plan that
+    changes one layer's searched knob starts from, as the sensitivity pass measures it.
+
+    Example:
+        >>> from slimtune.spaces import parse_spec
+        >>> spec = parse_spec({"study": {"name": "d"}, "model": {"preset": "cnn-digits"},
+        ...                    "data": {"preset": "digits"}, "space": {"weight_bits": {"fixed": 8}}})
+        >>> unsampled_values(spec.space, ["conv1", "fc"], output_layer="fc")
+        {'conv1': {'weight_bits': 8}, 'fc': {'weight_bits': 8}}
+    """
+    out: dict[str, dict[str, float | int]] = {name: {} for name in layer_names}
+    for decl in per_layer_knobs():
+        if decl.neutral is NO_NEUTRAL:
+            continue  # a training knob (kd_temperature): it changes no compressed weight
+        for name in layer_names:
+            value = _unsampled(decl, name, space, output_layer, inert)
+            if value is not None and value != decl.neutral:
+                out[name][decl.name] = value
+    return out
 
 
 def _fixed_for(layer: str, space: Any) -> dict[str, float | int]:

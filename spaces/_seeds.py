@@ -2,14 +2,14 @@
 
 A *sensitivity* is what compressing one layer alone costs before any fine-tune: for each
 compressible layer and each value on a coarse grid of its searched knobs (every bit width of the
-space, a few prune ratios, unit and rank shares), the validation score and the packed bytes of
-the teacher with only that change (``slimtune.trainers.sensitivity_pass`` measures them). From
-them, :func:`seed_params` allocates plans at several sizes (a Lagrangian sweep of the multiple-choice
-knapsack "least estimated drop for the bytes": each layer picks ``argmin drop + λ·bytes``, which
-gives the allocations on the lower convex hull, HAWQ-V3's integer program without a solver), and
-spreads uniform plans (every layer alike) over the size range. They are Optuna parameters to
-enqueue (``study.enqueue_trial``); the knobs they leave out (tied knobs, the distillation
-recipe) are the sampler's.
+space, a few prune ratios, unit and rank shares), the validation score and the packed bytes of the
+teacher with only that change from what every trial holds (its fixed values;
+``slimtune.trainers.sensitivity_pass`` measures them). From them, :func:`seed_params` allocates
+plans at several sizes (a Lagrangian sweep of the multiple-choice knapsack "least estimated drop for
+the bytes": each layer picks ``argmin drop + λ·bytes``, which gives the allocations on the lower
+convex hull, HAWQ-V3's integer program without a solver), and spreads uniform plans (every layer
+alike) over the size range. They are Optuna parameters to enqueue (``study.enqueue_trial``); the
+knobs they leave out (tied knobs, the distillation recipe) are the sampler's.
 
 Example:
     >>> from slimtune.spaces import parse_spec

@@ -1,11 +1,11 @@
 """The study's stored sensitivity pass (``[search.seed]``), read as data, and its per-layer chart.
 
-The pass is JSON in the ``sensitivity`` blob: per compressed layer, the validation score and
-the packed bytes of the teacher (the whole model) with only that layer compressed, one point per knob value. Read
-from the database, it is untrusted data: :func:`stored_sensitivity` keeps only points of the
-expected shape. :func:`sensitivity_figure` draws one panel per knob (bits, prune ratio, unit or
-rank share): the drop in the study's metric against the knob's value, a line per layer, so the
-layers that tolerate nothing stand out.
+The pass is JSON in the ``sensitivity`` blob: per compressed layer, the validation score and the
+packed bytes of the teacher (the whole model) with only that layer's knob changed from the values
+every trial holds (fixed ones), one point per knob value. Read from the database, it is untrusted
+data: :func:`stored_sensitivity` keeps only points of the expected shape. :func:`sensitivity_figure`
+draws one panel per knob (bits, prune ratio, unit or rank share): the drop in the study's metric
+against the knob's value, a line per layer, so the layers that tolerate nothing stand out.
 
 Example:
     >>> from slimtune.spaces import metric
@@ -52,7 +52,7 @@ def clean_sensitivity(data: Any) -> dict[str, Any] | None:
             layers[name] = {"bytes": layer.get("bytes") if _number(layer.get("bytes")) else None, "points": points}
     if not layers:
         return None
-    extra = {k: data[k] for k in ("samples", "seconds", "base_bytes") if _number(data.get(k))}
+    extra = {k: data[k] for k in ("samples", "seconds", "base_bytes", "dense_score") if _number(data.get(k))}
     return {"base_score": float(data["base_score"]), "layers": layers, **extra}
 
 

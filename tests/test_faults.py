@@ -55,11 +55,15 @@ def test_signal_marks_the_running_trial_failed_and_resume_goes_on(tmp_path: Path
     states = [t.state for t in study.trials]
     assert states == [TrialState.FAIL]
     assert study.trials[0].user_attrs[keys.TRIAL_FAIL_REASON] == "interrupted"
+    assert study.trials[0].user_attrs[keys.TRIAL_SEEDED] == "sensitivity"  # seeding is on by default
 
     assert main(["resume", "--study", "digits-test", "--storage", url, "--quiet", "--threads", "1"]) == 0
     study = optuna.load_study(study_name="digits-test", storage=url)
     assert [t.state for t in study.trials][0] == TrialState.FAIL
     assert study.trials[1].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    # the seed it cut short runs again: the stored pass is not measured again, its plan not lost
+    assert study.trials[1].user_attrs[keys.TRIAL_SEEDED] == "sensitivity"
+    assert study.trials[1].system_attrs["fixed_params"] == study.trials[0].system_attrs["fixed_params"]
 
 
 def test_a_signal_whose_raise_library_code_swallowed_still_ends_the_trial_body() -> None:

@@ -90,7 +90,8 @@ def test_a_short_target_gets_seeds_spread_over_the_sizes_not_only_the_mildest() 
     data["search"] = {"seed": {"plans": 3, "uniform": 2}}
     spec = parse_spec(data)
     bits = [2, 3, 4, 5, 6, 8]
-    sensitivity = {"base_score": 0.9, "base_bytes": 4000, "layers": {name: {"bytes": 2000, "points": [
+    sensitivity = {"base_score": 0.9, "dense_score": 0.9, "base_bytes": 4000, "layers": {
+        name: {"bytes": 2000, "points": [
         {"knob": "weight_bits", "value": b, "score": 0.9 - cost * (8 - b) / 600, "bytes": 4000 - 2000 * (32 - b) // 32}
         for b in bits]} for name, cost in (("a", 1.0), ("b", 3.0))}}
     context = SimpleNamespace(spec=spec, layer_names=["a", "b"], output_layer=None, inert={})
@@ -257,3 +258,55 @@ def test_the_chart_reads_the_stored_pass_as_data() -> None:
     assert [list(trace.x) for trace in fig.data] == [[4]] and round(fig.data[0].y[0], 6) == 10.0  # points
     assert clean_sensitivity({"base_score": float("nan"), "layers": {}}) is None
     assert clean_sensitivity([1, 2]) is None
+
+
+def test_the_pass_measures_from_the_fixed_values_every_trial_holds(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    fixed = tmp_path / "fixed.toml"  # every trial's weights are 8-bit: the pass's base and points are too
+    fixed.write_text(_spec_file(tmp_path, 1).read_text().replace("weight_bits = { choices = [2, 4, 8, 32] }",
+                                                                 "weight_bits = { fixed = 8 }"))
+    assert main(["search", str(fixed), "--storage", url, "--quiet"]) == 0
+    pass_ = stored_sensitivity(open_storage(url), "digits-test")
+    assert pass_ is not None
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    dense_url = f"sqlite:///{dense / 's.db'}"
+    assert main(["search", str(_spec_file(tmp_path, 1)), "--storage", dense_url, "--quiet"]) == 0
+    unfixed = stored_sensitivity(open_storage(dense_url), "digits-test")
+    assert unfixed is not None and unfixed["dense_score"] == unfixed["base_score"]
+    # the same teacher (same seed): its float32 base is 2.5x the 8-bit one, and the pass scored the
+    # teacher itself apart from the 8-bit base
+    assert unfixed["base_bytes"] > 2.5 * pass_["base_bytes"]
+    assert pass_["dense_score"] == unfixed["base_score"]
+    assert {p["knob"] for entry in pass_["layers"].values() for p in entry["points"]} == {"prune_ratio", "unit_ratio"}
+    for name, entry in pass_["layers"].items():  # what a layer can save: its 8-bit bytes, not its float32 ones
+        full = unfixed["layers"][name]["bytes"]
+        assert 0.1 * full < entry["bytes"] < 0.45 * full, name
+        pruned = [p["bytes"] for p in entry["points"] if p["knob"] == "prune_ratio"]
+        assert pruned and all(pass_["base_bytes"] - entry["bytes"] < b < pass_["base_bytes"] for b in pruned)
+
+
+def test_a_seed_a_signal_interrupted_is_enqueued_again_once_on_resume() -> None:
+    from slimtune.search._seeding import requeue_interrupted_seeds
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.enqueue_trial({"x": 0.25}, user_attrs={keys.TRIAL_SEEDED: "uniform"})
+    study.enqueue_trial({"x": 0.75}, user_attrs={keys.TRIAL_SEEDED: "sensitivity"})
+    for reason in ("interrupted", "ValueError: nan loss"):  # only the first is a signal's
+        trial = study.ask()
+        trial.suggest_float("x", 0.0, 1.0)
+        trial.set_user_attr(keys.TRIAL_FAIL_REASON, reason)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    sampled = study.ask()  # an unseeded trial interrupted too: the sampler draws again, nothing to enqueue
+    sampled.suggest_float("x", 0.0, 1.0)
+    sampled.set_user_attr(keys.TRIAL_FAIL_REASON, "interrupted")
+    study.tell(sampled, state=optuna.trial.TrialState.FAIL)
+
+    assert requeue_interrupted_seeds(study, room=0) == 0
+    assert requeue_interrupted_seeds(study, room=5) == 1
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [(t.user_attrs, t.system_attrs["fixed_params"]) for t in waiting] == [
+        ({keys.TRIAL_SEEDED: "uniform"}, {"x": 0.25})]
+    assert requeue_interrupted_seeds(study, room=5) == 0  # enqueued once, not at every resume
+    again = study.ask()
+    assert again.suggest_float("x", 0.0, 1.0) == 0.25 and again.user_attrs == {keys.TRIAL_SEEDED: "uniform"}
