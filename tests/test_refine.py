@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -207,3 +208,21 @@ def test_the_stage_runs_its_own_refinement_and_not_a_seed_left_waiting(tmp_path:
     assert [(t.state, t.user_attrs.get(keys.TRIAL_REFINES), t.user_attrs.get(keys.TRIAL_SEEDED)) for t in trials] == [
         (TrialState.COMPLETE, None, None), (TrialState.WAITING, None, "uniform"), (TrialState.COMPLETE, 0, None)]
     assert trials[2].params == trials[0].params
+
+
+def test_a_refinement_another_worker_took_first_leaves_this_one_a_trial_of_its_own() -> None:
+    from slimtune.search._loop import ask_enqueued
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    storage = study._storage
+    claim = storage.set_trial_state_values
+
+    def taken_first(trial_id: int, state: TrialState, values: Any = None) -> bool:
+        claim(trial_id, state, values)  # another worker, on a database slot_lock cannot lock, got there first
+        return False
+
+    storage.set_trial_state_values = taken_first  # type: ignore[method-assign]
+    trial = ask_enqueued(study, storage, {"x": 0.5}, {keys.TRIAL_REFINES: 0})
+    storage.set_trial_state_values = claim  # type: ignore[method-assign]
+    states = [t.state for t in study.get_trials()]
+    assert trial.number == 1 and states == [TrialState.RUNNING, TrialState.RUNNING]  # the other's, and its own
