@@ -310,3 +310,18 @@ def test_a_seed_a_signal_interrupted_is_enqueued_again_once_on_resume() -> None:
     assert requeue_interrupted_seeds(study, room=5) == 0  # enqueued once, not at every resume
     again = study.ask()
     assert again.suggest_float("x", 0.0, 1.0) == 0.25 and again.user_attrs == {keys.TRIAL_SEEDED: "uniform"}
+
+
+def test_a_fixed_activation_width_is_in_every_point_and_saves_no_weight_bytes(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = tmp_path / "act.toml"  # int8 inputs in every trial: calibrated scales, no smaller weights
+    spec.write_text(_spec_file(tmp_path, 1).read_text() + "act_bits = { fixed = 8 }\n")
+    assert main(["search", str(spec), "--storage", url, "--quiet"]) == 0
+    pass_ = stored_sensitivity(open_storage(url), "digits-test")
+    assert pass_ is not None and abs(pass_["dense_score"] - pass_["base_score"]) < 0.02
+    assert {p["knob"] for entry in pass_["layers"].values() for p in entry["points"]} >= {"weight_bits", "prune_ratio"}
+    from slimtune.trainers._models import DigitsCNN
+
+    full = {name: 4 * layer.weight.numel() for name, layer in DigitsCNN().named_children() if name in pass_["layers"]}
+    assert {name: entry["bytes"] for name, entry in pass_["layers"].items()} == pytest.approx(full, rel=0.05)
+    assert all(entry["bytes"] <= full[name] for name, entry in pass_["layers"].items())

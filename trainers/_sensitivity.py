@@ -102,7 +102,7 @@ def sensitivity_pass(ctx: Any, samples: int, deadline: float | None = None) -> d
         if not fixed[name]:
             return full
         unfixed = len(pack_model(compressed({}, {**fixed, name: {}}), meta))  # this layer alone left dense
-        return max(1, full - (unfixed - base_bytes))
+        return max(1, min(full, full - (unfixed - base_bytes)))  # a fixed act_bits adds its scales' bytes
 
     base_score, base_bytes = measure({})
     dense_score = measure({}, {name: {} for name in fixed})[0] if any(fixed.values()) else base_score
