@@ -25,6 +25,16 @@ def test_the_runtime_settings_are_the_trainers() -> None:
     assert trainer.precision == "bf16-mixed"
 
 
+def test_the_sensitivity_pass_evaluates_on_the_device_the_trainer_picks() -> None:
+    from types import SimpleNamespace
+
+    from slimtune.trainers._lightning import runtime_device
+
+    for accelerator in ("auto", "cpu"):  # "gpu" and "mps" where the machine has one
+        runtime = SimpleNamespace(accelerator=accelerator, precision="32-true")
+        assert runtime_device(runtime).type == quiet_trainer(1, seed=0, runtime=runtime).strategy.root_device.type
+
+
 def test_a_search_in_bfloat16_mixed_precision_measures_the_stored_model(tmp_path: Path) -> None:
     torch.manual_seed(0)
     data = DigitsDataModule()

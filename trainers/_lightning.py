@@ -92,6 +92,22 @@ def check_logger(runtime: Any) -> None:
                             "needs the tensorboard package, which is not installed")
 
 
+def runtime_device(runtime: Any) -> torch.device:
+    """The device ``[runtime] accelerator`` runs on here, as Lightning's Trainer picks it for one
+    device: ``auto`` is a CUDA GPU, else an Apple GPU, else the CPU.
+
+    >>> from types import SimpleNamespace
+    >>> runtime_device(SimpleNamespace(accelerator="cpu"))
+    device(type='cpu')
+    """
+    accelerator = runtime.accelerator
+    if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def check_accelerator(runtime: Any) -> None:
     """A :class:`SpecError` when ``[runtime] accelerator`` names a device this machine lacks, or
     ``precision`` asks for 16-bit floats on the CPU (Lightning runs only bfloat16 there).
@@ -105,9 +121,7 @@ def check_accelerator(runtime: Any) -> None:
         raise SpecError("runtime.accelerator", "gpu", '"auto" or "cpu" on this machine', "finds no CUDA GPU here")
     if accelerator == "mps" and not torch.backends.mps.is_available():
         raise SpecError("runtime.accelerator", "mps", '"auto" or "cpu" on this machine', "finds no Apple GPU here")
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
-                                      and not torch.backends.mps.is_available())
-    if on_cpu and runtime.precision == "16-mixed":
+    if runtime_device(runtime).type == "cpu" and runtime.precision == "16-mixed":
         raise SpecError("runtime.precision", "16-mixed", '"32-true" or "bf16-mixed" on the CPU',
                         "needs a GPU (Lightning runs float16 mixed precision on GPUs only)")
 

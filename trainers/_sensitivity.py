@@ -3,7 +3,8 @@
 For each compressed layer and each ``(knob, value)`` of ``slimtune.spaces.sensitivity_grid``,
 the teacher is compressed by a plan that changes only that from the *base* plan, its batch norms
 folded as a trial's would be, then packed (the artifact's byte length, as every trial's size) and
-evaluated on the first ``samples`` validation samples. The base plan holds every knob no trial
+evaluated on the first ``samples`` validation samples, on the device the fine-tunes use (``[runtime]
+accelerator``). The base plan holds every knob no trial
 samples at its value (``slimtune.spaces.unsampled_values``: a fixed ``weight_bits`` is in the base
 and in every point); ``dense_score`` is the teacher's own score there (it differs from
 ``base_score`` only when such fixed values compress every plan). Plain data, stored once per
@@ -36,6 +37,7 @@ from slimtune.spaces import NO_NEUTRAL, CompressionPlan, LayerPlan, global_knobs
 
 from ._compress import apply_plan
 from ._fold import fold_batchnorm
+from ._lightning import runtime_device
 from ._pack import pack_model
 from ._teacher import evaluate
 from .methods import weight_tensors
@@ -76,6 +78,7 @@ def sensitivity_pass(ctx: Any, samples: int, deadline: float | None = None) -> d
     batches = _validation_batches(ctx.datamodule, samples)
     globals_ = _neutral_globals(spec.space)
     fixed = unsampled_values(spec.space, ctx.layer_names, ctx.output_layer, ctx.inert)
+    device = runtime_device(spec.runtime)
     meta = ctx.artifact_meta()
 
     def compressed(changes: dict[str, dict[str, Any]], start: dict[str, dict[str, Any]]) -> torch.nn.Module:
@@ -90,10 +93,10 @@ def sensitivity_pass(ctx: Any, samples: int, deadline: float | None = None) -> d
             where = next(iter(changes), None)
             raise PassOutOfTime(f"the search's time ran out after {time.perf_counter() - started:.0f} s"
                                 + (f", before layer {where} was measured" if where else ""))
-        model = compressed(changes, start)
+        model = compressed(changes, start).to(device)  # the fine-tunes' device: a pass is many evaluations
         with torch.no_grad():
             score = spec.metric.score(evaluate(model, batches, spec.metric))
-        return score, len(pack_model(model, meta))
+        return score, len(pack_model(model.cpu(), meta))  # packed after evaluating, as a trial's model
 
     def layer_bytes(name: str) -> int:
         """What the layer's weights take in the base plan: float32, less what its fixed values save
