@@ -35,6 +35,29 @@ def test_the_sensitivity_pass_evaluates_on_the_device_the_trainer_picks() -> Non
         assert runtime_device(runtime).type == quiet_trainer(1, seed=0, runtime=runtime).strategy.root_device.type
 
 
+@pytest.mark.parametrize("mps", [False, True])
+@pytest.mark.parametrize("cuda", [False, True])
+def test_the_pass_device_follows_lightnings_order_on_any_machine(monkeypatch: pytest.MonkeyPatch, mps: bool,
+                                                                 cuda: bool) -> None:
+    from types import SimpleNamespace
+
+    import lightning.fabric.accelerators as fabric
+    import lightning.pytorch.accelerators as accelerators
+    from lightning.fabric.utilities.device_parser import _select_auto_accelerator
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+
+    from slimtune.trainers._lightning import runtime_device
+
+    for module in (fabric, accelerators):  # a machine with an Apple GPU, a CUDA GPU, both or neither
+        monkeypatch.setattr(module.MPSAccelerator, "is_available", staticmethod(lambda: mps))
+        monkeypatch.setattr(module.CUDAAccelerator, "is_available", staticmethod(lambda: cuda))
+    monkeypatch.setattr(fabric.XLAAccelerator, "is_available", staticmethod(lambda: False))
+    assert runtime_device(SimpleNamespace(accelerator="auto")).type == _select_auto_accelerator()
+    if mps or cuda:
+        assert runtime_device(SimpleNamespace(accelerator="gpu")).type == \
+            _AcceleratorConnector._choose_gpu_accelerator_backend()
+
+
 def test_a_search_in_bfloat16_mixed_precision_measures_the_stored_model(tmp_path: Path) -> None:
     torch.manual_seed(0)
     data = DigitsDataModule()

@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 import torch.nn.functional as F
 from torch import nn
 
@@ -93,18 +94,19 @@ def check_logger(runtime: Any) -> None:
 
 
 def runtime_device(runtime: Any) -> torch.device:
-    """The device ``[runtime] accelerator`` runs on here, as Lightning's Trainer picks it for one
-    device: ``auto`` is a CUDA GPU, else an Apple GPU, else the CPU.
+    """The device ``[runtime] accelerator`` runs on here, in the order Lightning's Trainer picks one
+    (its accelerators' own availability checks): ``auto`` and ``gpu`` are an Apple-silicon GPU,
+    else a CUDA GPU, else (``auto``) the CPU; a TPU host's ``auto`` gives the CPU here.
 
     >>> from types import SimpleNamespace
     >>> runtime_device(SimpleNamespace(accelerator="cpu"))
     device(type='cpu')
     """
     accelerator = runtime.accelerator
-    if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    if accelerator == "mps" or (accelerator == "auto" and torch.backends.mps.is_available()):
+    if accelerator == "mps" or (accelerator in ("auto", "gpu") and MPSAccelerator.is_available()):
         return torch.device("mps")
+    if accelerator == "gpu" or (accelerator == "auto" and CUDAAccelerator.is_available()):
+        return torch.device("cuda")
     return torch.device("cpu")
 
 

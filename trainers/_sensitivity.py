@@ -105,10 +105,12 @@ def sensitivity_pass(ctx: Any, samples: int, deadline: float | None = None) -> d
         if not fixed[name]:
             return full
         unfixed = len(pack_model(compressed({}, {**fixed, name: {}}), meta))  # this layer alone left dense
-        return max(1, min(full, full - (unfixed - base_bytes)))  # a fixed act_bits adds its scales' bytes
+        return max(1, min(full, full - (unfixed - unevaluated)))  # a fixed act_bits adds its scales' bytes
 
     base_score, base_bytes = measure({})
     dense_score = measure({}, {name: {} for name in fixed})[0] if any(fixed.values()) else base_score
+    # the base as layer_bytes packs its variants: never evaluated (input ranges unobserved in both)
+    unevaluated = len(pack_model(compressed({}, fixed), meta)) if any(fixed.values()) else base_bytes
     layers: dict[str, Any] = {}
     grid = sensitivity_grid(spec.space, ctx.layer_names, ctx.output_layer, ctx.inert)
     for name, changes in grid.items():
