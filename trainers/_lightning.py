@@ -22,8 +22,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 import torch.nn.functional as F
+from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from torch import nn
 
 from slimtune.spaces import Metric, SpecError, metric

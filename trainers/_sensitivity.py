@@ -1,14 +1,13 @@
 """The sensitivity pass: what compressing one layer alone costs the teacher, before any fine-tune.
 
-For each compressed layer and each ``(knob, value)`` of ``slimtune.spaces.sensitivity_grid``,
-the teacher is compressed by a plan that changes only that from the *base* plan, its batch norms
-folded as a trial's would be, then packed (the artifact's byte length, as every trial's size) and
-evaluated on the first ``samples`` validation samples, on the device the fine-tunes use (``[runtime]
-accelerator``). The base plan holds every knob no trial
-samples at its value (``slimtune.spaces.unsampled_values``: a fixed ``weight_bits`` is in the base
-and in every point); ``dense_score`` is the teacher's own score there (it differs from
-``base_score`` only when such fixed values compress every plan). Plain data, stored once per
-study (JSON)::
+For each compressed layer and each ``(knob, value)`` of ``slimtune.spaces.sensitivity_grid``, the
+teacher is compressed by a plan that changes only that from the *base* plan, its batch norms folded
+as a trial's would be, then packed (the artifact's byte length, as every trial's size) and evaluated
+on the first ``samples`` validation samples, on the device the fine-tunes use (``[runtime]
+accelerator``). The base plan holds every knob no trial samples at its value
+(``slimtune.spaces.unsampled_values``: a fixed ``weight_bits`` is in the base and in every point);
+``dense_score`` is the teacher's own score there (it differs from ``base_score`` only when such
+fixed values compress every plan). Plain data, stored once per study (JSON)::
 
     {"metric": "accuracy", "samples": 2000, "seconds": 1.9, "base_score": 0.97, "base_bytes": 81234,
      "dense_score": 0.97,
