@@ -159,7 +159,8 @@ RUNTIME = Section("runtime", "how this machine runs the study (none of it change
     Setting("log_dir", str, "slimtune-logs", "the logger's folder: <log_dir>/<study>/trial-<number> (and /teacher)",
             fingerprinted=False),
     Setting("accelerator", str, "auto", "where fine-tunes, the teacher's training and the sensitivity pass run "
-            "(Lightning's Trainer accelerator): auto (a GPU when there is one), cpu, gpu or mps", choices=ACCELERATORS, fingerprinted=False),
+            "(Lightning's Trainer accelerator): auto (a GPU when there is one), cpu, gpu or mps", choices=ACCELERATORS,
+            fingerprinted=False),
     Setting("precision", str, "32-true", "Lightning's Trainer precision for fine-tunes and the teacher's training: "
             "32-true, 16-mixed or bf16-mixed (mixed precision on a GPU)", choices=PRECISIONS, fingerprinted=False),
     Setting("dashboard_every", int, 5, "refresh slimtune's plots on the study's optuna-dashboard page every this many "

@@ -32,7 +32,8 @@ def test_feasible_drop_is_optional_validated_and_fingerprinted() -> None:
 
 def test_trials_below_the_feasible_floor_are_kept_but_left_off_the_front(tmp_path: Path) -> None:
     spec_file = tmp_path / "s.toml"
-    spec_file.write_text(without_seeds(SPEC_TOML).replace("max_accuracy_drop = 0.5", "max_accuracy_drop = 0.5\nfeasible_drop = 0.02"))
+    spec_file.write_text(without_seeds(SPEC_TOML).replace("max_accuracy_drop = 0.5",
+                                                          "max_accuracy_drop = 0.5\nfeasible_drop = 0.02"))
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     assert main(["search", str(spec_file), "--storage", url, "--trials", "6", "--quiet"]) == 0
     study = optuna.load_study(study_name="digits-test", storage=url)

@@ -55,8 +55,8 @@ def test_the_goal_is_a_spec_key_left_out_of_the_fingerprint() -> None:
 def test_a_search_with_a_goal_ends_early_says_what_to_export_and_resume_runs_nothing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = tmp_path / "s.toml"
-    spec.write_text(without_seeds(SPEC_TOML).replace("trials = 3", "trials = 40").replace("[space]", "[search]\ngoal_patience = 2\n\n"
-                                                                                      "[space]"))
+    spec.write_text(without_seeds(SPEC_TOML).replace("trials = 3", "trials = 40").replace(
+        "[space]", "[search]\ngoal_patience = 2\n\n[space]"))
     url = f"sqlite:///{tmp_path / 's.db'}"
     assert main(["search", str(spec), "--storage", url, "--quiet", "--threads", "1", "--goal-drop", "0.5"]) == 0
     err = capsys.readouterr().err
