@@ -80,7 +80,8 @@ LABELS = {"seeded": "per-layer, TPE seeded ([search.seed])", "tpe": "per-layer, 
 COLORS = {"seeded": "#d62728", "tpe": "#1f77b4", "gp": "#9467bd", "nsga2": "#2ca02c", "random": "#ff7f0e",
           "uniform": "#7f7f7f"}
 # The ``seeded`` method's [search.seed]: as many seeds as TPE's random start-up trials (10), so that
-# TPE models from the seeds instead of random plans: 6 allocated from the sensitivity pass, 4 uniform.
+# TPE models from the seeds instead of random plans: 6 allocated from the sensitivity pass, 4 uniform;
+# the calibrated wave (``calibrated``, the spec's default) follows once they finish.
 # Every other method runs without seeds.
 SEEDING = {"plans": 6, "uniform": 4}
 NO_SEEDS = {"plans": 0, "uniform": 0}

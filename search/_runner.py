@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 import torch
 
 import slimtune
@@ -56,7 +56,7 @@ from ._goal import GoalReached, goal_of
 from ._loop import every, run_until_target
 from ._objective import CompressionObjective
 from ._refine import refine_until_deadline
-from ._seeding import seed_study
+from ._seeding import seed_calibrated, seed_study
 from ._signals import GracefulStop, Interrupted, SearchFailed
 
 STUDY_SETUP_WAIT_S = 30.0
@@ -538,9 +538,13 @@ def run_study(spec: StudySpec, force: bool = False, timeout: float | None = None
             figures.publish(study)
             goal = goal_of(spec)
             with bar:
+                def calibrated_wave(study: optuna.Study, _: FrozenTrial) -> None:
+                    seed_calibrated(study, storage, spec.storage, context, log)
+
                 def search(target: int, until: float | None) -> int:
                     return run_until_target(study, storage, objective, target, stop, spec.storage, until,
-                                            callbacks=[refresh, figures, *([goal.watch(spec.storage)] if goal else [])],
+                                            callbacks=[refresh, figures, calibrated_wave,
+                                                       *([goal.watch(spec.storage)] if goal else [])],
                                             sampler_for=lambda number: make_sampler(spec, number))
 
                 try:

@@ -36,7 +36,7 @@ from ._methods import (
 )
 from ._metrics import DEFAULT_METRIC, METRICS, Metric, logged_metric, metric, metric_of
 from ._plan import CompressionPlan, LayerPlan, knob_names, sample_plan, select_layers, unsampled_values
-from ._seeds import estimated_drop, seed_params, sensitivity_grid, uniform_params
+from ._seeds import calibration, estimated_drop, seed_params, sensitivity_grid, uniform_params
 from ._settings import MISSING, Errors, Section, Setting, SpecErrors, reference_toml
 from ._spec import (
     AUGMENT_STAGES,
@@ -77,9 +77,9 @@ __all__ = [
     "Metric", "ModelSpec", "NO_NEUTRAL", "PRUNE_DECLARATION", "PRUNE_SCHEDULES", "Panel", "QUANTIZERS",
     "QUANTIZE_DECLARATION", "RECIPE_DECLARATION", "SAMPLERS", "SPLIT_VALUES", "Section", "Setting", "SpaceSpec",
     "SpecError", "SpecErrors", "StudySpec", "TRUST_ENV", "UNITS_DECLARATION", "UntrustedReference", "VALID_BITS",
-    "Values", "declaration", "declarations", "estimated_drop", "global_knobs", "is_trusted", "is_v01_spec",
-    "knob_declarations", "knob_names", "load_spec_file", "logged_metric", "method_sections", "metric", "metric_of",
-    "module_of", "parse_data_section", "parse_knob", "parse_spec", "per_layer_knobs", "reference_toml",
+    "Values", "calibration", "declaration", "declarations", "estimated_drop", "global_knobs", "is_trusted",
+    "is_v01_spec", "knob_declarations", "knob_names", "load_spec_file", "logged_metric", "method_sections", "metric",
+    "metric_of", "module_of", "parse_data_section", "parse_knob", "parse_spec", "per_layer_knobs", "reference_toml",
     "register_declaration", "regular_sections", "require_trusted", "sample_plan", "seed_params", "select_layers",
     "sensitivity_grid", "spec_reference", "trust", "trusted_modules", "trusting", "uniform_params",
     "unregister_declaration", "unsampled_values", "upgrade_stored_spec",

@@ -118,9 +118,13 @@ REFINE = Section("search.refine", "after the search, the best in-band Pareto pla
 SEED = Section("search.seed", "plans the study runs first, before its sampler's own: allocations from a sensitivity "
                "pass (what compressing one layer alone costs) and uniform plans", (
     Setting("plans", int, 6, "plans allocated from the sensitivity pass, spread over the size range (0: none; "
-            "the pass runs when plans or uniform is above 0; the LeNet-300-100 and -hour presets set 0)",
+            "the pass runs when plans or uniform is above 0; the -hour presets set 0)",
             low=0, high=1_000, fingerprinted=False),
     Setting("uniform", int, 4, "uniform plans (every layer alike) spread over the size range", low=0, high=1_000,
+            fingerprinted=False),
+    Setting("calibrated", int, 4, "plans allocated once the seeds above have finished: estimated stronger than the "
+            "strongest allocated seed and within the floor times how much the pass overstated those seeds' "
+            "fine-tuned drops (at most 10x) (0: none; needs plans or uniform above 0)", low=0, high=1_000,
             fingerprinted=False),
     Setting("samples", int, 2_000, "validation samples the sensitivity pass measures on (whole batches of the "
             "data module's own validation loader, so a few more where a batch ends past it)", low=10,
@@ -727,7 +731,8 @@ def upgrade_stored_spec(raw: Mapping[str, Any]) -> dict[str, Any]:
     """A spec stored by slimtune 0.1, in this version's sections, meaning the same trials: every
     key 0.1 left out is written with the value it meant then (which is not always today's
     default). A spec already in this version's shape is returned as it is, but for a ``[search]``
-    stored before ``[search.seed]`` existed, which gets the no seeds it meant.
+    stored before ``[search.seed]`` existed, which gets the no seeds it meant (and one stored before
+    ``calibrated`` existed, no calibrated wave).
 
     >>> old = {"study": {"name": "x", "sampler": "tpe", "heartbeat_interval": 20, "heartbeat_grace": 60},
     ...        "model": {"preset": "lenet300"}, "data": {"preset": "mnist"},
@@ -740,6 +745,9 @@ def upgrade_stored_spec(raw: Mapping[str, Any]) -> dict[str, Any]:
         spec = copy.deepcopy(dict(raw))
         if isinstance(spec.get("search"), dict) and "seed" not in spec["search"]:
             spec["search"]["seed"] = {"plans": 0, "uniform": 0}  # stored before seeding existed: none, as then
+        seed = spec.get("search", {}).get("seed") if isinstance(spec.get("search"), dict) else None
+        if isinstance(seed, dict) and "calibrated" not in seed:
+            seed["calibrated"] = 0  # stored before the calibrated wave existed: none, as then
         return spec
     old = copy.deepcopy(dict(raw))
     study = dict(old.get("study", {}))

@@ -27,7 +27,7 @@ from ._frames import (
 from ._presets import load_preset, preset_names
 from ._record import COMPLETED, TrialRecord, TrialWriter, records, refinement_attrs, refines_of
 from ._report import write_report
-from ._sensitivity import clean_sensitivity, sensitivity_figure, stored_sensitivity
+from ._sensitivity import clean_sensitivity, sensitivity_figure, stored_calibration, stored_sensitivity
 from ._selection import (
     SLACK,
     best_at_test_accuracy,
@@ -62,6 +62,6 @@ __all__ = [
     "load_preset", "mask_url", "open_storage", "pareto_frame", "pareto_trials", "plans_figure", "preset_names",
     "publish_figures", "put_blob", "read_only_app", "records", "refine_candidates", "refined_trials",
     "refinement_attrs", "refines_of", "render", "search_front", "sensitivity_figure", "serve_dashboard", "sqlite_lock",
-    "sqlite_path", "storage_fault", "stored_sensitivity", "studies_frame", "study_metric", "study_note",
-    "teacher_accuracy", "touch_blob", "trials_frame", "within_drop", "write_report",
+    "sqlite_path", "storage_fault", "stored_calibration", "stored_sensitivity", "studies_frame", "study_metric",
+    "study_note", "teacher_accuracy", "touch_blob", "trials_frame", "within_drop", "write_report",
 ]

@@ -2,7 +2,8 @@
 
 Study user attrs: ``SPEC`` (the normalized spec), ``FINGERPRINT``, ``TEACHER`` (teacher
 accuracies and sizes). Trial user attrs: the ``TRIAL_*`` names, written and read only by
-``_record`` (a trial's record). Blobs: ``TEACHER_BLOB``, ``SENSITIVITY_BLOB`` and :func:`artifact_blob_key`.
+``_record`` (a trial's record). Blobs: ``TEACHER_BLOB``, ``SENSITIVITY_BLOB``, ``CALIBRATION_BLOB`` and
+:func:`artifact_blob_key`.
 
 Example:
     >>> artifact_blob_key(7)
@@ -33,12 +34,13 @@ TRIAL_TEACHER_SOURCE = "teacher_outputs"  # "cache" or "live": where the distill
 TRIAL_THREADS = "torch_threads"
 TRIAL_WORKER = "worker"  # {"host", "pid", "run"}: who ran the trial (a run counts its own trials by "run")
 TRIAL_REFINES = "refines"  # on a refinement trial: the number of the trial whose plan it trains again
-TRIAL_SEEDED = "seeded"  # on a seeded plan (search.seed): "sensitivity" (allocated) or "uniform"
+TRIAL_SEEDED = "seeded"  # on a seeded plan (search.seed): "sensitivity" (allocated), "uniform" or "calibrated"
 TRIAL_DEPLOY = "deploy"  # with [objective] deploy: {"onnx_bytes", "latency_ms", "batch"} of the trial's integer ONNX
 
 TEACHER_BLOB = "teacher"
 TEACHER_LOCK = "teacher.lock"
 SENSITIVITY_BLOB = "sensitivity"  # the study's sensitivity pass (JSON), written once (search.seed)
+CALIBRATION_BLOB = "seed.calibration"  # the calibrated wave (search.seed.calibrated): JSON, written once
 
 
 def artifact_blob_key(trial_number: int) -> str:

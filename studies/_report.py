@@ -58,7 +58,7 @@ from ._figures import (
 from ._frames import pareto_frame, study_metric
 from ._record import TrialRecord
 from ._selection import pareto_trials, within_drop
-from ._sensitivity import clean_sensitivity, sensitivity_figure, stored_sensitivity
+from ._sensitivity import clean_sensitivity, sensitivity_figure, stored_calibration, stored_sensitivity
 from ._storage import mask_url
 
 TRIALS_TABLE = "trials-table"
@@ -497,9 +497,13 @@ def _sensitivity_section(study: optuna.Study, storage_url: str, metric: Metric) 
         cost = (f" It measured {sum(len(l['points']) for l in data['layers'].values())} plans on "
                 f"{int(data['samples']):,} validation samples in {data['seconds']:.1f} s."
                 if "samples" in data and "seconds" in data else "")
+        wave = stored_calibration(study._storage, study.study_name)
+        calibrated = (f" Its estimates were {wave['factor']:.1f}x what the first {int(wave['seeds'])} seeds lost "
+                      f"fine-tuned (counted up to 10x), so {int(wave['plans'])} calibrated plans followed, "
+                      f"estimated up to {wave['factor']:.1f}x the floor." if wave is not None else "")
         body = (f"<p class=\"note\">What compressing one layer alone costs, without fine-tuning: the teacher with only "
                 f"that layer at a knob's value, packed and scored on validation samples; the seeded plans are "
-                f"allocated from it.{_esc(cost)}</p>" + _figure_html(fig, SENSITIVITY_DIV, height))
+                f"allocated from it.{_esc(cost)}{_esc(calibrated)}</p>" + _figure_html(fig, SENSITIVITY_DIV, height))
     return f"<section id=\"sensitivity\"><h2>Per-layer sensitivity</h2>{body}</section>"
 
 

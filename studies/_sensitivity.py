@@ -67,6 +67,20 @@ def stored_sensitivity(storage: optuna.storages.BaseStorage, study_name: str) ->
         return {}  # stored but unreadable: there is a pass, and no chart of it
 
 
+def stored_calibration(storage: optuna.storages.BaseStorage, study_name: str) -> dict[str, float] | None:
+    """The study's calibrated wave (``[search.seed] calibrated``) as data: ``factor`` (how many
+    times the pass overstated the first seeds' fine-tuned drops), ``seeds`` (how many it compared)
+    and ``plans`` (how many it enqueued); ``None`` when there is none or it is unreadable."""
+    blob = get_blob(storage, study_name, keys.CALIBRATION_BLOB)
+    try:
+        data = json.loads(blob) if blob is not None else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or not all(_number(data.get(k)) for k in ("factor", "seeds", "plans")):
+        return None
+    return {k: float(data[k]) for k in ("factor", "seeds", "plans")}
+
+
 def sensitivity_figure(data: dict[str, Any], metric: Metric) -> tuple[Any, int]:
     """One panel per knob: the drop in ``metric`` (points of a percentage) when only one layer is
     compressed at a knob value, a line per layer (a :func:`clean_sensitivity` dict)."""

@@ -35,10 +35,14 @@ def test_the_grid_measures_each_searched_value_and_leaves_fixed_and_output_knobs
     spec = _spec_with_space({"prune_ratio": {"low": 0.2, "high": 0.8}, "unit_ratio": {"fixed": 1.0},
                              "weight_bits": {"choices": [2, 4, 32]}, "lr": {"fixed": 2e-3}})
     grid = sensitivity_grid(spec.space, ["conv1", "fc"], output_layer="fc")
-    assert grid["fc"] == [("prune_ratio", 0.2), ("prune_ratio", 0.4), ("prune_ratio", 0.6), ("prune_ratio", 0.8),
-                          ("weight_bits", 2), ("weight_bits", 4)]  # 32 is neutral, unit_ratio fixed
+    # thirds of the range, then halved twice toward the strong end; 32 bits is neutral, unit_ratio fixed
+    assert grid["fc"] == [("prune_ratio", 0.2), ("prune_ratio", 0.4), ("prune_ratio", 0.6), ("prune_ratio", 0.7),
+                          ("prune_ratio", 0.75), ("prune_ratio", 0.8), ("weight_bits", 2), ("weight_bits", 4)]
+    units = _spec_with_space({"unit_ratio": {"low": 0.4, "high": 1.0}, "lr": {"fixed": 2e-3}})
+    assert [v for k, v in sensitivity_grid(units.space, ["conv1"])["conv1"] if k == "unit_ratio"] == [
+        0.4, 0.45, 0.5, 0.6, 0.8]  # from 1.0 (neutral, all units kept) down: denser toward 0.4
     uniform = uniform_params(spec.space, ["conv1", "fc"], "fc", count=2)
-    assert [u["conv1.weight_bits"] for u in uniform] == [4, 2] and uniform[0]["fc.prune_ratio"] == 0.4
+    assert [u["conv1.weight_bits"] for u in uniform] == [4, 2] and uniform[0]["fc.prune_ratio"] == 0.6
 
 
 def test_allocations_give_sensitive_layers_less_compression() -> None:
@@ -111,7 +115,7 @@ def test_the_pass_is_stored_once_deterministic_and_seeds_run_first_marked(
     first = stored_sensitivity(storage, "digits-test")
     assert first is not None and set(first["layers"]) == {"conv1", "conv2", "fc1", "fc2"}
     counts = {name: len(entry["points"]) for name, entry in first["layers"].items()}
-    assert counts == {"conv1": 10, "conv2": 10, "fc1": 10, "fc2": 7}  # the logits keep units
+    assert counts == {"conv1": 14, "conv2": 14, "fc1": 14, "fc2": 9}  # the logits keep units
     assert first["samples"] == 359  # samples = 200: digits' validation loader gives its 359 in one batch
     study = optuna.load_study(study_name="digits-test", storage=url)
     seeded = [t.user_attrs.get(keys.TRIAL_SEEDED) for t in study.trials]
@@ -216,12 +220,12 @@ def test_seeding_is_on_by_default_and_off_in_the_presets_measured_without_it(dig
     from slimtune.search import resolve_spec
 
     default = parse_spec(digits_spec_dict())  # no [search.seed]: the measured default
-    assert (default.search.seed.plans, default.search.seed.uniform) == (6, 4)
+    assert (default.search.seed.plans, default.search.seed.uniform, default.search.seed.calibrated) == (6, 4, 4)
     url = f"sqlite:///{digits_study_db}"  # a search of that spec: it measured the pass and ran seeds first
     assert stored_sensitivity(open_storage(url), "digits-test")
     trials = optuna.load_study(study_name="digits-test", storage=url).trials
     assert trials[0].user_attrs.get(keys.TRIAL_SEEDED) == "sensitivity"
-    for preset, expected in [("lenet300-mnist", (0, 0)), ("lenet300-mnist-hour", (0, 0)),
+    for preset, expected in [("lenet300-mnist", (6, 4)), ("lenet300-mnist-hour", (0, 0)),
                              ("lenet5-mnist-hour", (0, 0)), ("lenet5-mnist", (6, 4)), ("cnn-digits", (6, 4))]:
         seed = resolve_spec(preset=preset, name="x").search.seed
         assert (seed.plans, seed.uniform) == expected, preset
@@ -325,3 +329,98 @@ def test_a_fixed_activation_width_is_in_every_point_and_saves_no_weight_bytes(tm
     full = {name: 4 * layer.weight.numel() for name, layer in DigitsCNN().named_children() if name in pass_["layers"]}
     assert {name: entry["bytes"] for name, entry in pass_["layers"].items()} == pytest.approx(full, rel=0.05)
     assert all(entry["bytes"] <= full[name] for name, entry in pass_["layers"].items())
+
+
+def test_a_calibrated_wave_follows_the_seeds_once_stronger_by_what_fine_tuning_recovered(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from slimtune.studies import TrialRecord, get_blob
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = tmp_path / "tight.toml"  # a floor of 10 points: the first seeds stop short of the pass's strongest plans
+    spec.write_text(_spec_file(tmp_path, 5).read_text().replace("max_accuracy_drop = 0.5", "max_accuracy_drop = 0.1"))
+    assert main(["search", str(spec), "--storage", url, "--quiet"]) == 0
+    assert "calibrated seeds: the pass overstated the 3 finished seeds' fine-tuned drops" in capsys.readouterr().err
+    storage = open_storage(url)
+    study = optuna.load_study(study_name="digits-test", storage=url)
+    kinds = [t.user_attrs.get(keys.TRIAL_SEEDED) for t in study.trials]
+    assert kinds[:3] == ["sensitivity", "sensitivity", "uniform"] and kinds[3] == "calibrated" and kinds[-1] is None
+    stored = json.loads(get_blob(storage, "digits-test", keys.CALIBRATION_BLOB) or b"{}")
+    pass_ = clean_sensitivity(stored_sensitivity(storage, "digits-test"))
+    assert pass_ is not None
+    teacher = study.user_attrs[keys.TEACHER]["val_accuracy"]
+    first = [TrialRecord.of(t) for t in study.trials[:3]]  # all complete here: the drop of each is its score's
+    estimated = [estimated_drop(pass_, t.params) for t in study.trials[:3]]
+    measured = [teacher - r.val_accuracy for r in first if r.val_accuracy is not None]
+    assert len(measured) == 3 and stored["seeds"] == 3
+    assert stored["factor"] == pytest.approx(min(10.0, sum(estimated) / sum(max(0.0, m) for m in measured)))
+    assert stored["factor"] > 1  # fine-tuning recovered part of what the pass measured
+    assert stored["strongest"] == pytest.approx(max(estimated[:2]))  # the allocated seeds' strongest
+    wave = [t for t in study.trials if t.user_attrs.get(keys.TRIAL_SEEDED) == "calibrated"]
+    assert len(wave) == stored["plans"] >= 1
+    for trial in wave:  # stronger than every allocated seed, within the floor scaled by the factor
+        assert stored["strongest"] < estimated_drop(pass_, trial.params) <= 0.1 * stored["factor"] + 1e-9
+
+    assert main(["report", "--study", "digits-test", "--storage", url, "--out", str(tmp_path / "r.html")]) == 0
+    assert (f"Its estimates were {stored['factor']:.1f}x what the first 3 seeds lost fine-tuned (counted up to "
+            f"10x), so {len(wave)} calibrated plans followed, estimated up to {stored['factor']:.1f}x the floor.") in (
+        tmp_path / "r.html").read_text()
+
+    assert main(["resume", "--study", "digits-test", "--storage", url, "--trials", "7", "--quiet"]) == 0
+    assert "calibrated seeds" not in capsys.readouterr().err  # once per study
+    study = optuna.load_study(study_name="digits-test", storage=url)
+    assert sum(t.user_attrs.get(keys.TRIAL_SEEDED) == "calibrated" for t in study.trials) == len(wave)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # trials asked by hand, not by Study.optimize
+def test_the_calibrated_wave_waits_for_every_first_seed_then_scales_the_floor(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from slimtune.search._seeding import seed_calibrated
+    from slimtune.studies import get_blob, put_blob
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="w", storage=storage, directions=["maximize", "minimize"])
+    spec = parse_spec({**digits_spec_dict(), "study": {"name": "w", "trials": 10, "max_accuracy_drop": 0.05}})
+    context = SimpleNamespace(spec=spec, floor=0.95 - 0.05)  # a teacher at 0.95
+    fc = {"bytes": 8000, "points": [{"knob": "weight_bits", "value": v, "score": s, "bytes": b}
+                                    for v, s, b in ((2, 0.6, 2500), (4, 0.85, 3000), (8, 0.94, 4000))]}
+    put_blob(storage, "w", keys.SENSITIVITY_BLOB, json.dumps(
+        {"base_score": 0.95, "base_bytes": 10000, "dense_score": 0.95, "layers": {"fc1": fc}}).encode())
+    study.enqueue_trial({"fc1.weight_bits": 8}, user_attrs={keys.TRIAL_SEEDED: "sensitivity"})  # estimated 0.01
+    assert seed_calibrated(study, storage, url, context, print) == 0  # the seed waits
+    trial = study.ask()
+    trial.suggest_categorical("fc1.weight_bits", [2, 4, 8, 32])
+    assert seed_calibrated(study, storage, url, context, print) == 0  # the seed runs
+    assert get_blob(storage, "w", keys.CALIBRATION_BLOB) is None
+    study.tell(trial, [0.948, 6000])  # it lost 0.002 where the pass said 0.01: 5x
+    full = SimpleNamespace(spec=spec.with_overrides(trials=1), floor=context.floor)
+    assert seed_calibrated(study, storage, url, full, print) == 0  # a target the seed fills: the wave waits
+    assert get_blob(storage, "w", keys.CALIBRATION_BLOB) is None
+    assert seed_calibrated(study, storage, url, context, print) == 1  # 4 bits (0.10 <= 5 x 0.05); 2 bits is 0.35
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [(t.system_attrs["fixed_params"], t.user_attrs) for t in waiting] == [
+        ({"fc1.weight_bits": 4}, {keys.TRIAL_SEEDED: "calibrated"})]
+    assert json.loads(get_blob(storage, "w", keys.CALIBRATION_BLOB) or b"{}")["factor"] == pytest.approx(5.0)
+    assert seed_calibrated(study, storage, url, context, print) == 0  # once per study
+
+    said: list[str] = []  # a stored pass of knobs this space does not search: recorded, said, the search goes on
+    other = optuna.create_study(study_name="v", storage=storage, directions=["maximize", "minimize"])
+    other.enqueue_trial({"fc1.weight_bits": 8}, user_attrs={keys.TRIAL_SEEDED: "sensitivity"})
+    put_blob(storage, "v", keys.SENSITIVITY_BLOB, json.dumps({"base_score": 0.95, "base_bytes": 10000, "layers": {
+        "fc1": {"bytes": 8000, "points": [{"knob": "bogus", "value": 2, "score": 0.6, "bytes": 2500}]}}}).encode())
+    assert seed_calibrated(other, storage, url, context, said.append) == 0
+    assert said and "calibrated seeds failed" in said[0] and get_blob(storage, "v", keys.CALIBRATION_BLOB)
+    assert seed_calibrated(other, storage, url, context, said.append) == 0 and len(said) == 1  # once
+
+
+def test_calibration_weighs_the_strong_seeds_and_is_off_in_studies_stored_before_it() -> None:
+    from slimtune.spaces import calibration, upgrade_stored_spec
+
+    assert calibration([(0.02, 0.002), (0.001, 0.001)]) == pytest.approx(7.0)  # not the mild seed's 1x
+    assert calibration([(0.004, 0.008)]) == pytest.approx(0.5)  # the pass understated: a milder wave, if any
+    assert calibration([(0.02, -0.003)]) == 10.0  # nothing lost: the most the wave trusts
+    stored = parse_spec(digits_spec_dict()).to_dict()
+    assert stored["search"]["seed"]["calibrated"] == 4  # the default
+    del stored["search"]["seed"]["calibrated"]  # as a study stored before the wave existed
+    assert parse_spec(upgrade_stored_spec(stored)).search.seed.calibrated == 0
