@@ -178,7 +178,7 @@ def _calibrated_wave(study: optuna.Study, storage: optuna.storages.BaseStorage, 
         if room <= 0:  # no calibrated plan could run: the wave waits for a larger target
             return 0
         teacher = context.floor + context.spec.max_accuracy_drop  # the teacher's validation score
-        fixed = max(0.0, stored.get("dense_score", stored["base_score"]) - stored["base_score"])
+        fixed = _fixed_cost(stored)
         drops = [(estimated_drop(stored, t.params), teacher - score - fixed) for t in first
                  if (score := _last_score(TrialRecord.of(t))) is not None]
         if not drops:
@@ -203,6 +203,12 @@ def _calibrated_wave(study: optuna.Study, storage: optuna.storages.BaseStorage, 
     return len(plans)
 
 
+def _fixed_cost(sensitivity: dict[str, Any]) -> float:
+    """What the values every trial holds (fixed ones) cost the teacher: part of every plan's drop
+    that the pass's single-layer estimates leave out."""
+    return max(0.0, sensitivity.get("dense_score", sensitivity["base_score"]) - sensitivity["base_score"])
+
+
 def _last_score(record: TrialRecord) -> float | None:
     """A finished trial's validation score: its objective, or where the floor stopped it."""
     if record.state == TrialState.COMPLETE and record.val_accuracy is not None:
@@ -217,7 +223,7 @@ def _seeds(sensitivity: dict[str, Any], context: TrialContext, room: int) -> lis
     wait in the study), each spread over the sizes, mild to strong, and non-empty."""
     seed, space, layers = context.spec.search.seed, context.spec.space, context.layer_names
     # a seed estimated below the floor would only be pruned; fixed values spend part of it in every plan
-    floor = context.spec.max_accuracy_drop - max(0.0, sensitivity["dense_score"] - sensitivity["base_score"])
+    floor = context.spec.max_accuracy_drop - _fixed_cost(sensitivity)
     allocated = [p for p in seed_params(sensitivity, space, min(seed.plans, room), floor) if p]
     uniform = [p for p in uniform_params(space, layers, context.output_layer, min(seed.uniform, room - len(allocated)),
                                          context.inert, sensitivity, floor) if p]
