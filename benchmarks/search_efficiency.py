@@ -79,11 +79,9 @@ LABELS = {"seeded": "per-layer, TPE seeded ([search.seed])", "tpe": "per-layer, 
           "uniform": "uniform grid (one ratio, one bit width)"}
 COLORS = {"seeded": "#d62728", "tpe": "#1f77b4", "gp": "#9467bd", "nsga2": "#2ca02c", "random": "#ff7f0e",
           "uniform": "#7f7f7f"}
-# The ``seeded`` method's [search.seed]: as many seeds as TPE's random start-up trials (10), so that
-# TPE models from the seeds instead of random plans: 6 allocated from the sensitivity pass, 4 uniform;
-# the calibrated wave (``calibrated``, the spec's default) follows once they finish.
-# Every other method runs without seeds.
-SEEDING = {"plans": 6, "uniform": 4}
+# The ``seeded`` method runs [search.seed] at its declared defaults, the recipe a user gets (and
+# not a preset's own seeding, should one set it); every other method runs without seeds.
+SEEDED_KEYS = ("plans", "uniform", "calibrated")
 NO_SEEDS = {"plans": 0, "uniform": 0}
 WITHIN = 0.005  # "best ratio within 0.5 validation points of the teacher"
 
@@ -186,6 +184,14 @@ def stem(net: str) -> str:
     return "search_efficiency" if net == "lenet300" else f"search_efficiency_{net}"
 
 
+def seeding() -> dict[str, int]:
+    """The ``seeded`` method's [search.seed]: the declared defaults of what and how many to seed."""
+    from slimtune.spaces import regular_sections
+
+    seed = next(section for section in regular_sections() if section.name == "search.seed")
+    return {key: seed.setting(key).default for key in SEEDED_KEYS}
+
+
 def method_spec(method: str, seed: int, args: argparse.Namespace) -> Any:
     from slimtune.spaces import parse_spec
 
@@ -196,7 +202,7 @@ def method_spec(method: str, seed: int, args: argparse.Namespace) -> Any:
     raw["model"]["checkpoint"] = str(checkpoint_path(args.storage, args.prefix, args.net))
     if method == "uniform":
         raw["space"] = uniform_space(raw["space"])
-    raw["search"]["seed"] = {**raw["search"]["seed"], **(SEEDING if method == "seeded" else NO_SEEDS)}
+    raw["search"]["seed"] = {**raw["search"]["seed"], **(seeding() if method == "seeded" else NO_SEEDS)}
     return parse_spec(raw)
 
 
