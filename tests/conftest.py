@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import sqlite3
+import sys
 from contextlib import closing
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -62,6 +65,22 @@ def without_seeds(toml: str) -> str:
     on by default, would fill a few-trial study)."""
     assert "\n[model]" in toml, "without_seeds puts [search.seed] before the spec's [model] table"
     return toml.replace("\n[model]", "\n[search.seed]\nplans = 0\nuniform = 0\n\n[model]", 1)
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module, importing its neighbours as it does when run by hand.
+
+    Example: ``load_benchmark("search_goal").RATIO_GOAL == 1.3``.
+    """
+    folder = Path(__file__).parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from optuna.trial import TrialState, create_trial
 
 from slimtune.studies import keys, open_storage, stored_sensitivity
 
+from .conftest import load_benchmark
+
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "space_shrink.py"
 
 
@@ -25,15 +26,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def space_shrink() -> ModuleType:
-    """The script as a module (it imports its neighbours, as when run by hand)."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("space_shrink", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
+    """The script as a module."""
+    return load_benchmark("space_shrink")
 
 
 def test_the_rules_cut_a_choice_alone_a_range_from_its_mildest_failing_point_and_tied_values(

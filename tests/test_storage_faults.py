@@ -198,12 +198,13 @@ def test_a_connection_lost_mid_study_is_a_clear_error_and_resume_recovers(postgr
     env = {**os.environ, "SLIMTUNE_STORAGE": url, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([*CLI, "search", str(spec), "--quiet", "--threads", "1"], stderr=subprocess.PIPE,
                             text=True, env=env, cwd=tmp_path)
+    watcher = optuna.storages.RDBStorage(direct)  # one pool: a new one per poll runs out of server slots
     try:
         deadline = time.monotonic() + 180
         while True:  # a trial is running: cut the connection under it
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
             try:
-                study = optuna.load_study(study_name=STUDY, storage=direct)
+                study = optuna.load_study(study_name=STUDY, storage=watcher)
                 if any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
                     break
             except KeyError:
@@ -212,6 +213,7 @@ def test_a_connection_lost_mid_study_is_a_clear_error_and_resume_recovers(postgr
         proxy.stop()
         _, err = proc.communicate(timeout=300)
     finally:
+        watcher.engine.dispose()
         proc.kill()
         proxy.stop()
     assert proc.returncode == 2, err
