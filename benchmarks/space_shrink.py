@@ -270,8 +270,13 @@ def main() -> None:
         print(f"space_shrink.py: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     payload["commands"][label] = shlex.join([".venv/bin/python", "benchmarks/space_shrink.py", *sys.argv[1:]])
+    try:  # before anything is written: an older entry of --out may not render
+        text = render(payload)
+    except (KeyError, TypeError, ValueError, IndexError):
+        print(f"space_shrink.py: --out {out}: an entry in it is not one this script wrote (move it, or name "
+              "another --out)", file=sys.stderr)
+        raise SystemExit(2) from None
     out.write_text(json.dumps(payload, indent=1) + "\n")
-    text = render(payload)
     print(text)
     if not args.no_results_md:
         write_section("space_shrink", "## Shrinking the space by the sensitivity pass (`space_shrink.py`)", text)

@@ -99,3 +99,8 @@ def test_bad_input_exits_2_and_leaves_the_results_file_alone(digits_study_db: Pa
     done = _run(*base, "--pass-study", "digits-test", "--study", "digits-test")
     assert done.returncode == 2 and "not a space_shrink.py results file" in done.stderr
     assert out.read_text() == "not json"
+    broken = json.dumps({"commands": {"old": "x"}, "results": {"old": {"rows": []}}})
+    out.write_text(broken)  # a results file whose older entry this script did not write
+    done = _run(*base, "--pass-study", "digits-test", "--study", "digits-test")
+    assert done.returncode == 2 and "an entry in it is not one this script wrote" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and out.read_text() == broken
